@@ -1,0 +1,70 @@
+"""The one place where config names become objects: text encoder, generator, prior."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
+from amortized3d.generators.hyper_ingp import HyperINGP
+from amortized3d.priors.analytic import AnalyticPrior
+from amortized3d.text.hashed_encoder import HashedTextEncoder
+from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint
+
+
+def build_text_encoder(cfg: ExperimentConfig) -> HashedTextEncoder:
+    return HashedTextEncoder(dim=cfg.text.dim)
+
+
+def build_generator(cfg: ExperimentConfig) -> HyperINGP:
+    g = cfg.generator
+    return HyperINGP(
+        text_dim=cfg.text.dim,
+        n_levels=g.n_levels,
+        n_features_per_level=g.n_features_per_level,
+        log2_hashmap_size=g.log2_hashmap_size,
+        base_resolution=g.base_resolution,
+        per_level_scale=g.per_level_scale,
+        hyper_hidden=g.hyper_hidden,
+        mlp_hidden=g.mlp_hidden,
+        spectral_norm=g.spectral_norm,
+        sphere_radius=g.sphere_radius,
+        bound=g.bound,
+    )
+
+
+def build_prior(cfg: ExperimentConfig) -> AnalyticPrior:
+    return AnalyticPrior(
+        std=cfg.prior.std,
+        uncond_mean=cfg.prior.uncond_mean,
+        uncond_std=cfg.prior.uncond_std,
+        scene_radius=cfg.render.scene_radius,
+        n_proposal=cfg.prior.n_proposal,
+        n_importance=cfg.prior.n_importance,
+        inv_std=cfg.render.inv_std,
+    )
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, HyperINGP, dict]:
+    """Rebuild a trained generator from RUN_DIR (its config.yaml and latest checkpoint).
+
+    -> (config, generator in eval mode on ``device``, checkpoint state).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a training run folder: it has no config.yaml (pass the folder that train wrote)")
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoint yet (checkpoints/latest is missing); train longer or pass another run")
+    cfg = config_from_dict(load_yaml(run_dir / "config.yaml"))
+    generator = build_generator(cfg)
+    state = load_checkpoint(folder, generator)
+    return cfg, generator.to(device).eval(), state
+
+
+def describe_generator(generator: torch.nn.Module) -> str:
+    total = sum(p.numel() for p in generator.parameters())
+    rows = {name: sum(p.numel() for p in child.parameters()) for name, child in generator.named_children()}
+    return json.dumps({"parameters": total, "by_module": rows}, indent=1)

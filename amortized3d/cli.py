@@ -1,0 +1,172 @@
+"""Command line: amortized3d train | generate | evaluate | corpus | describe, and a standalone `generate`.
+
+    amortized3d train --corpus shapeworld-16 [section.key=value ...]
+    amortized3d generate "a red cube" --checkpoint RUN_DIR
+    amortized3d evaluate --checkpoint RUN_DIR
+    amortized3d corpus list | show NAME | export NAME OUT.json
+    amortized3d describe --corpus NAME [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default=None, help="named corpus (see `amortized3d corpus list`); selects the recipe")
+    parser.add_argument("--config", default=None, help="YAML file applied on top of the corpus recipe")
+    parser.add_argument("--corpus-dir", default=None, help="folder with reference corpus JSON files")
+    parser.add_argument("--output", default=None, help="run folder (default: runs/<corpus>-<method>-<time>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200 distill.method=sds")
+
+
+def _resolve_config(args):
+    from amortized3d.config import load_config
+
+    overrides = list(args.overrides)
+    if args.corpus_dir:
+        overrides.append(f"corpus.dir={args.corpus_dir}")
+    return load_config(args.corpus, args.config, overrides)
+
+
+def run_train(args) -> int:
+    from amortized3d.training.train import train
+
+    cfg = _resolve_config(args)
+    output = args.output or cfg.train.output_dir
+    if output is None:
+        if args.resume:
+            raise SystemExit("--resume needs --output RUN_DIR naming the run to continue")
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        output = f"runs/{cfg.corpus.name}-{cfg.distill.method}-{stamp}"
+    run_dir = train(cfg, output, resume=args.resume)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def run_generate(args) -> int:
+    from amortized3d.inference.generate import generate
+
+    results = generate(args.prompts, args.checkpoint, args.out, resolution=args.mesh_resolution,
+                       video_format=args.video_format, frames=args.frames, image_size=args.image_size)
+    for r in results:
+        print(json.dumps(r))
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from amortized3d.evaluation.oracle import evaluate_run
+
+    report = evaluate_run(args.checkpoint, split=args.split, out=args.out, limit=args.limit)
+    print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+def run_corpus(args) -> int:
+    from amortized3d.data.corpora import catalog, load_corpus
+
+    if args.action == "list":
+        for name, entry in catalog().items():
+            print(f"{name:18s} {entry['source']:10s} {entry.get('about', '')}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"`amortized3d corpus {args.action}` needs a corpus NAME")
+    corpus = load_corpus(args.name, args.corpus_dir)
+    if args.action == "show":
+        for split in ("train", "val", "test"):
+            prompts = corpus.split(split)
+            print(f"{split}: {len(prompts)} prompts")
+            for p in prompts[: args.n]:
+                print(f"  {p}")
+        return 0
+    if not args.out:
+        raise SystemExit("`amortized3d corpus export NAME OUT.json` needs an output path")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump({"train": corpus.train, "val": corpus.val, "test": corpus.test}, f, ensure_ascii=False, indent=0)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_describe(args) -> int:
+    from amortized3d.builders import build_generator, describe_generator
+    from amortized3d.config import config_to_dict
+
+    cfg = _resolve_config(args)
+    import yaml
+
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    print(describe_generator(build_generator(cfg)))
+    return 0
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="+", help="one or more text prompts")
+    parser.add_argument("--checkpoint", required=True, help="run folder written by train")
+    parser.add_argument("--out", default="outputs", help="output folder")
+    parser.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid size")
+    parser.add_argument("--video-format", choices=("mp4", "gif"), default="mp4")
+    parser.add_argument("--frames", type=int, default=36, help="turntable frames")
+    parser.add_argument("--image-size", type=int, default=128, help="turntable and contact-sheet image size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amortized3d", description="Prompt-amortized text-to-3D by score distillation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a generator on a corpus")
+    _add_train_arguments(p)
+    p.set_defaults(func=run_train)
+    p = sub.add_parser("generate", help="prompts -> meshes, turntables and contact sheets")
+    _add_generate_arguments(p)
+    p.set_defaults(func=run_generate)
+    p = sub.add_parser("evaluate", help="oracle R@1, similarity and 3D IoU on ShapeWorld test prompts")
+    p.add_argument("--checkpoint", required=True, help="run folder written by train")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", default=None, help="report path (default RUN_DIR/eval_<split>.json)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    p.set_defaults(func=run_evaluate)
+    p = sub.add_parser("corpus", help="list, show or export prompt corpora")
+    p.add_argument("action", choices=("list", "show", "export"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--corpus-dir", default=None)
+    p.add_argument("-n", type=int, default=10, help="prompts to show per split")
+    p.set_defaults(func=run_corpus)
+    p = sub.add_parser("describe", help="print the resolved config and the generator's size")
+    _add_train_arguments(p)
+    p.set_defaults(func=run_describe)
+    return parser
+
+
+def _run(func, args) -> int:
+    from amortized3d.config import ConfigError
+    from amortized3d.data.corpora import CorpusError
+    from amortized3d.data.shapeworld import PromptError
+
+    try:
+        return func(args)
+    except (ConfigError, CorpusError, PromptError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(args.func, args)
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="generate", description="prompts -> meshes (GLB, PLY), turntables and contact sheets")
+    _add_generate_arguments(parser)
+    return _run(run_generate, parser.parse_args(argv))
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description="train a prompt-amortized text-to-3D generator")
+    _add_train_arguments(parser)
+    return _run(run_train, parser.parse_args(argv))

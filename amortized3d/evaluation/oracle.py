@@ -1,0 +1,137 @@
+"""Oracle evaluation on ShapeWorld: R@1, similarity, PSNR and 3D IoU against the exact scenes.
+
+For each evaluated prompt p and orbit view v, the generator's render x_pv is
+compared with the exact renders of every candidate prompt c (all prompts of the
+split) at the same camera; an under-specified candidate ("a cube") is as close as
+its nearest scene:
+
+    d(p, c, v) = min_k mean (x_pv - mu_ckv)^2
+    R@1(p)     = mean_v [argmin_c d(p, c, v) == p]
+    sim(p)     = mean_v (1 - sqrt(d(p, p, v)))          (1 - RMSE, in [0, 1])
+    PSNR(p)    = mean_v -10 log10 d(p, p, v)
+    IoU(p)     = max_k |{sdf_gen < 0} & {sdf_k < 0}| / |{sdf_gen < 0} | {sdf_k < 0}|   on a grid
+
+Per-prompt values are averaged over prompts, as in the CLIP protocol, and also
+separately over prompts seen and unseen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from amortized3d.builders import build_text_encoder, load_run
+from amortized3d.data.corpora import load_corpus
+from amortized3d.data.shapeworld import parse_prompt, scene_field
+from amortized3d.priors.analytic import render_prompt_scenes
+from amortized3d.rendering.cameras import orbit_cameras
+from amortized3d.rendering.volume import render_images
+
+
+def retrieval_metrics(renders: torch.Tensor, references: torch.Tensor, valid: torch.Tensor, own: torch.Tensor) -> dict[str, torch.Tensor]:
+    """renders [P, V, 3, H, W], references [C, K, V, 3, H, W], valid [C, K], own long [P] (index of p among candidates).
+
+    -> per-prompt r_at_1, similarity, psnr, each [P].
+    """
+    P, V = renders.shape[:2]
+    dist = torch.empty(P, references.shape[0], V)
+    for p in range(P):
+        mse = ((renders[p].unsqueeze(0).unsqueeze(0) - references) ** 2).flatten(3).mean(-1)  # [C, K, V]
+        mse = mse.masked_fill(~valid.unsqueeze(-1), float("inf"))
+        dist[p] = mse.min(dim=1).values
+    best = dist.argmin(dim=1)  # [P, V]
+    r_at_1 = (best == own.unsqueeze(1)).float().mean(1)
+    own_d = dist[torch.arange(P), own].clamp_min(1e-10)  # [P, V]
+    return {
+        "r_at_1": r_at_1,
+        "similarity": (1 - own_d.sqrt()).mean(1),
+        "psnr": (-10 * torch.log10(own_d)).mean(1),
+    }
+
+
+def grid_points(resolution: int, bound: float) -> torch.Tensor:
+    """Cell centers of a resolution^3 grid over [-bound, bound]^3. -> [resolution^3, 3]."""
+    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 * bound - bound
+    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+
+
+def occupancy_iou(occupied: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """occupied bool [P, G], reference bool [P, K, G], valid [P, K] -> best IoU over valid k, [P]."""
+    inter = (occupied.unsqueeze(1) & reference).sum(-1).float()
+    union = (occupied.unsqueeze(1) | reference).sum(-1).float().clamp_min(1)
+    iou = (inter / union).masked_fill(~valid, -1.0)
+    return iou.max(dim=1).values
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | None = None, limit: int | None = None) -> dict:
+    """Render the split's prompts with the trained generator and score them. Writes and returns the JSON report."""
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    cfg, generator, state = load_run(run_dir)
+    corpus = load_corpus(cfg.corpus.name, cfg.corpus.dir)
+    prompts = corpus.split(split)
+    if not prompts:
+        raise ValueError(f"split {split!r} of corpus {cfg.corpus.name!r} is empty; choose another --split")
+    for p in prompts:
+        parse_prompt(p)  # the oracle needs ShapeWorld prompts; this raises a clear error otherwise
+    evaluated = prompts[:limit] if limit else prompts
+    text_encoder = build_text_encoder(cfg)
+    R, V = cfg.eval.resolution, cfg.eval.n_views
+    cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy)
+    render_kwargs = dict(scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
+                         n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std, chunk_rays=16384)
+    renders = []
+    for i in range(0, len(evaluated), 8):
+        batch = evaluated[i : i + 8]
+        text = text_encoder.encode(batch)
+        field = generator(text.pooled, text.tokens)
+        renders.append(render_images(field, cams.reshape(1, V)[[0] * len(batch)], R, R, **render_kwargs).rgb.clamp(0, 1))
+    renders = torch.cat(renders)
+    refs, valid = [], []
+    for i in range(0, len(prompts), 8):
+        batch = prompts[i : i + 8]
+        rgb, ok = render_prompt_scenes(batch, cams.reshape(1, V)[[0] * len(batch)], R, R, **render_kwargs)
+        refs.append(rgb)
+        valid.append(ok)
+    K = max(r.shape[1] for r in refs)
+    references = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, 0, 0, 0, 0, K - r.shape[1])) for r in refs])
+    valid_all = torch.cat([torch.nn.functional.pad(v, (0, K - v.shape[1])) for v in valid])
+    own = torch.arange(len(evaluated))
+    metrics = retrieval_metrics(renders, references, valid_all, own)
+
+    bound = min(cfg.render.scene_radius, cfg.generator.bound)
+    pts = grid_points(cfg.eval.iou_resolution, bound)
+    ious = []
+    for p in evaluated:
+        text = text_encoder.encode([p])
+        gen_occ = generator(text.pooled, text.tokens).sdf(pts.unsqueeze(0)) < 0  # [1, G]
+        scenes = parse_prompt(p)
+        ref_occ = scene_field(scenes).sdf(pts.unsqueeze(0).expand(len(scenes), -1, -1)) < 0  # [K, G]
+        ious.append(occupancy_iou(gen_occ, ref_occ.unsqueeze(0), torch.ones(1, len(scenes), dtype=torch.bool)))
+    metrics["iou"] = torch.cat(ious)
+
+    seen = set(corpus.train)
+    per_prompt = [
+        {"prompt": p, "seen_in_training": p in seen, **{k: float(v[i]) for k, v in metrics.items()}}
+        for i, p in enumerate(evaluated)
+    ]
+
+    def mean_over(rows, key):
+        return sum(r[key] for r in rows) / len(rows) if rows else None
+
+    summary = {"corpus": cfg.corpus.name, "split": split, "method": cfg.distill.method, "step": state["step"],
+               "n_prompts": len(evaluated), "n_candidates": len(prompts), "n_views": V, "resolution": R}
+    for key in ("r_at_1", "similarity", "psnr", "iou"):
+        summary[key] = mean_over(per_prompt, key)
+        summary[f"{key}_seen"] = mean_over([r for r in per_prompt if r["seen_in_training"]], key)
+        summary[f"{key}_unseen"] = mean_over([r for r in per_prompt if not r["seen_in_training"]], key)
+    summary["seconds"] = time.perf_counter() - start
+    report = {"summary": summary, "per_prompt": per_prompt}
+    out = Path(out) if out else run_dir / f"eval_{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,253 @@
+"""Hyper-iNGP (ATT3D): a shared hash grid decoded by per-prompt MLPs made by a hypernetwork.
+
+For prompt p with pooled text embedding t_p and a point x:
+
+    e(x)       = HashGrid(x)                                   (prompt-agnostic, 32-d by default)
+    W_p        = Hypernetwork(t_p)                              (the weights of two bias-free MLPs)
+    sdf_p(x)   = MLP_sdf(e(x); W_p) + (|x| - sphere_radius)     (starts as a sphere)
+    rgb_p(x)   = sigmoid(MLP_color(e(x); W_p))
+
+Each MLP is enc -> mlp_hidden -> out without biases, with SiLU hidden activations:
+SiLU keeps the SDF smooth, which the finite-difference normals and the eikonal
+term see. The background is the same construction on unit ray directions: a tiny
+dense grid over [-1, 1]^3 and a bias-free MLP (enc -> background_hidden -> 3,
+SiLU, sigmoid) whose weights come from a second hypernetwork, so the geometry
+and the background can use different learning rates.
+
+Hypernetwork: Linear(text_dim -> hyper_hidden, no bias) -> LayerNorm -> SiLU ->
+Linear(hyper_hidden -> n_weights), optionally with spectral norm on both Linear
+layers. Its last layer starts so that every generated weight matrix has a
+fan-in scale (std sqrt(2 / fan_in) before an activation, sqrt(1 / fan_in) at the
+output) for any text embedding: LayerNorm fixes the statistics of its input.
+
+Shapes: P prompts, N points per prompt, R rays per prompt, D text width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as add_spectral_norm
+
+from amortized3d.generators.hash_grid import HashGrid
+
+
+def silu_second_moment() -> float:
+    """E[silu(z)^2] for z ~ N(0, 1), by quadrature (about 0.3557)."""
+    z = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
+    density = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+    return float((F.silu(z) ** 2 * density).sum() * (z[1] - z[0]))
+
+
+class Hypernetwork(nn.Module):
+    """Text embedding -> weights of a bias-free MLP.
+
+    text [P, D] -> list of weight matrices [P, fan_in, fan_out], one per entry of ``layer_shapes``
+    (each (fan_in, fan_out)). W = gain * (A silu(LN(B t)) + b), flattened layer after layer.
+    ``activated[i]`` says whether layer i is followed by an activation (it sets the init scale).
+    """
+
+    def __init__(
+        self, text_dim: int, hidden: int, layer_shapes: list[tuple[int, int]], activated: list[bool], spectral_norm: bool
+    ):
+        super().__init__()
+        if len(activated) != len(layer_shapes):
+            raise ValueError(f"activated has {len(activated)} entries but layer_shapes has {len(layer_shapes)}; give one per layer")
+        self.layer_shapes = [tuple(shape) for shape in layer_shapes]
+        self.layer_sizes = [fan_in * fan_out for fan_in, fan_out in self.layer_shapes]
+        self.n_weights = sum(self.layer_sizes)
+        self.text_projection = nn.Linear(text_dim, hidden, bias=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.weight_head = nn.Linear(hidden, self.n_weights)
+
+        # Target std of each generated weight: He-like before an activation, 1/sqrt(fan_in) at the output.
+        target_std = torch.cat(
+            [
+                torch.full((size,), math.sqrt((2.0 if is_hidden else 1.0) / fan_in))
+                for (fan_in, _), size, is_hidden in zip(self.layer_shapes, self.layer_sizes, activated)
+            ]
+        )
+        # silu(LN(.)) has E[h_i^2] = m2 per feature, so row a of the head gives std |a| sqrt(m2).
+        m2 = silu_second_moment()
+        with torch.no_grad():
+            self.weight_head.weight.normal_().mul_((target_std / math.sqrt(hidden * m2))[:, None])
+            self.weight_head.bias.zero_()
+        gain = torch.ones(self.n_weights)
+        if spectral_norm:
+            add_spectral_norm(self.text_projection)
+            add_spectral_norm(self.weight_head)
+            # Spectral norm rescales the head to unit largest singular value; a fixed per-weight gain
+            # restores the fan-in scale (the map stays Lipschitz with that constant).
+            with torch.no_grad():
+                row_norm = self.weight_head.weight.norm(dim=1)
+                gain = target_std / (row_norm * math.sqrt(m2))
+        self.register_buffer("output_gain", gain)
+
+    def forward(self, text: torch.Tensor) -> list[torch.Tensor]:
+        """text [P, D] -> [W_1 [P, fan_in_1, fan_out_1], W_2 ...]."""
+        hidden = F.silu(self.norm(self.text_projection(text)))
+        flat = self.weight_head(hidden) * self.output_gain  # [P, n_weights]
+        chunks = flat.split(self.layer_sizes, dim=-1)
+        return [chunk.view(-1, fan_in, fan_out) for chunk, (fan_in, fan_out) in zip(chunks, self.layer_shapes)]
+
+
+class HyperINGP(nn.Module):
+    """Prompt-amortized generator: pooled text [P, D] -> HyperINGPField for those P prompts.
+
+    Constructor arguments are the config (``self.config``, JSON-serializable):
+    ``HyperINGP(**model.config)`` rebuilds a model that loads ``model.state_dict()``.
+    """
+
+    def __init__(
+        self,
+        text_dim: int = 1024,
+        n_levels: int = 16,
+        n_features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        per_level_scale: float = 1.4473,
+        hyper_hidden: int = 64,
+        mlp_hidden: int = 64,
+        spectral_norm: bool = False,
+        sphere_radius: float = 0.5,
+        bound: float = 2.0,
+        background_n_levels: int = 4,
+        background_base_resolution: int = 2,
+        background_per_level_scale: float = 2.0,
+        background_log2_hashmap_size: int = 16,
+        background_hidden: int = 32,
+        background_hyper_hidden: int = 64,
+    ):
+        super().__init__()
+        self.config = dict(
+            text_dim=text_dim,
+            n_levels=n_levels,
+            n_features_per_level=n_features_per_level,
+            log2_hashmap_size=log2_hashmap_size,
+            base_resolution=base_resolution,
+            per_level_scale=per_level_scale,
+            hyper_hidden=hyper_hidden,
+            mlp_hidden=mlp_hidden,
+            spectral_norm=spectral_norm,
+            sphere_radius=sphere_radius,
+            bound=bound,
+            background_n_levels=background_n_levels,
+            background_base_resolution=background_base_resolution,
+            background_per_level_scale=background_per_level_scale,
+            background_log2_hashmap_size=background_log2_hashmap_size,
+            background_hidden=background_hidden,
+            background_hyper_hidden=background_hyper_hidden,
+        )
+        self.text_dim = text_dim
+        self.mlp_hidden = mlp_hidden
+        self.sphere_radius = float(sphere_radius)
+        self.grid = HashGrid(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale, bound)
+        enc = self.grid.output_dim
+        # Layer order: SDF hidden, SDF out, color hidden, color out.
+        self.hypernet = Hypernetwork(
+            text_dim, hyper_hidden, [(enc, mlp_hidden), (mlp_hidden, 1), (enc, mlp_hidden), (mlp_hidden, 3)],
+            [True, False, True, False],
+            spectral_norm,
+        )
+        self.background_grid = HashGrid(
+            background_n_levels, 2, background_log2_hashmap_size, background_base_resolution, background_per_level_scale, 1.0
+        )
+        self.background_hypernet = Hypernetwork(
+            text_dim,
+            background_hyper_hidden,
+            [(self.background_grid.output_dim, background_hidden), (background_hidden, 3)],
+            [True, False],
+            spectral_norm,
+        )
+
+    @staticmethod
+    def n_generated_weights(encoding_dim: int, mlp_hidden: int) -> int:
+        """Weights per prompt of the SDF and color MLPs: 2 E H + 4 H (4352 for E = 32, H = 64)."""
+        return encoding_dim * mlp_hidden + mlp_hidden * 1 + encoding_dim * mlp_hidden + mlp_hidden * 3
+
+    def geometry_parameters(self) -> list[nn.Parameter]:
+        """Hash grid and SDF/color hypernetwork (the geometry learning rate)."""
+        return list(self.grid.parameters()) + list(self.hypernet.parameters())
+
+    def background_parameters(self) -> list[nn.Parameter]:
+        """Direction grid and background hypernetwork (the background learning rate)."""
+        return list(self.background_grid.parameters()) + list(self.background_hypernet.parameters())
+
+    def forward(self, text_pooled: torch.Tensor, text_tokens: torch.Tensor | None = None) -> "HyperINGPField":
+        """text_pooled [P, D] (text_tokens [P, T, D] is accepted and unused) -> field for the P prompts."""
+        if text_pooled.dim() != 2 or text_pooled.shape[1] != self.text_dim:
+            raise ValueError(
+                f"text_pooled must have shape [P, {self.text_dim}], got {tuple(text_pooled.shape)}; "
+                "pass the pooled text embedding, or build the model with a matching text_dim"
+            )
+        sdf_hidden, sdf_out, color_hidden, color_out = self.hypernet(text_pooled)
+        background_hidden, background_out = self.background_hypernet(text_pooled)
+        return HyperINGPField(self, sdf_hidden, sdf_out, color_hidden, color_out, background_hidden, background_out)
+
+
+def block_diagonal_out(sdf_out: torch.Tensor, color_out: torch.Tensor) -> torch.Tensor:
+    """[P, H, 1], [P, H, 3] -> [P, 2H, 4] = [[sdf_out, 0], [0, color_out]], so one bmm decodes both heads."""
+    P, H, _ = sdf_out.shape
+    zeros_sdf, zeros_color = sdf_out.new_zeros(P, H, 3), sdf_out.new_zeros(P, H, 1)
+    return torch.cat([torch.cat([sdf_out, zeros_sdf], -1), torch.cat([zeros_color, color_out], -1)], 1)
+
+
+class HyperINGPField:
+    """The Field of P prompts: shared grids, per-prompt MLP weights (prompt p only sees row p)."""
+
+    def __init__(
+        self,
+        model: HyperINGP,
+        sdf_hidden: torch.Tensor,
+        sdf_out: torch.Tensor,
+        color_hidden: torch.Tensor,
+        color_out: torch.Tensor,
+        background_hidden: torch.Tensor,
+        background_out: torch.Tensor,
+    ):
+        self.model = model
+        self.n_prompts = sdf_hidden.shape[0]
+        self.sdf_hidden = sdf_hidden  # [P, E, H]
+        self.sdf_out = sdf_out  # [P, H, 1]
+        self.color_hidden = color_hidden  # [P, E, H]
+        self.color_out = color_out  # [P, H, 3]
+        self.background_hidden = background_hidden  # [P, Eb, Hb]
+        self.background_out = background_out  # [P, Hb, 3]
+
+    def _check(self, points: torch.Tensor, name: str) -> None:
+        if points.dim() != 3 or points.shape[0] != self.n_prompts or points.shape[2] != 3:
+            raise ValueError(
+                f"{name} must have shape [P={self.n_prompts}, N, 3], got {tuple(points.shape)}; "
+                "give one row of points per prompt the field was built for"
+            )
+
+    def _encode(self, grid: HashGrid, points: torch.Tensor) -> torch.Tensor:
+        """[P, N, 3] -> [P, N, E], one grid pass over all P * N points (row-major, so rows stay per prompt)."""
+        P, N, _ = points.shape
+        return grid(points.reshape(P * N, 3)).view(P, N, grid.output_dim)
+
+    def _sphere(self, points: torch.Tensor) -> torch.Tensor:
+        return points.norm(dim=-1) - self.model.sphere_radius
+
+    def sdf(self, points: torch.Tensor) -> torch.Tensor:
+        """points [P, N, 3] -> sdf [P, N]; skips the color MLP."""
+        self._check(points, "points")
+        hidden = F.silu(torch.bmm(self._encode(self.model.grid, points), self.sdf_hidden))  # [P, N, H]
+        return torch.bmm(hidden, self.sdf_out).squeeze(-1) + self._sphere(points)
+
+    def sdf_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """points [P, N, 3] -> (sdf [P, N], rgb [P, N, 3] in [0, 1]); both hidden layers in one bmm."""
+        self._check(points, "points")
+        encoding = self._encode(self.model.grid, points)
+        hidden = F.silu(torch.bmm(encoding, torch.cat([self.sdf_hidden, self.color_hidden], -1)))  # [P, N, 2H]
+        out = torch.bmm(hidden, block_diagonal_out(self.sdf_out, self.color_out))  # [P, N, 4]
+        return out[..., 0] + self._sphere(points), torch.sigmoid(out[..., 1:])
+
+    def background(self, directions: torch.Tensor) -> torch.Tensor:
+        """Unit directions [P, R, 3] -> rgb [P, R, 3] in [0, 1]."""
+        self._check(directions, "directions")
+        hidden = F.silu(torch.bmm(self._encode(self.model.background_grid, directions), self.background_hidden))
+        return torch.sigmoid(torch.bmm(hidden, self.background_out))

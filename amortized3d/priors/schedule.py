@@ -1,0 +1,27 @@
+"""The DDPM noise schedule shared by every prior.
+
+Stable Diffusion's schedule: 1000 steps, "scaled linear" betas from 0.00085 to
+0.012, i.e. beta_t = (sqrt(b0) + t / 999 (sqrt(b1) - sqrt(b0)))^2 and
+alphabar_t = prod_{s<=t} (1 - beta_s). Noising: x_t = sqrt(alphabar_t) x + sqrt(1 - alphabar_t) eps.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def stable_diffusion_alphas_cumprod() -> torch.Tensor:
+    """alphabar_t for t = 0..999 as float32 [1000], from diffusers' DDPMScheduler."""
+    scheduler = DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    return scheduler.alphas_cumprod.to(torch.float32).clone()
+
+
+def add_noise(x: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps. x, noise [B, ...], timesteps long [B] -> [B, ...]."""
+    abar = alphas_cumprod.to(x.device)[timesteps].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return abar.sqrt() * x + (1 - abar).sqrt() * noise

@@ -1,0 +1,313 @@
+"""The training loop, top to bottom: data, forward, loss, backward, step, log, checkpoint.
+
+    prompts -> text embedding -> generator -> field -> render -> prior -> distillation loss -> optimizer step
+
+Randomness is stateless: every micro-batch draws from a generator seeded by
+(seed, rank, step, micro-batch), and prompts come from a per-epoch permutation
+seeded by (seed, epoch) that all ranks share, each rank taking its own slice. So a
+run resumed from a checkpoint (model + optimizer + step) continues exactly as the
+uninterrupted run would, and within an epoch every prompt is used once across
+all ranks (no rank duplicates another's prompts, whatever the world size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from amortized3d.builders import build_generator, build_prior, build_text_encoder
+from amortized3d.config import ExperimentConfig, config_to_dict, save_config
+from amortized3d.data.corpora import load_corpus
+from amortized3d.data.shapeworld import PromptError, parse_prompt
+from amortized3d.distillation.regularizers import eikonal_loss, opacity_entropy_loss, scheduled_weight, sparsity_loss
+from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_distillation, timestep_range
+from amortized3d.fields import Field, finite_difference_gradient
+from amortized3d.rendering.cameras import orbit_cameras, sample_training_cameras
+from amortized3d.rendering.volume import render_images
+from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients."""
+
+
+def derived_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers, independent of Python's hash randomization."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def prompt_indices(n_prompts: int, step: int, micro: int, grad_accum: int, rank: int, world: int, per_rank: int, seed: int) -> list[int]:
+    """Indices of the prompts rank ``rank`` trains on in (step, micro-batch).
+
+    The global stream is the concatenation of per-epoch permutations of the corpus;
+    (step, micro) owns a window of world * per_rank entries, split by rank.
+    """
+    start = ((step * grad_accum + micro) * world + rank) * per_rank
+    out = []
+    for position in range(start, start + per_rank):
+        epoch, offset = divmod(position, n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
+        out.append(int(perm[offset]))
+    return out
+
+
+def check_shapeworld_prompts(prompts: list[str], corpus_name: str) -> None:
+    """The analytic prior knows ShapeWorld scenes only; fail early, naming the first prompt it cannot parse."""
+    for i, prompt in enumerate(prompts):
+        try:
+            parse_prompt(prompt)
+        except PromptError as err:
+            raise PromptError(
+                f"corpus {corpus_name!r}, train prompt {i}: the analytic prior understands ShapeWorld prompts only. {err}"
+            ) from None
+
+
+class SolidBackground:
+    """A field whose background is a solid color for the prompts in ``mask``.
+
+    field: Field for P prompts; colors [P, 3]; mask bool [P].
+    """
+
+    def __init__(self, field: Field, colors: torch.Tensor, mask: torch.Tensor):
+        self.field, self.colors, self.mask = field, colors, mask
+
+    def sdf(self, points):
+        return self.field.sdf(points)
+
+    def sdf_and_color(self, points):
+        return self.field.sdf_and_color(points)
+
+    def background(self, directions):
+        learned = self.field.background(directions)
+        solid = self.colors.unsqueeze(1).expand_as(learned).to(learned.dtype)
+        return torch.where(self.mask.reshape(-1, 1, 1), solid, learned)
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+def distillation_step(cfg: ExperimentConfig, generator, text_encoder, prior, prompts: list[str], progress: float, rng: torch.Generator, device) -> StepResult:
+    """Forward pass and total loss for one micro-batch of P prompts x V views."""
+    P, V = len(prompts), cfg.train.views_per_prompt
+    H, W = cfg.render.height, cfg.render.width
+    text = text_encoder.encode(prompts).to(device)
+    cameras = sample_training_cameras(
+        P, V, cfg.camera.elevation_range, cfg.camera.distance_range, cfg.camera.fovy_range, rng, device
+    )
+    field = generator(text.pooled, text.tokens)
+    if cfg.render.random_background_prob > 0:
+        mask = torch.rand(P, generator=rng) < cfg.render.random_background_prob
+        field = SolidBackground(field, torch.rand(P, 3, generator=rng).to(device), mask.to(device))
+    render = render_images(
+        field, cameras, H, W,
+        scene_radius=cfg.render.scene_radius,
+        n_proposal=cfg.render.n_proposal,
+        n_importance=cfg.render.n_importance,
+        inv_std=cfg.render.inv_std,
+        generator=rng,
+    )
+    images = prior.encode(render.rgb.reshape(P * V, 3, H, W))
+    flat_prompts = [p for p in prompts for _ in range(V)]
+    guidance = cfg.distill.guidance_scale if cfg.distill.guidance_scale is not None else DEFAULT_GUIDANCE[cfg.distill.method]
+    t_range = timestep_range(progress, tuple(cfg.distill.t_min), tuple(cfg.distill.t_max))
+    out = score_distillation(
+        prior, images, flat_prompts, cameras.reshape(P * V),
+        method=cfg.distill.method, guidance_scale=guidance, t_range=t_range, eta=cfg.distill.eta, generator=rng,
+    )
+    loss_sd = out.loss.mean()
+    total = loss_sd
+    metrics = {"loss_sd": loss_sd.item(), "t_min": t_range[0], "t_max": t_range[1], "grad_sd_norm": out.grad.flatten(1).norm(dim=1).mean().item()}
+    opacity = render.opacity
+    w = scheduled_weight(cfg.regularizers.sparsity, progress)
+    if w > 0:
+        reg = sparsity_loss(opacity)
+        total = total + w * reg
+        metrics["sparsity"] = reg.item()
+    w = scheduled_weight(cfg.regularizers.opacity_entropy, progress)
+    if w > 0:
+        reg = opacity_entropy_loss(opacity)
+        total = total + w * reg
+        metrics["opacity_entropy"] = reg.item()
+    w = scheduled_weight(cfg.regularizers.eikonal, progress)
+    if w > 0 and cfg.render.eikonal_points > 0:
+        n = max(1, cfg.render.eikonal_points // P)
+        r = min(cfg.render.scene_radius, cfg.generator.bound)
+        points = (torch.rand(P, n, 3, generator=rng) * 2 - 1).to(device) * r
+        sdf = field.sdf(points)
+        reg = eikonal_loss(finite_difference_gradient(field, points, sdf))
+        total = total + w * reg
+        metrics["eikonal"] = reg.item()
+    metrics["opacity"] = opacity.mean().item()
+    return StepResult(total, metrics)
+
+
+def _wandb_run(cfg: ExperimentConfig, run_dir: Path):
+    mode = cfg.train.wandb
+    if mode == "disabled":
+        return None
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(project="amortized3d", dir=str(run_dir), mode=mode, config=config_to_dict(cfg), name=run_dir.name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: list[str], device, n_views: int = 4, resolution: int | None = None):
+    """Orbit renders of ``prompts``. -> rgb [P, n_views, 3, R, R] in [0, 1]."""
+    R = resolution or cfg.eval.resolution
+    text = text_encoder.encode(prompts).to(device)
+    field = generator(text.pooled, text.tokens)
+    cams = orbit_cameras(n_views, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device)
+    cams = cams.reshape(1, n_views)[[0] * len(prompts)]
+    out = render_images(
+        field, cams, R, R, scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
+        n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std, chunk_rays=16384,
+    )
+    return out.rgb.clamp(0, 1)
+
+
+def write_validation(cfg, generator, text_encoder, prompts, run_dir: Path, step: int, device) -> None:
+    from amortized3d.inference.export import contact_sheet, to_uint8, write_video
+
+    folder = run_dir / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = render_validation(cfg, generator, text_encoder, prompts, device, n_views=4)
+    contact_sheet(to_uint8(grid.reshape(-1, *grid.shape[2:])), folder / f"step_{step:08d}.png", ncols=4)
+    turn = render_validation(cfg, generator, text_encoder, prompts[:1], device, n_views=24)
+    write_video(to_uint8(turn[0]), folder / f"step_{step:08d}.mp4", fps=12)
+
+
+def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_steps: int | None = None) -> Path:
+    """Train a generator on cfg.corpus; writes config, metrics, checkpoints and validation renders to run_dir.
+
+    ``max_steps`` stops early after that many optimizer steps (the schedule still
+    spans cfg.train.steps), which is how an interrupted run is simulated in tests.
+    """
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision)
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    corpus = load_corpus(cfg.corpus.name, cfg.corpus.dir)
+    train_prompts = corpus.train
+    if cfg.prior.kind == "analytic":
+        check_shapeworld_prompts(train_prompts, cfg.corpus.name)
+    val_prompts = (corpus.val or corpus.train)[:4]
+    torch.manual_seed(derived_seed(cfg.train.seed, rank, -1))
+
+    text_encoder = build_text_encoder(cfg)
+    generator = build_generator(cfg).to(device)
+    prior = build_prior(cfg)
+    optimizer = torch.optim.Adam(
+        [{"params": list(generator.geometry_parameters()), "lr": cfg.optim.lr_geometry},
+         {"params": list(generator.background_parameters()), "lr": cfg.optim.lr_background}],
+        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+    )
+    start_step, bad_total = 0, 0
+    if resume:
+        folder = latest_checkpoint(run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {str(run_dir)!r} (checkpoints/latest is missing)")
+        state = load_checkpoint(folder, generator, optimizer)
+        start_step, bad_total = state["step"], state.get("skipped_steps", 0)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    generator, optimizer = accelerator.prepare(generator, optimizer)
+    model = accelerator.unwrap_model(generator)
+
+    wandb_run = _wandb_run(cfg, run_dir) if accelerator.is_main_process else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    total_steps = cfg.train.steps
+    end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=total_steps, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    consecutive_bad, last_time = 0, time.perf_counter()
+    samples_per_step = cfg.train.prompts_per_step * cfg.train.views_per_prompt * cfg.train.grad_accum * world
+    step = start_step
+    for step in bar:
+        progress = step / max(total_steps - 1, 1)
+        step_metrics: dict[str, float] = {}
+        finite = True
+        for micro in range(cfg.train.grad_accum):
+            rng = torch.Generator().manual_seed(derived_seed(cfg.train.seed, rank, step, micro))
+            idx = prompt_indices(len(train_prompts), step, micro, cfg.train.grad_accum, rank, world, cfg.train.prompts_per_step, cfg.train.seed)
+            with accelerator.accumulate(generator):
+                with accelerator.autocast():
+                    result = distillation_step(cfg, generator, text_encoder, prior, [train_prompts[i] for i in idx], progress, rng, device)
+                finite = finite and bool(torch.isfinite(result.loss))
+                if finite:
+                    accelerator.backward(result.loss)
+                for k, v in result.metrics.items():
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.train.grad_accum
+                step_metrics["loss"] = step_metrics.get("loss", 0.0) + result.loss.item() / cfg.train.grad_accum
+        grads = [p.grad for p in generator.parameters() if p.grad is not None]
+        if finite and grads:
+            finite = bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        any_bad = accelerator.reduce(flag, reduction="sum").item() > 0
+        if any_bad:
+            optimizer.zero_grad(set_to_none=True)
+            consecutive_bad += 1
+            bad_total += 1
+            if consecutive_bad >= cfg.train.max_bad_steps:
+                last = latest_checkpoint(run_dir)
+                raise TrainingDiverged(
+                    f"{consecutive_bad} consecutive steps had non-finite loss or gradients (step {step}); training stopped. "
+                    f"The last good checkpoint is {str(last) if last else 'none (no checkpoint was written yet)'}. "
+                    "Lower optim.lr_geometry or distill.guidance_scale, or raise train.max_bad_steps."
+                )
+        else:
+            consecutive_bad = 0
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == end_step:
+            now = time.perf_counter()
+            n = cfg.train.log_every if done % cfg.train.log_every == 0 else (done - start_step) % cfg.train.log_every or cfg.train.log_every
+            dt = (now - last_time) / n
+            last_time = now
+            step_metrics.update(step=done, steps_per_s=1.0 / dt, samples_per_s=samples_per_step / dt,
+                                peak_memory_mb=peak_memory_mb(device), skipped_steps=bad_total)
+            if accelerator.is_main_process:
+                metrics_file.write(json.dumps(step_metrics) + "\n")
+                metrics_file.flush()
+                if wandb_run is not None:
+                    wandb_run.log(step_metrics, step=done)
+                bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", it_s=f"{step_metrics['steps_per_s']:.2f}",
+                                mem=f"{step_metrics['peak_memory_mb']:.0f}MB", skipped=bad_total)
+        if accelerator.is_main_process and consecutive_bad == 0 and (done % cfg.train.ckpt_every == 0 or done == end_step):
+            save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config}, keep=cfg.train.keep_checkpoints)
+        if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
+            model.eval()
+            write_validation(cfg, model, text_encoder, val_prompts, run_dir, done, device)
+            model.train()
+        accelerator.wait_for_everyone()
+    bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    accelerator.end_training()
+    return run_dir

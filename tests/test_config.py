@@ -1,0 +1,69 @@
+"""Config loading, overrides and the errors a user sees for bad input."""
+
+import pytest
+
+from amortized3d.config import ConfigError, config_from_dict, config_to_dict, load_config, parse_override
+from amortized3d.data.corpora import CorpusError, load_corpus
+
+
+def test_recipe_and_overrides_apply():
+    cfg = load_config("shapeworld-16", overrides=["train.steps=7", "distill.method=sds", "camera.fovy_range=[30,40]"])
+    assert cfg.corpus.name == "shapeworld-16"
+    assert cfg.train.steps == 7 and cfg.distill.method == "sds"
+    assert cfg.camera.fovy_range == [30.0, 40.0]
+    assert cfg.render.height == 32  # from configs/shapeworld.yaml, not the dataclass default 64
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("shapeworld-16", overrides=["optim.lr_geometry=0.002"])
+    again = config_from_dict(config_to_dict(cfg))
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.stepz=3", ["train.stepz", "steps"]),
+        ("trian.steps=3", ["trian", "train"]),
+        ("distill.method=vsdx", ["vsdx", "asd", "sds", "csd"]),
+        ("train.steps=abc", ["train.steps", "integer"]),
+        ("train.steps=-5", ["train.steps", "positive"]),
+        ("render.random_background_prob=1.5", ["random_background_prob", "[0.0, 1.0]"]),
+        ("camera.distance_range=[2,1]", ["distance_range", "low <= high"]),
+        ("trainsteps", ["section.key=value"]),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_allowed_values(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("shapeworld-16", overrides=[override])
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_unknown_corpus_names_the_known_ones():
+    with pytest.raises(CorpusError) as err:
+        load_config("shapeworld-17")
+    assert "shapeworld-17" in str(err.value) and "shapeworld-16" in str(err.value)
+    with pytest.raises(CorpusError):
+        load_corpus("no-such-corpus")
+
+
+def test_corpus_without_recipe_explains_why():
+    with pytest.raises(CorpusError) as err:
+        load_config("magic3d-15")
+    assert "Stable Diffusion" in str(err.value) and "shapeworld-16" in str(err.value)
+
+
+def test_parse_override_yaml_values():
+    assert parse_override("distill.guidance_scale=null") == {"distill": {"guidance_scale": None}}
+    assert parse_override("train.wandb=disabled") == {"train": {"wandb": "disabled"}}
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("render:\n  heigth: 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("shapeworld-16", config_file=str(bad))
+    assert "render.heigth" in str(err.value) and "height" in str(err.value)
+    with pytest.raises(ConfigError):
+        load_config("shapeworld-16", config_file=str(tmp_path / "missing.yaml"))

@@ -1,0 +1,159 @@
+"""Each distillation gradient against its Table-1 formula, for a random noise predictor."""
+
+import math
+
+import pytest
+import torch
+
+from amortized3d.distillation.regularizers import eikonal_loss, opacity_entropy_loss, scheduled_weight, sparsity_loss
+from amortized3d.distillation.score_distillation import (
+    DEFAULT_GUIDANCE,
+    asd_shifted_timesteps,
+    distillation_loss,
+    score_distillation,
+    timestep_range,
+)
+from amortized3d.priors.schedule import add_noise, stable_diffusion_alphas_cumprod
+from amortized3d.rendering.cameras import orbit_cameras
+
+
+class RandomPredictor:
+    """eps(x_t, t, cond) = tanh(A x_t + b_t + c_cond): random, nonlinear, t- and condition-dependent. Records calls."""
+
+    def __init__(self, shape):
+        g = torch.Generator().manual_seed(123)
+        self.alphas_cumprod = stable_diffusion_alphas_cumprod()
+        d = math.prod(shape)
+        self.A = torch.randn(d, d, generator=g) / d**0.5
+        self.bt = torch.randn(1000, d, generator=g) * 0.3
+        self.bc = torch.randn(2, d, generator=g) * 0.5
+        self.calls = []
+
+    def encode(self, x):
+        return x
+
+    def predict_noise(self, noisy, timesteps, prompts, cameras, unconditional):
+        flat = noisy.flatten(1)
+        out = torch.tanh(flat @ self.A.T + self.bt[timesteps] + self.bc[unconditional.long()]).reshape(noisy.shape)
+        self.calls.append(dict(noisy=noisy.clone(), t=timesteps.clone(), uncond=unconditional.clone(), out=out.clone(), prompts=list(prompts)))
+        return out
+
+
+def run(method, guidance, B=3, shape=(3, 4, 4), t_range=(200, 900), eta=0.1, seed=0):
+    prior = RandomPredictor(shape)
+    x = torch.rand(B, *shape, requires_grad=True)
+    cams = orbit_cameras(B, 15.0, 2.0, 50.0)
+    out = score_distillation(prior, x, [f"p{i}" for i in range(B)], cams, method=method, guidance_scale=guidance,
+                             t_range=t_range, eta=eta, generator=torch.Generator().manual_seed(seed))
+    (dx,) = torch.autograd.grad(out.loss.sum(), x)
+    return prior, x.detach(), out, dx
+
+
+def recover_noise(prior, x, x_t, t):
+    a = prior.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    return (x_t - a.sqrt() * x) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("method", ["sds", "csd", "asd"])
+def test_single_batched_prior_call(method):
+    prior, x, out, dx = run(method, 5.0)
+    assert len(prior.calls) == 1
+    call = prior.calls[0]
+    n_branches = 3 if method == "asd" else 2
+    assert call["noisy"].shape[0] == n_branches * x.shape[0]
+    assert call["uncond"].tolist() == [False] * 3 + [True] * 3 + ([False] * 3 if method == "asd" else [])
+
+
+def test_sds_gradient_matches_formula():
+    prior, x, out, dx = run("sds", 100.0)
+    c = prior.calls[0]
+    B = x.shape[0]
+    t = c["t"][:B]
+    eps = recover_noise(prior, x, c["noisy"][:B], t)
+    assert torch.allclose(c["noisy"][B:], c["noisy"][:B])  # both branches see the same x_t
+    eps_c, eps_u = c["out"][:B], c["out"][B:]
+    w = (1 - prior.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+    expected = w * (eps_u + 100.0 * (eps_c - eps_u) - eps)
+    assert torch.allclose(dx, expected, atol=1e-4)
+
+
+def test_csd_gradient_matches_formula():
+    prior, x, out, dx = run("csd", 1.0)
+    c = prior.calls[0]
+    B = x.shape[0]
+    t = c["t"][:B]
+    w = (1 - prior.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+    expected = w * (c["out"][:B] - c["out"][B:])
+    assert torch.allclose(dx, expected, atol=1e-5)
+
+
+def test_asd_gradient_matches_formula():
+    eta, t_lo = 0.3, 200
+    prior, x, out, dx = run("asd", 7.5, B=6, t_range=(t_lo, 900), eta=eta)
+    c = prior.calls[0]
+    B = x.shape[0]
+    t, t_plus = c["t"][:B], c["t"][2 * B :]
+    # Same noise at both timesteps.
+    eps_t = recover_noise(prior, x, c["noisy"][:B], t)
+    eps_plus = recover_noise(prior, x, c["noisy"][2 * B :], t_plus)
+    assert torch.allclose(eps_t, eps_plus, atol=1e-4)
+    # Shift within U[0, eta (t - T_min)].
+    shift = t_plus - t
+    assert (shift >= 0).all() and (shift <= torch.floor(eta * (t - t_lo).float()).long()).all()
+    eps_c, eps_u, eps_shift = c["out"][:B], c["out"][B : 2 * B], c["out"][2 * B :]
+    w = (1 - prior.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+    expected = w * (eps_u + 7.5 * (eps_c - eps_u) - eps_shift)
+    assert torch.allclose(dx, expected, atol=1e-4)
+
+
+def test_asd_shift_distribution():
+    t = torch.full((20000,), 700)
+    shifted = asd_shifted_timesteps(t, 100, 0.1, torch.Generator().manual_seed(0))
+    shift = (shifted - t).float()
+    # floor(U[0, 60]) is uniform on {0..59}: mean 29.5
+    assert shift.min() == 0 and shift.max() == 59
+    assert abs(shift.mean().item() - 29.5) < 0.5
+    # clamped at 999
+    assert asd_shifted_timesteps(torch.full((100,), 998), 0, 1.0, torch.Generator().manual_seed(0)).max() == 999
+
+
+def test_distillation_loss_gradient_is_the_given_gradient():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    g = torch.randn(4, 3, 5, 5)
+    (dx,) = torch.autograd.grad(distillation_loss(x, g).sum(), x)
+    assert torch.allclose(dx, g, atol=1e-6)
+
+
+def test_timestep_annealing_endpoints():
+    assert timestep_range(0.0, (0.5, 0.02), (0.98, 0.5)) == (500, 980)
+    assert timestep_range(1.0, (0.5, 0.02), (0.98, 0.5)) == (20, 500)
+    assert timestep_range(0.5, (0.5, 0.02), (0.98, 0.5)) == (260, 740)
+
+
+def test_default_guidance_scales_from_the_paper():
+    assert DEFAULT_GUIDANCE == {"sds": 100.0, "csd": 1.0, "asd": 7.5}
+
+
+def test_noise_schedule_formula():
+    abar = stable_diffusion_alphas_cumprod()
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    expected = torch.cumprod(1 - betas, 0)
+    assert abar.shape == (1000,)
+    assert torch.allclose(abar.double(), expected, rtol=1e-5)
+    x, e = torch.randn(2, 3), torch.randn(2, 3)
+    t = torch.tensor([0, 999])
+    xt = add_noise(x, e, t, abar)
+    assert torch.allclose(xt[1], expected[999].sqrt().float() * x[1] + (1 - expected[999]).sqrt().float() * e[1], atol=1e-6)
+
+
+def test_regularizers():
+    assert scheduled_weight([[0.0, 100.0], [0.1, 1.0]], 0.05) == pytest.approx(50.5)
+    assert scheduled_weight([[0.0, 100.0], [0.1, 1.0]], 0.9) == 1.0
+    assert scheduled_weight([[0.8, 0.0], [1.0, 10.0]], 0.5) == 0.0
+    assert scheduled_weight([[0.8, 0.0], [1.0, 10.0]], 0.9) == pytest.approx(5.0)
+    o = torch.tensor([0.0, 1.0])
+    assert sparsity_loss(o).item() == pytest.approx((0.1 + math.sqrt(1.01)) / 2)
+    assert opacity_entropy_loss(torch.tensor([0.5])).item() == pytest.approx(math.log(2), rel=1e-4)
+    assert opacity_entropy_loss(torch.tensor([0.0, 1.0])).item() < 1e-3
+    g = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
+    assert eikonal_loss(g).item() == pytest.approx(8.0)
