@@ -12,7 +12,11 @@ color to its shape ("red cube" vs "blue cube") and keep word order, which a bag 
 words loses ("a cube on top of a sphere" vs "a sphere on top of a cube").
 
     token_i = u(w_i) + u(w_{i-1} | w_i) + u(#position_i)
-    pooled  = (sum_i u(w_i) + sum_i u(w_{i-1} | w_i)) / sqrt(2 n)   over the n words
+    pooled  = (sum_i u(w_i) + 0.5 sum_i u(w_{i-1} | w_i)) / sqrt(1.25 n)   over the n words
+
+The pair vectors weigh less in the pooled vector so that a prompt recombining
+seen words ("a green sphere" after "a green cube" and "a red sphere") lands near
+the prompts it recombines.
 
 Tokenization lowercases and splits on anything that is not a letter or digit.
 Sequences longer than 75 words are truncated before adding the begin/end tokens,
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_LENGTH = 77
+PAIR_WEIGHT = 0.5
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 
@@ -86,8 +91,8 @@ class HashedTextEncoder:
                 unigram = self._vector(word)
                 tokens[p, i] = unigram + pair + self._vector(f"#position{i}")
                 if 0 < i < len(words) - 1:
-                    content.append(unigram + pair)
+                    content.append(unigram + PAIR_WEIGHT * pair)
             mask[p, : len(words)] = True
             if content:
-                pooled[p] = torch.stack(content).sum(0) / (2 * len(content)) ** 0.5
+                pooled[p] = torch.stack(content).sum(0) / ((1 + PAIR_WEIGHT**2) * len(content)) ** 0.5
         return TextEmbedding(tokens, pooled, mask)

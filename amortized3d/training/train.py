@@ -210,6 +210,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
+    if device.type == "cpu" and world == 1:
+        # `accelerate launch` without a config sets OMP_NUM_THREADS=1; a lone CPU process should use every core.
+        torch.set_num_threads(max(torch.get_num_threads(), len(os.sched_getaffinity(0))))
     corpus = load_corpus(cfg.corpus.name, cfg.corpus.dir)
     train_prompts = corpus.train
     if cfg.prior.kind == "analytic":
