@@ -61,7 +61,8 @@ def test_user_errors_are_clear(tmp_path, capsys):
     assert main(["train", "--corpus", "no-such-corpus"]) == 2
     assert "known corpora" in capsys.readouterr().err
     assert main(["describe", "--corpus", "shapeworld-16", "render.hieght=3"]) == 2
-    assert "render.height" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "render.hieght" in err and "'height'" in err
     assert main(["generate", "a cube", "--checkpoint", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
