@@ -10,11 +10,17 @@ import torch
 from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
 from amortized3d.generators.hyper_ingp import HyperINGP
 from amortized3d.priors.analytic import AnalyticPrior
+from amortized3d.priors.stable_diffusion import StableDiffusionPrior, load_stable_diffusion_text_encoder
+from amortized3d.text.clip_encoder import CLIPTextEncoder
 from amortized3d.text.hashed_encoder import HashedTextEncoder
 from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint
 
 
-def build_text_encoder(cfg: ExperimentConfig) -> HashedTextEncoder:
+def build_text_encoder(cfg: ExperimentConfig, device: str | torch.device = "cpu") -> HashedTextEncoder | CLIPTextEncoder:
+    """text.encoder=hashed: the offline encoder of width text.dim; text.encoder=prior: the CLIP text
+    encoder in prior.model's folder (its width is the model's; train() records it as text.dim)."""
+    if cfg.text.encoder == "prior":
+        return load_stable_diffusion_text_encoder(cfg.prior.model, device, cfg.prior.dtype)
     return HashedTextEncoder(dim=cfg.text.dim)
 
 
@@ -35,7 +41,12 @@ def build_generator(cfg: ExperimentConfig) -> HyperINGP:
     )
 
 
-def build_prior(cfg: ExperimentConfig) -> AnalyticPrior:
+def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.device = "cpu") -> AnalyticPrior | StableDiffusionPrior:
+    """prior.kind=stable_diffusion loads prior.model (sharing ``text_encoder`` when it is that model's CLIP
+    encoder); prior.kind=analytic builds the closed-form ShapeWorld prior."""
+    if cfg.prior.kind == "stable_diffusion":
+        shared = text_encoder if isinstance(text_encoder, CLIPTextEncoder) and cfg.text.encoder == "prior" else None
+        return StableDiffusionPrior(cfg.prior.model, text_encoder=shared, resolution=cfg.prior.resolution, dtype=cfg.prior.dtype, device=device)
     return AnalyticPrior(
         std=cfg.prior.std,
         uncond_mean=cfg.prior.uncond_mean,
@@ -45,6 +56,26 @@ def build_prior(cfg: ExperimentConfig) -> AnalyticPrior:
         n_importance=cfg.prior.n_importance,
         inv_std=cfg.render.inv_std,
     )
+
+
+ADAPTER_LR = {"vsd": 1e-4, "lods-embedding": 1e-5, "lods-lora": 5e-7}
+
+
+def build_adapter(cfg: ExperimentConfig, prior) -> tuple[torch.nn.Module, torch.optim.Optimizer] | tuple[None, None]:
+    """The learned branch of VSD / LODS and its AdamW optimizer (betas 0.9, 0.99), or (None, None)."""
+    from amortized3d.distillation.adapters import LODSEmbedding, LODSLoRA, VSDLoRA
+
+    method = cfg.distill.method
+    if method == "vsd":
+        adapter = VSDLoRA(prior, rank=cfg.distill.lora_rank)
+    elif method == "lods-embedding":
+        adapter = LODSEmbedding(prior)
+    elif method == "lods-lora":
+        adapter = LODSLoRA(prior, rank=cfg.distill.lora_rank)
+    else:
+        return None, None
+    lr = cfg.distill.adapter_lr if cfg.distill.adapter_lr is not None else ADAPTER_LR[method]
+    return adapter, torch.optim.AdamW(adapter.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-15)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, HyperINGP, dict]:

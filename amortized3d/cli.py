@@ -20,6 +20,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None, help="named corpus (see `amortized3d corpus list`); selects the recipe")
     parser.add_argument("--config", default=None, help="YAML file applied on top of the corpus recipe")
     parser.add_argument("--corpus-dir", default=None, help="folder with reference corpus JSON files")
+    parser.add_argument("--prior", default=None, metavar="MODEL",
+                        help="Stable Diffusion hub id or local diffusers folder; sets prior.kind=stable_diffusion, "
+                             "prior.model=MODEL and text.encoder=prior")
     parser.add_argument("--output", default=None, help="run folder (default: runs/<corpus>-<method>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200 distill.method=sds")
@@ -29,15 +32,27 @@ def _resolve_config(args):
     from amortized3d.config import load_config
 
     overrides = list(args.overrides)
+    if args.prior:
+        overrides = ["prior.kind=stable_diffusion", f"prior.model={args.prior}", "text.encoder=prior", *overrides]
     if args.corpus_dir:
         overrides.append(f"corpus.dir={args.corpus_dir}")
     return load_config(args.corpus, args.config, overrides)
 
 
+def check_pretrained_weights(cfg) -> None:
+    """Fail in seconds, before the trainer starts, when the prior's weights are not available."""
+    if cfg.prior.kind == "stable_diffusion" or cfg.text.encoder == "prior":
+        from amortized3d.priors.pretrained import resolve_model_dir
+        from amortized3d.priors.stable_diffusion import SUBFOLDERS, TEXT_SUBFOLDERS
+
+        resolve_model_dir(cfg.prior.model, SUBFOLDERS if cfg.prior.kind == "stable_diffusion" else TEXT_SUBFOLDERS)
+
+
 def run_train(args) -> int:
+    cfg = _resolve_config(args)
+    check_pretrained_weights(cfg)
     from amortized3d.training.train import train
 
-    cfg = _resolve_config(args)
     output = args.output or cfg.train.output_dir
     if output is None:
         if args.resume:
@@ -147,10 +162,11 @@ def _run(func, args) -> int:
     from amortized3d.config import ConfigError
     from amortized3d.data.corpora import CorpusError
     from amortized3d.data.shapeworld import PromptError
+    from amortized3d.priors.pretrained import PretrainedLoadError
 
     try:
         return func(args)
-    except (ConfigError, CorpusError, PromptError, FileNotFoundError) as err:
+    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

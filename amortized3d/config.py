@@ -33,7 +33,9 @@ class CorpusConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "hashed"  # offline deterministic encoder (amortized3d/text/hashed_encoder.py)
+    # "hashed": offline deterministic encoder (amortized3d/text/hashed_encoder.py), width text.dim;
+    # "prior": the CLIP text encoder in prior.model's folder (amortized3d/text/clip_encoder.py), width from the model
+    encoder: str = "hashed"
     dim: int = 1024
 
 
@@ -76,7 +78,10 @@ class CameraConfig:
 
 @dataclass
 class PriorConfig:
-    kind: str = "analytic"
+    kind: str = "analytic"  # "analytic" (ShapeWorld, closed form) or "stable_diffusion" (diffusers)
+    model: str = "stabilityai/stable-diffusion-2-1-base"  # hub id or local diffusers folder (stable_diffusion, text.encoder=prior)
+    resolution: int = 512  # renders are resized to this before the VAE (stable_diffusion)
+    dtype: str = "auto"  # weights: auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32
     std: float = 0.05
     uncond_mean: float = 0.5
     uncond_std: float = 0.5
@@ -87,8 +92,12 @@ class PriorConfig:
 @dataclass
 class DistillConfig:
     method: str = "asd"
-    guidance_scale: float | None = None  # None: the method's default (SDS 100, CSD 1, ASD 7.5)
+    guidance_scale: float | None = None  # None: the method's default (SDS 100, CSD 1, ASD 7.5, VSD 7.5, LODS 1000)
     eta: float = 0.1
+    # VSD / LODS learned branch (amortized3d/distillation/adapters.py): AdamW learning rate
+    # (None: VSD 1e-4, lods-embedding 1e-5, lods-lora 5e-7) and LoRA rank
+    adapter_lr: float | None = None
+    lora_rank: int = 4
     t_min: list[float] = field(default_factory=lambda: [0.5, 0.02])  # [start, end], fractions of 1000
     t_max: list[float] = field(default_factory=lambda: [0.98, 0.5])
 
@@ -149,10 +158,11 @@ class ExperimentConfig:
 
 
 CHOICES = {
-    ("text", "encoder"): ("hashed",),
+    ("text", "encoder"): ("hashed", "prior"),
     ("generator", "kind"): ("hyper_ingp",),
-    ("prior", "kind"): ("analytic",),
-    ("distill", "method"): ("asd", "sds", "csd"),
+    ("prior", "kind"): ("analytic", "stable_diffusion"),
+    ("prior", "dtype"): ("auto", "fp16", "bf16", "fp32"),
+    ("distill", "method"): ("asd", "sds", "csd", "vsd", "lods-embedding", "lods-lora"),
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
     ("train", "wandb"): ("auto", "offline", "online", "disabled"),
 }
@@ -162,7 +172,7 @@ POSITIVE = {
     ("train", "steps"), ("train", "prompts_per_step"), ("train", "views_per_prompt"), ("train", "grad_accum"),
     ("train", "log_every"), ("train", "val_every"), ("train", "ckpt_every"), ("train", "keep_checkpoints"),
     ("train", "max_bad_steps"), ("optim", "lr_geometry"), ("optim", "lr_background"), ("eval", "n_views"),
-    ("eval", "resolution"), ("eval", "iou_resolution"), ("prior", "n_proposal"),
+    ("eval", "resolution"), ("eval", "iou_resolution"), ("prior", "n_proposal"), ("prior", "resolution"), ("distill", "lora_rank"),
 }
 RANGES = {
     ("render", "random_background_prob"): (0.0, 1.0),
@@ -276,6 +286,13 @@ def validate(cfg: ExperimentConfig) -> None:
             f"render.scene_radius={cfg.render.scene_radius} exceeds the generator's box (generator.bound={cfg.generator.bound}); "
             "lower render.scene_radius or raise generator.bound"
         )
+    if cfg.distill.method in ("vsd", "lods-embedding", "lods-lora") and cfg.prior.kind != "stable_diffusion":
+        raise ConfigError(
+            f"distill.method={cfg.distill.method} trains a branch of a neural prior, but prior.kind={cfg.prior.kind!r}; "
+            "use prior.kind=stable_diffusion (e.g. --prior MODEL) or one of asd, sds, csd"
+        )
+    if cfg.distill.adapter_lr is not None and cfg.distill.adapter_lr <= 0:
+        raise ConfigError(f"distill.adapter_lr={cfg.distill.adapter_lr} must be positive (or null for the method's default)")
     if cfg.distill.guidance_scale is not None and cfg.distill.guidance_scale < 0:
         raise ConfigError(f"distill.guidance_scale={cfg.distill.guidance_scale} must be >= 0 (or null for the method's default)")
 
@@ -298,8 +315,12 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def load_config(corpus: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Defaults <- corpus recipe <- config file <- overrides, then validate."""
-    from amortized3d.data.corpora import recipe_for_corpus
+    """Defaults <- corpus recipe <- config file <- overrides, then validate.
+
+    A corpus without a recipe of its own can be trained with an explicit config file
+    (e.g. --corpus df415 --config configs/mg15.yaml), which then replaces the recipe.
+    """
+    from amortized3d.data.corpora import CorpusError, recipe_for_corpus
 
     cfg = ExperimentConfig()
     user = load_yaml(config_file) if config_file else {}
@@ -309,7 +330,11 @@ def load_config(corpus: str | None = None, config_file: str | None = None, overr
         for m in [user, *override_maps]:
             name = m.get("corpus", {}).get("name", name)
     name = name or cfg.corpus.name
-    apply_mapping(cfg, load_yaml(recipe_path(recipe_for_corpus(name))), f"recipe for {name}")
+    try:
+        apply_mapping(cfg, load_yaml(recipe_path(recipe_for_corpus(name))), f"recipe for {name}")
+    except CorpusError as err:
+        if not (config_file and "has no training recipe" in str(err)):
+            raise
     if config_file:
         apply_mapping(cfg, user, str(config_file))
     for text, m in zip(overrides, override_maps):

@@ -86,6 +86,6 @@ def test_corpus_commands(tmp_path, capsys):
 def test_reference_corpora_load():
     from amortized3d.data.corpora import load_corpus
 
-    sizes = {"magic3d-15": 15, "dreamfusion-415": 415, "att3d-2520": 2520, "instant3d-17k": 17241}
+    sizes = {"mg15": 15, "df415": 415, "at2520": 2520, "dl17k": 17241}
     for name, n in sizes.items():
         assert len(load_corpus(name).train) == n

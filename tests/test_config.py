@@ -2,7 +2,7 @@
 
 import pytest
 
-from amortized3d.config import ConfigError, config_from_dict, config_to_dict, load_config, parse_override
+from amortized3d.config import CONFIG_DIR, ConfigError, config_from_dict, config_to_dict, load_config, parse_override
 from amortized3d.data.corpora import CorpusError, load_corpus
 
 
@@ -50,8 +50,20 @@ def test_unknown_corpus_names_the_known_ones():
 
 def test_corpus_without_recipe_explains_why():
     with pytest.raises(CorpusError) as err:
-        load_config("magic3d-15")
-    assert "Stable Diffusion" in str(err.value) and "shapeworld-16" in str(err.value)
+        load_config("df415")
+    assert "no training recipe" in str(err.value) and "--config configs/mg15.yaml" in str(err.value)
+    assert "mg15" in str(err.value) and "shapeworld-16" in str(err.value)
+    cfg = load_config("df415", config_file=str(CONFIG_DIR / "mg15.yaml"))
+    assert cfg.corpus.name == "df415" and cfg.prior.kind == "stable_diffusion"
+
+
+def test_mg15_recipe_is_the_reference_recipe():
+    cfg = load_config("mg15")
+    assert (cfg.prior.kind, cfg.prior.model, cfg.text.encoder) == ("stable_diffusion", "stabilityai/stable-diffusion-2-1-base", "prior")
+    assert (cfg.render.height, cfg.render.n_proposal, cfg.render.n_importance) == (64, 128, 64)
+    assert (cfg.optim.lr_geometry, cfg.optim.lr_background, cfg.optim.betas) == (4e-3, 1e-3, [0.0, 0.99])
+    assert (cfg.distill.method, cfg.distill.guidance_scale, cfg.train.steps) == ("asd", 7.5, 50000)
+    assert (cfg.generator.n_levels, cfg.generator.log2_hashmap_size, cfg.generator.mlp_hidden) == (16, 19, 64)
 
 
 def test_parse_override_yaml_values():

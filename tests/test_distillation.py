@@ -131,7 +131,8 @@ def test_timestep_annealing_endpoints():
 
 
 def test_default_guidance_scales_from_the_paper():
-    assert DEFAULT_GUIDANCE == {"sds": 100.0, "csd": 1.0, "asd": 7.5}
+    # ScaleDreamer: SDS 100, CSD 1, ASD 7.5, VSD 7.5 (on the pretrained branch); LODS: 1000 for 3D generation.
+    assert DEFAULT_GUIDANCE == {"sds": 100.0, "csd": 1.0, "asd": 7.5, "vsd": 7.5, "lods-embedding": 1000.0, "lods-lora": 1000.0}
 
 
 def test_noise_schedule_formula():

@@ -25,6 +25,7 @@ from amortized3d.data.shapeworld import (
     Scene,
     object_phrase,
     parse_prompt,
+    parse_structure,
     scene_field,
     shapeworld_corpus,
     unseen_prompts,
@@ -468,14 +469,19 @@ def test_corpus_quickstart():
     train = corpus["train"]
     assert len(train) == 16 and len(corpus["val"]) == 4 and corpus["test"][:16] == train
     check_splits(corpus, 4, n_seen=16)
-    singles = [p for p in train if len(parse_prompt(p)[0].primitives) == 1]
-    fully = [p for p in singles if len(parse_prompt(p)) == 1]
-    assert len(fully) >= 6 and len(singles) - len(fully) >= 2
+    structures = {p: parse_structure(p) for p in train + corpus["val"] + corpus["test"]}
+    singles = [p for p in train if structures[p][1] is None]
     pairs = [p for p in train if p not in singles]
-    assert len({r for p in pairs for r in RELATIONS if f" {r} " in p}) >= 4
-    assert {q.shape for p in fully for q in parse_prompt(p)[0].primitives} == set(SHAPES)
-    vocabulary = {w for p in train for w in p.split()}
+    assert any(len(parse_prompt(p)) > 1 for p in singles)  # an under-specified prompt (a mixture)
+    assert len({structures[p][1] for p in pairs}) >= 3  # relations
+    objects = [obj for p in train for obj in (structures[p][0], structures[p][2]) if obj]
+    assert {obj[2] for obj in objects} == set(SHAPES) and {obj[1] for obj in objects} == set(COLORS) | {None}
+    # Each unseen prompt recombines a color and a shape that each occur in two or more seen single objects.
     for prompt in unseen_prompts(corpus):
-        assert set(prompt.split()) <= vocabulary, prompt
+        (size, color, shape), relation, _ = structures[prompt]
+        assert relation is None and color and size
+        assert sum(structures[p][0][1] == color for p in singles) >= 2, prompt
+        assert sum(structures[p][0][2] == shape for p in singles) >= 2, prompt
+        assert (size, color, shape) not in {structures[p][0] for p in singles}
     for prompt in train + corpus["val"] + corpus["test"]:
         assert parse_prompt(prompt)

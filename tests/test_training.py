@@ -69,8 +69,8 @@ class NaNAfter:
         self.prior, self.good_calls, self.calls = prior, good_calls, 0
         self.alphas_cumprod = prior.alphas_cumprod
 
-    def encode(self, x):
-        return self.prior.encode(x)
+    def encode(self, x, generator=None):
+        return self.prior.encode(x, generator)
 
     def predict_noise(self, *args):
         self.calls += 1
@@ -80,7 +80,7 @@ class NaNAfter:
 
 def test_guard_skips_non_finite_steps_and_stops_with_checkpoint_intact(tmp_path, monkeypatch):
     original = train_module.build_prior
-    monkeypatch.setattr(train_module, "build_prior", lambda cfg: NaNAfter(original(cfg), good_calls=2))
+    monkeypatch.setattr(train_module, "build_prior", lambda cfg, *args, **kwargs: NaNAfter(original(cfg), good_calls=2))
     cfg = tiny_config("train.steps=20", "train.ckpt_every=1", "train.max_bad_steps=3")
     with pytest.raises(TrainingDiverged) as err:
         train(cfg, tmp_path / "run")
@@ -100,7 +100,7 @@ def test_single_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
             eps = self.prior.predict_noise(*args)
             return eps * float("nan") if self.calls == 2 else eps
 
-    monkeypatch.setattr(train_module, "build_prior", lambda cfg: OneNaN(original(cfg), 0))
+    monkeypatch.setattr(train_module, "build_prior", lambda cfg, *args, **kwargs: OneNaN(original(cfg), 0))
     run = train(tiny_config("train.steps=3", "train.ckpt_every=3"), tmp_path / "run")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped_steps"] == 1

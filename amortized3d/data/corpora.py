@@ -1,7 +1,7 @@
 """Named prompt corpora: the catalog in corpora/catalog.yaml, splits, and validation.
 
     load_corpus("shapeworld-16")        generated, nothing to download
-    load_corpus("magic3d-15")           a JSON file in the corpus folder
+    load_corpus("mg15")           a JSON file in the corpus folder
     load_corpus("/path/to/prompts.json") any JSON file with train/val/test lists
 
 The corpus folder for file corpora is, in order: the ``corpus_dir`` argument
@@ -65,8 +65,9 @@ def recipe_for_corpus(name: str) -> str:
     if recipe is None:
         trainable = [n for n, e in entries.items() if e.get("recipe")]
         raise CorpusError(
-            f"corpus {name!r} has no training recipe: its prompts need a text-to-image prior such as Stable Diffusion, "
-            f"and this version ships the analytic ShapeWorld prior only. Corpora with a recipe: {', '.join(trainable)}"
+            f"corpus {name!r} has no training recipe yet (its reference recipe uses a generator this version does not "
+            f"have). Corpora with a recipe: {', '.join(trainable)}. To train it anyway, give a recipe explicitly, e.g. "
+            f"--corpus {name} --config configs/mg15.yaml (Hyper-iNGP with Stable Diffusion)."
         )
     return recipe
 

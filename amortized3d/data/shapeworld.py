@@ -469,35 +469,41 @@ SHAPEWORLD_CORPORA: tuple[str, ...] = ("shapeworld-16", "shapeworld-4k", "shapew
 
 CORPUS_SEED = 20240531
 
+# The quickstart: 12 large objects from a 4 x 4 color x shape grid with one cell per row and
+# column held out, an under-specified prompt (a 16-scene mixture) and three relational scenes
+# that bring in the other shapes and colors. Its unseen test prompts are the 4 held-out grid
+# cells: each recombines a color and a shape the generator saw three times each, never
+# together. Recombining relations ("a blue cube on top of a red cylinder" after "a red cube on
+# top of a blue cylinder") is tested at scale by shapeworld-4k and shapeworld-120k.
 _QUICKSTART_TRAIN = (
     "a large red cube",
-    "a small blue sphere",
+    "a large red sphere",
+    "a large red cylinder",
+    "a large blue cube",
+    "a large blue sphere",
+    "a large blue cone",
+    "a large green cube",
     "a large green cylinder",
+    "a large green cone",
+    "a large yellow sphere",
+    "a large yellow cylinder",
     "a large yellow cone",
-    "a large purple torus",
-    "a large orange capsule",
-    "a large cyan octahedron",
-    "a small black pyramid",
     "a cube",
-    "a red sphere",
-    "a red cube on top of a blue cylinder",
-    "a small yellow sphere to the left of a large green cube",
-    "a large purple cone behind a small orange sphere",
-    "a blue torus under a red sphere",
-    "a small cyan capsule to the right of a large black pyramid",
-    "a green octahedron in front of a yellow cylinder",
+    "a small purple torus on top of a large cyan octahedron",
+    "a small orange capsule to the left of a large black pyramid",
+    "a red sphere behind a blue cube",
 )
 _QUICKSTART_VAL = (
-    "a small green cube",
-    "a large blue cone",
-    "a yellow cube on top of a red cylinder",
-    "a small red sphere behind a large blue cube",
+    "a small red cube",
+    "a large cyan torus",
+    "a large blue cube under a small red sphere",
+    "a small green cone in front of a large yellow sphere",
 )
 _QUICKSTART_UNSEEN = (
-    "a small orange torus",
-    "a blue cube on top of a red cylinder",
-    "a large green sphere to the left of a small yellow cube",
-    "a red pyramid under a cyan sphere",
+    "a large red cone",
+    "a large blue cylinder",
+    "a large green sphere",
+    "a large yellow cube",
 )
 
 # name -> (pairs in train, held-out test prompts, val prompts)

@@ -1,4 +1,4 @@
-"""Score distillation: SDS, CSD and ASD as in ScaleDreamer's Table 1.
+"""Score distillation: SDS, CSD, ASD and VSD as in ScaleDreamer's Table 1, and LODS.
 
 For a rendered image x (in the prior's space), timestep t, noise eps and
 x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, the gradient of each loss with respect
@@ -7,10 +7,21 @@ to x is, with w(t) = 1 - abar_t and eps_cfg = eps_u + g (eps_c - eps_u):
     SDS  w(t) (eps_cfg(x_t, t, y) - eps)
     CSD  w(t) (eps_cfg(x_t, t, y) - eps_u(x_t, t))           (= w(t) g (eps_c - eps_u))
     ASD  w(t) (eps_cfg(x_t, t, y) - eps_c(x_{t+dt}, t + dt, y)),  dt ~ U[0, eta (t - T_min)]
+    VSD  w(t) (eps_cfg(x_t, t, y) - eps_phi'(x_t, t, pi, y))  with the camera-conditioned LoRA UNet phi'
+    LODS w(t) (eps_c(x_t, t, y) + (1 - g) / g * eps_learned(x_t, t) - eps / g)   (LODS Eq. 7 and 9)
+
+For LODS the learned unconditional branch is either a learnable token embedding alpha
+(eps_phi(x_t; alpha, t)) or a LoRA applied to the unconditional branch (eps_psi(x_t; empty, t));
+the gradient is SDS with that branch as the unconditional one, divided by g.
+The learned branches (``amortized3d.distillation.adapters``) are evaluated without gradient
+here and trained by their own alignment losses.
 
 ASD uses the same eps for both timesteps, classifier-free guidance on the first
 branch only, and all branches go through one batched prior call:
-[cond(t), uncond(t), cond(t + dt)]. Default guidance scales: SDS 100, CSD 1, ASD 7.5.
+[cond(t), uncond(t), cond(t + dt)]. Default guidance scales: SDS 100, CSD 1, ASD 7.5,
+VSD 7.5 (and 1 on the LoRA branch), LODS 1000. Prior calls per step: one for SDS, CSD and
+ASD; two for VSD ([cond, uncond] on the pretrained UNet, then the LoRA branch) and LODS
+([cond] on the pretrained UNet, then the learned unconditional branch).
 
 Each loss is written so that its gradient with respect to the image equals the
 distillation gradient: loss_b = 0.5 ||x_b - stopgrad(x_b - grad_b)||^2, so
@@ -26,8 +37,9 @@ import torch
 from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from amortized3d.rendering.cameras import Cameras
 
-METHODS = ("asd", "sds", "csd")
-DEFAULT_GUIDANCE = {"sds": 100.0, "csd": 1.0, "asd": 7.5}
+METHODS = ("asd", "sds", "csd", "vsd", "lods-embedding", "lods-lora")
+ADAPTER_METHODS = ("vsd", "lods-embedding", "lods-lora")  # methods with a learned branch (need a neural prior)
+DEFAULT_GUIDANCE = {"sds": 100.0, "csd": 1.0, "asd": 7.5, "vsd": 7.5, "lods-embedding": 1000.0, "lods-lora": 1000.0}
 
 
 def timestep_range(progress: float, t_min: tuple[float, float], t_max: tuple[float, float]) -> tuple[int, int]:
@@ -72,6 +84,16 @@ def asd_gradient(eps_cfg: torch.Tensor, eps_cond_shifted: torch.Tensor, weight: 
     return weight.reshape(-1, 1, 1, 1) * (eps_cfg - eps_cond_shifted)
 
 
+def vsd_gradient(eps_cfg: torch.Tensor, eps_lora: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """w(t) (eps_cfg - eps_phi'). [B, C, H, W] x2, weight [B] -> [B, C, H, W]."""
+    return weight.reshape(-1, 1, 1, 1) * (eps_cfg - eps_lora)
+
+
+def lods_gradient(eps_cond: torch.Tensor, eps_learned: torch.Tensor, noise: torch.Tensor, guidance: float, weight: torch.Tensor) -> torch.Tensor:
+    """w(t) (eps_c + (1 - g) / g eps_learned - eps / g) (LODS Eq. 7 / 9). [B, C, H, W] x3, weight [B] -> [B, C, H, W]."""
+    return weight.reshape(-1, 1, 1, 1) * (eps_cond + (1.0 - guidance) / guidance * eps_learned - noise / guidance)
+
+
 def distillation_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """loss_b = 0.5 ||x_b - stopgrad(x_b - grad_b)||^2, so d loss_b / d x_b = grad_b.
 
@@ -102,43 +124,52 @@ def score_distillation(
     t_range: tuple[int, int],
     eta: float,
     generator: torch.Generator,
+    adapter=None,
 ) -> DistillationOutput:
     """One score-distillation step on a batch of rendered images.
 
-    x [B, C, H, W] in the prior's space (after prior.encode), prompts (B), cameras [B].
-    One batched prior call evaluates every branch; non-finite gradients are kept
-    as they are so the training loop's guard can see them.
+    x [B, C, H, W] in the prior's space (after prior.encode), prompts (B), cameras [B];
+    ``adapter`` is the learned branch of VSD / LODS (amortized3d.distillation.adapters).
+    All pretrained branches go through one batched prior call; non-finite gradients are
+    kept as they are so the training loop's guard can see them.
     """
     if method not in METHODS:
         raise ValueError(f"distill.method={method!r} is not known; choose one of {', '.join(METHODS)}")
+    if (adapter is None) != (method not in ADAPTER_METHODS):
+        raise ValueError(f"distill.method={method!r} {'needs' if adapter is None else 'takes no'} learned branch (adapter)")
     B = x.shape[0]
     t_min, t_max = t_range
     t = sample_timesteps(B, t_min, t_max, generator, x.device)
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     abar = prior.alphas_cumprod.to(x.device)
     weight = (1 - abar[t]).to(x.dtype)
+    prompts = list(prompts)
+    t_shift = None
     with torch.no_grad():
         x_t = add_noise(x.detach(), noise, t, abar)
         falses, trues = torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
-        inputs, steps, uncond, cams = [x_t, x_t], [t, t], [falses, trues], [cameras, cameras]
-        t_shift = None
-        if method == "asd":
-            t_shift = asd_shifted_timesteps(t, t_min, eta, generator)
-            inputs.append(add_noise(x.detach(), noise, t_shift, abar))
-            steps.append(t_shift)
-            uncond.append(falses)
-            cams.append(cameras)
-        n_branches = len(inputs)
-        eps = prior.predict_noise(
-            torch.cat(inputs), torch.cat(steps), list(prompts) * n_branches, Cameras.cat(cams), torch.cat(uncond)
-        )
-        eps_branches = eps.chunk(n_branches)
-        eps_cond, eps_uncond = eps_branches[0], eps_branches[1]
-        eps_cfg = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        if method == "sds":
-            grad = sds_gradient(eps_cfg, noise, weight)
-        elif method == "csd":
-            grad = csd_gradient(eps_cfg, eps_uncond, weight)
+        if method in ("lods-embedding", "lods-lora"):
+            eps_cond = prior.predict_noise(x_t, t, prompts, cameras, falses)
+            grad = lods_gradient(eps_cond, adapter.predict_noise(x_t, t, prompts, cameras), noise, guidance_scale, weight)
         else:
-            grad = asd_gradient(eps_cfg, eps_branches[2], weight)
+            inputs, steps, uncond, cams = [x_t, x_t], [t, t], [falses, trues], [cameras, cameras]
+            if method == "asd":
+                t_shift = asd_shifted_timesteps(t, t_min, eta, generator)
+                inputs.append(add_noise(x.detach(), noise, t_shift, abar))
+                steps.append(t_shift)
+                uncond.append(falses)
+                cams.append(cameras)
+            n_branches = len(inputs)
+            eps = prior.predict_noise(torch.cat(inputs), torch.cat(steps), prompts * n_branches, Cameras.cat(cams), torch.cat(uncond))
+            eps_branches = eps.chunk(n_branches)
+            eps_cond, eps_uncond = eps_branches[0], eps_branches[1]
+            eps_cfg = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            if method == "sds":
+                grad = sds_gradient(eps_cfg, noise, weight)
+            elif method == "csd":
+                grad = csd_gradient(eps_cfg, eps_uncond, weight)
+            elif method == "vsd":
+                grad = vsd_gradient(eps_cfg, adapter.predict_noise(x_t, t, prompts, cameras), weight)
+            else:
+                grad = asd_gradient(eps_cfg, eps_branches[2], weight)
     return DistillationOutput(distillation_loss(x, grad), grad, t, t_shift)

@@ -6,10 +6,15 @@ split) at the same camera; an under-specified candidate ("a cube") is as close a
 its nearest scene:
 
     d(p, c, v) = min_k mean (x_pv - mu_ckv)^2
-    R@1(p)     = mean_v [argmin_c d(p, c, v) == p]
+    R@1(p)     = mean_v [d(p, p, v) <= min_c d(p, c, v)]   (a tie counts: see below)
     sim(p)     = mean_v (1 - sqrt(d(p, p, v)))          (1 - RMSE, in [0, 1])
     PSNR(p)    = mean_v -10 log10 d(p, p, v)
     IoU(p)     = max_k |{sdf_gen < 0} & {sdf_k < 0}| / |{sdf_gen < 0} | {sdf_k < 0}|   on a grid
+
+Ties count as hits: when two candidates share the nearest exact render (an under-specified
+"a cube" contains the scene of "a large yellow cube"), the render cannot tell them apart, and
+the order of the candidate list must not decide. Distances within a relative 1e-5 of the
+minimum are ties (the same scene rendered in different batches can differ by rounding).
 
 Per-prompt values are averaged over prompts, as in the CLIP protocol, and also
 separately over prompts seen and unseen in training.
@@ -30,6 +35,8 @@ from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import render_images
 
+TIE_TOLERANCE = 1e-5  # relative: distances this close to the nearest count as the nearest
+
 
 def retrieval_metrics(renders: torch.Tensor, references: torch.Tensor, valid: torch.Tensor, own: torch.Tensor) -> dict[str, torch.Tensor]:
     """renders [P, V, 3, H, W], references [C, K, V, 3, H, W], valid [C, K], own long [P] (index of p among candidates).
@@ -42,9 +49,10 @@ def retrieval_metrics(renders: torch.Tensor, references: torch.Tensor, valid: to
         mse = ((renders[p].unsqueeze(0).unsqueeze(0) - references) ** 2).flatten(3).mean(-1)  # [C, K, V]
         mse = mse.masked_fill(~valid.unsqueeze(-1), float("inf"))
         dist[p] = mse.min(dim=1).values
-    best = dist.argmin(dim=1)  # [P, V]
-    r_at_1 = (best == own.unsqueeze(1)).float().mean(1)
-    own_d = dist[torch.arange(P), own].clamp_min(1e-10)  # [P, V]
+    nearest = dist.min(dim=1).values  # [P, V]
+    own_d = dist[torch.arange(P), own]  # [P, V]
+    r_at_1 = (own_d <= nearest * (1 + TIE_TOLERANCE) + 1e-12).float().mean(1)
+    own_d = own_d.clamp_min(1e-10)
     return {
         "r_at_1": r_at_1,
         "similarity": (1 - own_d.sqrt()).mean(1),

@@ -1,7 +1,8 @@
 """Export utilities for ``generate``: mesh extraction, mesh files, videos, contact sheets, safe file names.
 
-Mesh extraction samples a field's SDF on a regular grid over [-bound, bound]^3 and runs
-marching cubes at the zero level set; vertex colors come from the field's albedo there.
+Mesh extraction runs marching cubes at the zero level set of the field's SDF sampled on a
+regular grid over [-bound, bound]^3 (``inference.baked``); vertex colors come from the
+field's albedo at the vertices.
 Images are handled as uint8 arrays [N, H, W, 3] once they leave torch.
 """
 
@@ -21,69 +22,29 @@ import torch
 import trimesh
 
 from amortized3d.fields import Field
+from amortized3d.inference.baked import BakedField, bake_field, field_device
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
-def _field_device(field: Field) -> torch.device:
-    """Device of a field: its first parameter or buffer if it is a module, else its ``device`` attribute, else CPU."""
-    if isinstance(field, torch.nn.Module):
-        for tensor in list(field.parameters()) + list(field.buffers()):
-            return tensor.device
-    device = getattr(field, "device", None)
-    return torch.device(device) if device is not None else torch.device("cpu")
-
-
-def _grid_axis(resolution: int, bound: float) -> torch.Tensor:
-    """Sample coordinates along one axis: x_i = -bound + i * 2 bound / (resolution - 1). -> [resolution]."""
-    return torch.linspace(-bound, bound, resolution, dtype=torch.float32)
-
-
-@torch.no_grad()
-def evaluate_sdf_grid(
-    field: Field, resolution: int = 128, bound: float = 1.0, chunk_points: int = 262144, device: torch.device | str | None = None
-) -> np.ndarray:
-    """SDF of a single-prompt field on the grid x_ijk = (x_i, x_j, x_k), i indexing world x. -> float32 [res, res, res]."""
-    device = torch.device(device) if device is not None else _field_device(field)
-    axis = _grid_axis(resolution, bound)
-    gx, gy, gz = torch.meshgrid(axis, axis, axis, indexing="ij")
-    points = torch.stack([gx, gy, gz], dim=-1).reshape(-1, 3)  # [res^3, 3]
-    values = []
-    for start in range(0, points.shape[0], chunk_points):
-        chunk = points[start : start + chunk_points].to(device).unsqueeze(0)  # [1, n, 3]
-        sdf = field.sdf(chunk)  # [1, n]
-        if sdf.shape[0] != 1:
-            raise ValueError(
-                f"extract_mesh needs a field for exactly one prompt, but field.sdf returned a batch of {sdf.shape[0]}; "
-                "slice the generator output to one prompt before exporting."
-            )
-        values.append(sdf[0].float().cpu())
-    return torch.cat(values).reshape(resolution, resolution, resolution).numpy()
-
-
-@torch.no_grad()
 def extract_mesh(
-    field: Field,
+    field: Field | BakedField,
     resolution: int = 128,
     bound: float = 1.0,
     chunk_points: int = 262144,
-    device: torch.device | str | None = None,
 ) -> trimesh.Trimesh:
     """Colored mesh of the zero level set {x : sdf(x) = 0} of a single-prompt (P = 1) field.
 
-    Grid spacing h = 2 bound / (resolution - 1); a marching-cubes vertex v (grid index units)
-    maps to world x = -bound + h v. Faces are wound so normals point outward (toward sdf > 0).
-    Vertex colors are round(255 * rgb(x)) with alpha 255, uint8 [V, 4].
-    ``device`` defaults to the field's own device (its parameters, or a ``device`` attribute, or CPU).
+    The SDF is sampled on the grid x_ijk over [-bound, bound]^3 (``bake_field``); a field that
+    is already a BakedField is used as it is (its own resolution and bound). Grid spacing
+    h = 2 bound / (resolution - 1); a marching-cubes vertex v (grid index units) maps to world
+    x = -bound + h v. Faces are wound so normals point outward (toward sdf > 0). Vertex colors
+    are round(255 * rgb(x)) with alpha 255, uint8 [V, 4], rgb evaluated by the field itself
+    (not interpolated from the grid).
     """
-    if resolution < 2:
-        raise ValueError(f"resolution must be >= 2 grid samples per axis, got {resolution}; use e.g. 128.")
-    if bound <= 0:
-        raise ValueError(f"bound must be positive (half-width of the box [-bound, bound]^3), got {bound}; use e.g. 1.0.")
-    if chunk_points < 1:
-        raise ValueError(f"chunk_points must be >= 1, got {chunk_points}; use e.g. 262144.")
-    device = torch.device(device) if device is not None else _field_device(field)
-    sdf_grid = evaluate_sdf_grid(field, resolution, bound, chunk_points, device)  # [res, res, res]
+    baked = field if isinstance(field, BakedField) else bake_field(field, resolution, bound, chunk_points)
+    resolution, bound = baked.resolution, baked.bound
+    sdf_grid = baked.sdf_grid()  # [res, res, res] indexed (x, y, z)
     if not np.isfinite(sdf_grid).all():
         bad = int((~np.isfinite(sdf_grid)).sum())
         raise ValueError(
@@ -100,9 +61,8 @@ def extract_mesh(
         )
     # PyMCubes treats values above the level as inside; negate so our inside (sdf < 0) gives outward normals.
     vertices_index, faces = mcubes.marching_cubes(-sdf_grid, 0.0)  # [V, 3] in (i, j, k) = (x, y, z) index units
-    spacing = 2.0 * bound / (resolution - 1)
-    vertices = (vertices_index * spacing - bound).astype(np.float32)  # [V, 3] world
-    rgb = vertex_colors(field, torch.from_numpy(vertices), chunk_points, device)  # [V, 3] in [0, 1]
+    vertices = (vertices_index * baked.voxel - bound).astype(np.float32)  # [V, 3] world
+    rgb = vertex_colors(baked.source, torch.from_numpy(vertices), chunk_points, field_device(baked.source))  # [V, 3]
     rgba = np.concatenate([to_uint8_colors(rgb), np.full((len(vertices), 1), 255, np.uint8)], axis=1)  # [V, 4]
     return trimesh.Trimesh(vertices=vertices, faces=faces.astype(np.int64), vertex_colors=rgba, process=False)
 

@@ -1,4 +1,9 @@
-"""Inference: prompts -> generator -> field -> mesh (GLB, PLY), turntable video, contact sheet."""
+"""Inference: prompts -> generator -> field -> baked grid -> mesh (GLB, PLY), turntable video, contact sheet.
+
+Each prompt's field is evaluated once on the res^3 export grid (``inference.baked``); marching
+cubes and the turntable both read that grid, and the turntable only marches the rays that pass
+near the surface. Vertex colors are the field's own albedo at the mesh vertices.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ from pathlib import Path
 import torch
 
 from amortized3d.builders import build_text_encoder, load_run
+from amortized3d.inference.baked import bake_field, render_baked
 from amortized3d.inference.export import contact_sheet, extract_mesh, safe_output_names, save_mesh, to_uint8, write_video
 from amortized3d.rendering.cameras import orbit_cameras
-from amortized3d.rendering.volume import render_images
 
 
 def check_prompts(prompts) -> list[str]:
@@ -38,22 +43,22 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
     out.mkdir(parents=True, exist_ok=True)
     names = safe_output_names(prompts)
     bound = min(cfg.render.scene_radius, cfg.generator.bound)
-    turntable = orbit_cameras(frames, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy).reshape(1, frames)
+    turntable = orbit_cameras(frames, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy)
     results = []
     for prompt, name in zip(prompts, names):
         start = time.perf_counter()
         text = text_encoder.encode([prompt])
-        field = generator(text.pooled, text.tokens)
+        baked = bake_field(generator(text.pooled, text.tokens), resolution, bound)
         result = {"prompt": prompt}
         try:
-            mesh = extract_mesh(field, resolution=resolution, bound=bound)
+            mesh = extract_mesh(baked)
             glb, ply = save_mesh(mesh, out / name)
             result.update(mesh_glb=str(glb), mesh_ply=str(ply), vertices=len(mesh.vertices), faces=len(mesh.faces))
         except ValueError as err:
             result.update(mesh_error=str(err))
-        rgb = render_images(field, turntable, image_size, image_size, scene_radius=cfg.render.scene_radius,
-                            n_proposal=cfg.render.n_proposal, n_importance=cfg.render.n_importance,
-                            inv_std=cfg.render.inv_std, chunk_rays=32768).rgb[0].clamp(0, 1)
+        rgb = render_baked(baked, turntable, image_size, image_size, scene_radius=cfg.render.scene_radius,
+                           n_proposal=cfg.render.n_proposal, n_importance=cfg.render.n_importance,
+                           inv_std=cfg.render.inv_std)  # [frames, 3, H, W]
         video = write_video(to_uint8(rgb), out / f"{name}.{video_format}", fps=12)
         step = max(1, frames // contact_views)
         sheet = contact_sheet(to_uint8(rgb[::step][:contact_views]), out / f"{name}.png", ncols=min(contact_views, 4))

@@ -128,8 +128,8 @@ class AnalyticPrior:
         self.render_kwargs = dict(scene_radius=scene_radius, n_proposal=n_proposal, n_importance=n_importance, inv_std=inv_std)
         self.alphas_cumprod = stable_diffusion_alphas_cumprod()
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] -> the prior's space (identity)."""
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] -> the prior's space (identity; ``generator`` is unused)."""
         return images
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,14 @@ alphabar_t = prod_{s<=t} (1 - beta_s). Noising: x_t = sqrt(alphabar_t) x + sqrt(
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler
 
 NUM_TRAIN_TIMESTEPS = 1000
 
 
 def stable_diffusion_alphas_cumprod() -> torch.Tensor:
     """alphabar_t for t = 0..999 as float32 [1000], from diffusers' DDPMScheduler."""
+    from diffusers import DDPMScheduler  # imported here: diffusers takes about a second to import
+
     scheduler = DDPMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )

@@ -3,6 +3,8 @@
 Layout of RUN_DIR/checkpoints/step_00001000/:
     model.safetensors      generator state_dict
     optimizer.safetensors  optimizer tensors, keyed "state.<param index>.<name>"
+    adapter.safetensors, adapter_optimizer.safetensors
+                           the learned guidance branch of VSD / LODS and its optimizer, when there is one
     state.json             step, optimizer param groups, generator config, counters
 
 A checkpoint is written into a temporary folder and renamed into place, then the
@@ -44,7 +46,10 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2,
+    adapter: torch.nn.Module | None = None, adapter_optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
     """Write RUN_DIR/checkpoints/step_XXXXXXXX atomically and point ``latest`` at it. -> its folder."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -57,8 +62,13 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     save_file(model_state, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"step": step, "optimizer": opt_meta, **extra}
+    if adapter is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(tmp / "adapter.safetensors"))
+        adapter_tensors, meta["adapter_optimizer"] = _optimizer_tensors(adapter_optimizer)
+        save_file(adapter_tensors, str(tmp / "adapter_optimizer.safetensors"))
     with open(tmp / "state.json", "w") as f:
-        json.dump({"step": step, "optimizer": opt_meta, **extra}, f, indent=1)
+        json.dump(meta, f, indent=1)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -79,12 +89,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load model (and optimizer) state from a checkpoint folder. -> the JSON state."""
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    adapter: torch.nn.Module | None = None, adapter_optimizer: torch.optim.Optimizer | None = None,
+) -> dict:
+    """Load model (and optimizer, adapter) state from a checkpoint folder. -> the JSON state."""
     folder = Path(folder)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     with open(folder / "state.json") as f:
         state = json.load(f)
     if optimizer is not None:
         _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
+    if adapter is not None:
+        if not (folder / "adapter.safetensors").is_file():
+            raise FileNotFoundError(f"{str(folder)!r} has no adapter.safetensors: it was not written by a VSD or LODS run")
+        adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
+        if adapter_optimizer is not None:
+            _restore_optimizer(adapter_optimizer, load_file(str(folder / "adapter_optimizer.safetensors")), state["adapter_optimizer"])
     return state

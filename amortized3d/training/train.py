@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from amortized3d.builders import build_generator, build_prior, build_text_encoder
+from amortized3d.builders import build_adapter, build_generator, build_prior, build_text_encoder
 from amortized3d.config import ExperimentConfig, config_to_dict, save_config
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.shapeworld import PromptError, parse_prompt
@@ -100,8 +100,12 @@ class StepResult:
     metrics: dict[str, float]
 
 
-def distillation_step(cfg: ExperimentConfig, generator, text_encoder, prior, prompts: list[str], progress: float, rng: torch.Generator, device) -> StepResult:
-    """Forward pass and total loss for one micro-batch of P prompts x V views."""
+def distillation_step(cfg: ExperimentConfig, generator, text_encoder, prior, prompts: list[str], progress: float, rng: torch.Generator, device, adapter=None) -> StepResult:
+    """Forward pass and total loss for one micro-batch of P prompts x V views.
+
+    With a learned branch (VSD, LODS) the total also holds its alignment loss on the detached
+    renders; it reaches only the adapter's parameters, the distillation loss only the generator's.
+    """
     P, V = len(prompts), cfg.train.views_per_prompt
     H, W = cfg.render.height, cfg.render.width
     text = text_encoder.encode(prompts).to(device)
@@ -120,17 +124,22 @@ def distillation_step(cfg: ExperimentConfig, generator, text_encoder, prior, pro
         inv_std=cfg.render.inv_std,
         generator=rng,
     )
-    images = prior.encode(render.rgb.reshape(P * V, 3, H, W))
+    images = prior.encode(render.rgb.reshape(P * V, 3, H, W), generator=rng)
     flat_prompts = [p for p in prompts for _ in range(V)]
     guidance = cfg.distill.guidance_scale if cfg.distill.guidance_scale is not None else DEFAULT_GUIDANCE[cfg.distill.method]
     t_range = timestep_range(progress, tuple(cfg.distill.t_min), tuple(cfg.distill.t_max))
+    flat_cameras = cameras.reshape(P * V)
     out = score_distillation(
-        prior, images, flat_prompts, cameras.reshape(P * V),
-        method=cfg.distill.method, guidance_scale=guidance, t_range=t_range, eta=cfg.distill.eta, generator=rng,
+        prior, images, flat_prompts, flat_cameras,
+        method=cfg.distill.method, guidance_scale=guidance, t_range=t_range, eta=cfg.distill.eta, generator=rng, adapter=adapter,
     )
     loss_sd = out.loss.mean()
     total = loss_sd
     metrics = {"loss_sd": loss_sd.item(), "t_min": t_range[0], "t_max": t_range[1], "grad_sd_norm": out.grad.flatten(1).norm(dim=1).mean().item()}
+    if adapter is not None:
+        alignment = adapter.alignment_loss(images, flat_prompts, flat_cameras, rng)
+        total = total + alignment
+        metrics["adapter_loss"] = alignment.item()
     opacity = render.opacity
     w = scheduled_weight(cfg.regularizers.sparsity, progress)
     if w > 0:
@@ -220,9 +229,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     val_prompts = (corpus.val or corpus.train)[:4]
     torch.manual_seed(derived_seed(cfg.train.seed, rank, -1))
 
-    text_encoder = build_text_encoder(cfg)
+    text_encoder = build_text_encoder(cfg, device)
+    cfg.text.dim = text_encoder.dim  # the prior's CLIP width when text.encoder=prior; recorded in config.yaml
     generator = build_generator(cfg).to(device)
-    prior = build_prior(cfg)
+    prior = build_prior(cfg, text_encoder, device)
+    adapter, adapter_optimizer = build_adapter(cfg, prior)
     optimizer = torch.optim.Adam(
         [{"params": list(generator.geometry_parameters()), "lr": cfg.optim.lr_geometry},
          {"params": list(generator.background_parameters()), "lr": cfg.optim.lr_background}],
@@ -233,7 +244,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         folder = latest_checkpoint(run_dir)
         if folder is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {str(run_dir)!r} (checkpoints/latest is missing)")
-        state = load_checkpoint(folder, generator, optimizer)
+        state = load_checkpoint(folder, generator, optimizer, adapter, adapter_optimizer)
         start_step, bad_total = state["step"], state.get("skipped_steps", 0)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -258,20 +269,26 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
             idx = prompt_indices(len(train_prompts), step, micro, cfg.train.grad_accum, rank, world, cfg.train.prompts_per_step, cfg.train.seed)
             with accelerator.accumulate(generator):
                 with accelerator.autocast():
-                    result = distillation_step(cfg, generator, text_encoder, prior, [train_prompts[i] for i in idx], progress, rng, device)
+                    result = distillation_step(cfg, generator, text_encoder, prior, [train_prompts[i] for i in idx], progress, rng, device, adapter)
                 finite = finite and bool(torch.isfinite(result.loss))
                 if finite:
                     accelerator.backward(result.loss)
                 for k, v in result.metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.train.grad_accum
                 step_metrics["loss"] = step_metrics.get("loss", 0.0) + result.loss.item() / cfg.train.grad_accum
-        grads = [p.grad for p in generator.parameters() if p.grad is not None]
+        adapter_params = [] if adapter is None else [p for p in adapter.parameters() if p.grad is not None]
+        if adapter_params and world > 1:  # the adapter is not wrapped for data parallelism: average its gradients here
+            for p in adapter_params:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        grads = [p.grad for p in generator.parameters() if p.grad is not None] + [p.grad for p in adapter_params]
         if finite and grads:
             finite = bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
         flag = torch.tensor([0.0 if finite else 1.0], device=device)
         any_bad = accelerator.reduce(flag, reduction="sum").item() > 0
         if any_bad:
             optimizer.zero_grad(set_to_none=True)
+            if adapter_optimizer is not None:
+                adapter_optimizer.zero_grad(set_to_none=True)
             consecutive_bad += 1
             bad_total += 1
             if consecutive_bad >= cfg.train.max_bad_steps:
@@ -285,6 +302,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
             consecutive_bad = 0
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if adapter_optimizer is not None:
+                adapter_optimizer.step()
+                adapter_optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end_step:
             now = time.perf_counter()
@@ -301,7 +321,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                 bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", it_s=f"{step_metrics['steps_per_s']:.2f}",
                                 mem=f"{step_metrics['peak_memory_mb']:.0f}MB", skipped=bad_total)
         if accelerator.is_main_process and consecutive_bad == 0 and (done % cfg.train.ckpt_every == 0 or done == end_step):
-            save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config}, keep=cfg.train.keep_checkpoints)
+            save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config},
+                            keep=cfg.train.keep_checkpoints, adapter=adapter, adapter_optimizer=adapter_optimizer)
         if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
             model.eval()
             write_validation(cfg, model, text_encoder, val_prompts, run_dir, done, device)

@@ -1,0 +1,136 @@
+"""A tiny random-weight Stable Diffusion folder, for smoke tests without downloads.
+
+    python -m amortized3d.priors.tiny PATH [--seed 0]
+
+writes a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/) with ``StableDiffusionPipeline.save_pretrained``, so that loading it goes through
+exactly the ``from_pretrained`` calls a real checkpoint takes. The sizes are tiny (a UNet of
+well under a million parameters, 32-d text tokens, a VAE with downsampling factor 2); the
+tokenizer is CLIP's real BPE vocabulary (49,408 tokens), built from the copy that the
+open-clip-torch package ships, so token ids match the real SD tokenizers. The scheduler is Stable Diffusion's
+(scaled-linear betas 0.00085 to 0.012 over 1000 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+TEXT_DIM = 32
+VAE_FACTOR = 2
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible map from the 256 byte values to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def clip_bpe_file() -> Path:
+    """open_clip's bundled copy of CLIP's BPE merges (found without importing open_clip, which needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    path = Path(spec.origin).with_name("bpe_simple_vocab_16e6.txt.gz") if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            "CLIP's BPE vocabulary comes from the open-clip-torch package, which is not installed; "
+            "install it with `pip install --no-deps open-clip-torch` (its own dependencies are not needed for this)"
+        )
+    return path
+
+
+def clip_vocabulary() -> tuple[dict[str, int], list[str]]:
+    """(vocab token -> id, merges) of CLIP's tokenizer, from open_clip's BPE file (49,408 tokens)."""
+    lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    units = list(bytes_to_unicode().values())
+    tokens = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clip_tokenizer(workdir: Path, pad_token: str = "!"):
+    """A transformers CLIPTokenizer with CLIP's vocabulary (SD 2.x pads with '!'); its source files go in workdir."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocabulary()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "vocab.json").write_text(json.dumps(vocab))
+    (workdir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(workdir / "vocab.json"), str(workdir / "merges.txt"), pad_token=pad_token, model_max_length=77)
+
+
+def make_tiny_stable_diffusion(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Stable Diffusion folder at ``path`` and return it."""
+    from amortized3d._compat import import_torchvision_safely
+
+    import_torchvision_safely()
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * VAE_FACTOR,
+        up_block_types=("UpDecoderBlock2D",) * VAE_FACTOR,
+        block_out_channels=(32, 32),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=0, projection_dim=TEXT_DIM,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+    with tempfile.TemporaryDirectory() as workdir:
+        tokenizer = clip_tokenizer(Path(workdir))
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(path))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="write a tiny random Stable Diffusion folder for smoke tests")
+    parser.add_argument("path")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(make_tiny_stable_diffusion(args.path, args.seed))
+
+
+if __name__ == "__main__":
+    main()
