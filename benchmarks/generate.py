@@ -24,7 +24,7 @@ from amortized3d.builders import build_text_encoder, load_run
 from amortized3d.inference.baked import bake_field, render_baked
 from amortized3d.inference.export import extract_mesh
 from amortized3d.rendering.cameras import orbit_cameras
-from amortized3d.rendering.volume import render_images
+from amortized3d.rendering.volume import rays_per_chunk, render_images
 
 
 def sync(device):
@@ -62,7 +62,8 @@ def main():
         fast = render_baked(baked, cameras, args.image_size, args.image_size, **render)
         sync(device)
         stamps.append(time.perf_counter())
-        exact = render_images(field, cameras.reshape(1, -1), args.image_size, args.image_size, chunk_rays=32768, **render).rgb[0]
+        exact = render_images(field, cameras.reshape(1, -1), args.image_size, args.image_size,
+                              chunk_rays=rays_per_chunk(render["n_proposal"], render["n_importance"]), **render).rgb[0]
         sync(device)
         stamps.append(time.perf_counter())
         bake_s, mesh_s, baked_s, exact_s = (b - a for a, b in zip(stamps, stamps[1:]))

@@ -33,7 +33,7 @@ from amortized3d.data.corpora import load_corpus
 from amortized3d.data.shapeworld import parse_prompt, scene_field
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
-from amortized3d.rendering.volume import render_images
+from amortized3d.rendering.volume import rays_per_chunk, render_images
 
 TIE_TOLERANCE = 1e-5  # relative: distances this close to the nearest count as the nearest
 
@@ -91,7 +91,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     R, V = cfg.eval.resolution, cfg.eval.n_views
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy)
     render_kwargs = dict(scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
-                         n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std, chunk_rays=16384)
+                         n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std,
+                         chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
     renders = []
     for i in range(0, len(evaluated), 8):
         batch = evaluated[i : i + 8]

@@ -255,6 +255,11 @@ def _cat_renders(parts: list[RayRender]) -> RayRender:
     return RayRender(**merged)
 
 
+def rays_per_chunk(n_proposal: int, n_importance: int, points: int = 2**18) -> int:
+    """Rays per chunk so that one chunk evaluates about ``points`` field samples (bounded memory)."""
+    return max(1, points // (n_proposal + n_importance + 1))
+
+
 def render_images(
     field: Field,
     cameras: Cameras,

@@ -33,7 +33,7 @@ from amortized3d.distillation.regularizers import eikonal_loss, opacity_entropy_
 from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_distillation, timestep_range
 from amortized3d.fields import Field, finite_difference_gradient
 from amortized3d.rendering.cameras import orbit_cameras, sample_training_cameras
-from amortized3d.rendering.volume import render_images
+from amortized3d.rendering.volume import rays_per_chunk, render_images
 from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -193,7 +193,8 @@ def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: l
     cams = cams.reshape(1, n_views)[[0] * len(prompts)]
     out = render_images(
         field, cams, R, R, scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
-        n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std, chunk_rays=16384,
+        n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std,
+        chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance),
     )
     return out.rgb.clamp(0, 1)
 
