@@ -46,7 +46,10 @@ def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.de
     encoder); prior.kind=analytic builds the closed-form ShapeWorld prior."""
     if cfg.prior.kind == "stable_diffusion":
         shared = text_encoder if isinstance(text_encoder, CLIPTextEncoder) and cfg.text.encoder == "prior" else None
-        return StableDiffusionPrior(cfg.prior.model, text_encoder=shared, resolution=cfg.prior.resolution, dtype=cfg.prior.dtype, device=device)
+        return StableDiffusionPrior(
+            cfg.prior.model, text_encoder=shared, resolution=cfg.prior.resolution, dtype=cfg.prior.dtype, device=device,
+            view_dependent=cfg.prior.view_dependent, perp_neg=cfg.prior.perp_neg, perp_neg_scale=cfg.prior.perp_neg_scale,
+        )
     return AnalyticPrior(
         std=cfg.prior.std,
         uncond_mean=cfg.prior.uncond_mean,

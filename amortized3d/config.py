@@ -82,6 +82,9 @@ class PriorConfig:
     model: str = "stabilityai/stable-diffusion-2-1-base"  # hub id or local diffusers folder (stable_diffusion, text.encoder=prior)
     resolution: int = 512  # renders are resized to this before the VAE (stable_diffusion)
     dtype: str = "auto"  # weights: auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32
+    view_dependent: bool = False  # append ", front view" / ", side view" / ... to prompts by camera (stable_diffusion)
+    perp_neg: bool = False  # Perp-Neg negative view prompts in the guidance (stable_diffusion)
+    perp_neg_scale: float = -0.5  # factor on the Perp-Neg weights -(a exp(-b r) + c), as in the reference recipe
     std: float = 0.05
     uncond_mean: float = 0.5
     uncond_std: float = 0.5
@@ -290,6 +293,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"distill.method={cfg.distill.method} trains a branch of a neural prior, but prior.kind={cfg.prior.kind!r}; "
             "use prior.kind=stable_diffusion (e.g. --prior MODEL) or one of asd, sds, csd"
+        )
+    if (cfg.prior.view_dependent or cfg.prior.perp_neg) and cfg.prior.kind != "stable_diffusion":
+        raise ConfigError(
+            "prior.view_dependent and prior.perp_neg change the text of a text-to-image prior; the analytic prior's "
+            "conditionals are exact per camera already. Set them to false, or use prior.kind=stable_diffusion"
         )
     if cfg.distill.adapter_lr is not None and cfg.distill.adapter_lr <= 0:
         raise ConfigError(f"distill.adapter_lr={cfg.distill.adapter_lr} must be positive (or null for the method's default)")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from amortized3d.priors.stable_diffusion import StableDiffusionPrior
 from amortized3d.rendering.cameras import Cameras
@@ -109,7 +110,7 @@ class VSDLoRA(NoisePredictorAdapter):
 
     def predict_noise(self, noisy, timesteps, prompts, cameras) -> torch.Tensor:
         unet = self.prior.unet
-        tokens = self.prior.text_condition(prompts, torch.zeros(len(prompts), dtype=torch.bool)).to(self.prior.device, self.prior.dtype)
+        tokens = self.prior.text_condition(prompts, torch.full((len(prompts),), COND)).to(self.prior.device, self.prior.dtype)
         labels = cameras.c2w.reshape(-1, 16).to(self.prior.device, torch.float32)
         unet.class_embedding = _CastTo(self.camera, self.prior.dtype)
         try:
@@ -146,7 +147,7 @@ class LODSLoRA(NoisePredictorAdapter):
         self.lora = nn.ParameterList(add_lora(prior, "lods", rank))
 
     def predict_noise(self, noisy, timesteps, prompts, cameras) -> torch.Tensor:
-        tokens = self.prior.text_condition(prompts, torch.ones(len(prompts), dtype=torch.bool)).to(self.prior.device, self.prior.dtype)
+        tokens = self.prior.text_condition(prompts, torch.full((len(prompts),), UNCOND)).to(self.prior.device, self.prior.dtype)
         with lora_active(self.prior, "lods", list(self.lora), LODS_LORA_SCALE):
             out = self.prior.unet(noisy.to(self.prior.device, self.prior.dtype), timesteps.to(self.prior.device),
                                   encoder_hidden_states=tokens).sample

@@ -18,7 +18,9 @@ here and trained by their own alignment losses.
 
 ASD uses the same eps for both timesteps, classifier-free guidance on the first
 branch only, and all branches go through one batched prior call:
-[cond(t), uncond(t), cond(t + dt)]. Default guidance scales: SDS 100, CSD 1, ASD 7.5,
+[cond(t), uncond(t), cond(t + dt)], or with Perp-Neg (a Stable Diffusion prior with
+prior.perp_neg) [cond(t), uncond(t), neg1(t), neg2(t), cond(t + dt)], where eps_cfg becomes
+eps_u + g (e_pos + sum_i w_i perp(eps_neg_i - eps_u, e_pos)), e_pos = eps_c - eps_u. Default guidance scales: SDS 100, CSD 1, ASD 7.5,
 VSD 7.5 (and 1 on the LoRA branch), LODS 1000. Prior calls per step: one for SDS, CSD and
 ASD; two for VSD ([cond, uncond] on the pretrained UNet, then the LoRA branch) and LODS
 ([cond] on the pretrained UNet, then the learned unconditional branch).
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from amortized3d.priors.branches import COND, NEGATIVE_1, NEGATIVE_2, UNCOND
 from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from amortized3d.rendering.cameras import Cameras
 
@@ -82,6 +85,25 @@ def csd_gradient(eps_cfg: torch.Tensor, eps_uncond: torch.Tensor, weight: torch.
 def asd_gradient(eps_cfg: torch.Tensor, eps_cond_shifted: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """w(t) (eps_cfg(x_t, t) - eps_c(x_{t+dt}, t+dt)). [B, C, H, W] x2, weight [B] -> [B, C, H, W]."""
     return weight.reshape(-1, 1, 1, 1) * (eps_cfg - eps_cond_shifted)
+
+
+def perpendicular_component(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x - (<x, y> / |y|^2) y per image. x, y [B, ...] -> [B, ...]."""
+    xf, yf = x.flatten(1), y.flatten(1)
+    coeff = (xf * yf).sum(1) / yf.square().sum(1).clamp_min(1e-12)
+    return x - coeff.view(-1, *([1] * (x.dim() - 1))) * y
+
+
+def perp_neg_guidance(eps_cond, eps_uncond, eps_negatives, negative_weights, guidance_scale: float) -> torch.Tensor:
+    """Perp-Neg: eps_u + g (e_pos + sum_i w_i perp(eps_neg_i - eps_u, e_pos)), e_pos = eps_c - eps_u.
+
+    eps_* [B, C, H, W], eps_negatives (2 of them), negative_weights [B, 2] -> [B, C, H, W].
+    """
+    e_pos = eps_cond - eps_uncond
+    accumulated = torch.zeros_like(e_pos)
+    for i, eps_neg in enumerate(eps_negatives):
+        accumulated = accumulated + negative_weights[:, i].view(-1, 1, 1, 1) * perpendicular_component(eps_neg - eps_uncond, e_pos)
+    return eps_uncond + guidance_scale * (e_pos + accumulated)
 
 
 def vsd_gradient(eps_cfg: torch.Tensor, eps_lora: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -147,23 +169,34 @@ def score_distillation(
     t_shift = None
     with torch.no_grad():
         x_t = add_noise(x.detach(), noise, t, abar)
-        falses, trues = torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
+        def rows(code: int) -> torch.Tensor:
+            return torch.full((B,), code, dtype=torch.long)
+
         if method in ("lods-embedding", "lods-lora"):
-            eps_cond = prior.predict_noise(x_t, t, prompts, cameras, falses)
+            eps_cond = prior.predict_noise(x_t, t, prompts, cameras, rows(COND))
             grad = lods_gradient(eps_cond, adapter.predict_noise(x_t, t, prompts, cameras), noise, guidance_scale, weight)
         else:
-            inputs, steps, uncond, cams = [x_t, x_t], [t, t], [falses, trues], [cameras, cameras]
+            perp_neg = getattr(prior, "perp_neg", False)
+            inputs, steps, branches = [x_t, x_t], [t, t], [rows(COND), rows(UNCOND)]
+            if perp_neg:
+                inputs += [x_t, x_t]
+                steps += [t, t]
+                branches += [rows(NEGATIVE_1), rows(NEGATIVE_2)]
             if method == "asd":
                 t_shift = asd_shifted_timesteps(t, t_min, eta, generator)
                 inputs.append(add_noise(x.detach(), noise, t_shift, abar))
                 steps.append(t_shift)
-                uncond.append(falses)
-                cams.append(cameras)
+                branches.append(rows(COND))
             n_branches = len(inputs)
-            eps = prior.predict_noise(torch.cat(inputs), torch.cat(steps), prompts * n_branches, Cameras.cat(cams), torch.cat(uncond))
+            eps = prior.predict_noise(torch.cat(inputs), torch.cat(steps), prompts * n_branches, Cameras.cat([cameras] * n_branches),
+                                      torch.cat(branches))
             eps_branches = eps.chunk(n_branches)
             eps_cond, eps_uncond = eps_branches[0], eps_branches[1]
-            eps_cfg = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            if perp_neg:
+                negative_weights = prior.perp_neg_weights(cameras).to(x.device, x.dtype)
+                eps_cfg = perp_neg_guidance(eps_cond, eps_uncond, eps_branches[2:4], negative_weights, guidance_scale)
+            else:
+                eps_cfg = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             if method == "sds":
                 grad = sds_gradient(eps_cfg, noise, weight)
             elif method == "csd":
@@ -171,5 +204,5 @@ def score_distillation(
             elif method == "vsd":
                 grad = vsd_gradient(eps_cfg, adapter.predict_noise(x_t, t, prompts, cameras), weight)
             else:
-                grad = asd_gradient(eps_cfg, eps_branches[2], weight)
+                grad = asd_gradient(eps_cfg, eps_branches[-1], weight)
     return DistillationOutput(distillation_loss(x, grad), grad, t, t_shift)

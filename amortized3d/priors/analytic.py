@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from amortized3d.data.shapeworld import parse_prompt, scene_field
+from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.schedule import stable_diffusion_alphas_cumprod
 from amortized3d.rendering.cameras import Cameras
 from amortized3d.rendering.volume import render_images
@@ -141,17 +142,20 @@ class AnalyticPrior:
         timesteps: torch.Tensor,
         prompts: list[str],
         cameras: Cameras,
-        unconditional: torch.Tensor,
+        branch: torch.Tensor,
     ) -> torch.Tensor:
         """eps*(x_t, t, condition) for a batch mixing conditional and unconditional rows.
 
-        noisy [N, 3, H, W], timesteps long [N], prompts (N), cameras [N], unconditional bool [N]
-        -> eps [N, 3, H, W]. Rows sharing a prompt and camera share one ground-truth render.
+        noisy [N, 3, H, W], timesteps long [N], prompts (N), cameras [N], branch [N] (COND or UNCOND,
+        amortized3d.priors.branches) -> eps [N, 3, H, W]. Rows sharing a prompt and camera share
+        one ground-truth render.
         """
+        if ((branch != COND) & (branch != UNCOND)).any():
+            raise ValueError("the analytic prior answers COND and UNCOND rows only (Perp-Neg negatives need prior.kind=stable_diffusion)")
         N, _, H, W = noisy.shape
         alphabar = self.alphas_cumprod.to(noisy.device)[timesteps]
         eps = gaussian_noise_prediction(noisy, alphabar, self.uncond_mean, self.uncond_std)
-        cond_rows = [i for i in range(N) if not bool(unconditional[i])]
+        cond_rows = [i for i in range(N) if int(branch[i]) == COND]
         if not cond_rows:
             return eps
         keys: dict[tuple, int] = {}

@@ -8,10 +8,18 @@ as the analytic prior:
         sample and multiply by the VAE's scaling factor (0.18215 for SD); f is the VAE's
         downsampling factor (8 for SD), so r = 512 gives 64 x 64 latents.
     decode(latents) -> images [B, 3, r, r] in [0, 1]
-    predict_noise(x_t, t, prompts, cameras, unconditional) -> eps [N, 4, h, w]
+    predict_noise(x_t, t, prompts, cameras, branch) -> eps [N, 4, h, w]
         one UNet call for the whole batch: conditional rows see their prompt's token
-        embeddings, unconditional rows the empty prompt's. A v-prediction checkpoint's output
-        is converted to eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
+        embeddings, unconditional rows the empty prompt's, Perp-Neg rows their negative view
+        prompt's (amortized3d.priors.branches). A v-prediction checkpoint's output is converted
+        to eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
+
+View-dependent prompting (view_dependent) appends ", front view" (|azimuth| < 30 degrees),
+", back view" (|azimuth| > 150), ", overhead view" (elevation > 60) or ", side view" to the
+conditional prompt. Perp-Neg (perp_neg) instead interpolates the conditional embedding between
+the view prompts and adds two negative view prompts per image, whose noise predictions enter
+the guidance through their components perpendicular to eps_c - eps_u, with weights
+perp_neg_weights(cameras) (score_distillation combines them).
     alphas_cumprod [1000] from the checkpoint's own scheduler config.
 
 Cost of prior.resolution: the VAE encoder runs at r x r with gradient, and its activations
@@ -28,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from amortized3d.priors.branches import COND, NEGATIVE_1, UNCOND
 from amortized3d.rendering.cameras import Cameras
 from amortized3d.text.clip_encoder import CLIPTextEncoder
 
@@ -35,6 +44,66 @@ DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 SUBFOLDERS = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
 TEXT_SUBFOLDERS = ["text_encoder", "tokenizer"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# View-dependent prompting: suffix per view, in the order of view_index's codes.
+VIEW_SUFFIXES = (", side view", ", front view", ", back view", ", overhead view")
+SIDE, FRONT, BACK, OVERHEAD = 0, 1, 2, 3
+FRONT_DEGREES, BACK_DEGREES, OVERHEAD_DEGREES = 30.0, 150.0, 60.0
+# Perp-Neg: negative weight -(a exp(-b r) + c) per pair of views; the reference recipe scales them by -0.5.
+PERP_NEG_FRONT_SIDE = (4.0, 0.5, -2.426)
+PERP_NEG_SIDE_BACK = (1.0, 0.5, -0.606)
+PERP_NEG_FRONT_SIDE_BACK = (1.0, 0.5, 0.967)
+PERP_NEG_SCALE = -0.5
+
+
+def view_index(elevation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
+    """Per camera (degrees, azimuth in [-180, 180)): OVERHEAD if elevation > 60, else FRONT if
+    |azimuth| < 30, BACK if |azimuth| > 150, else SIDE. -> long [N]."""
+    index = torch.full(azimuth.shape, SIDE, dtype=torch.long)
+    index[azimuth.abs() < FRONT_DEGREES] = FRONT
+    index[azimuth.abs() > BACK_DEGREES] = BACK
+    index[elevation > OVERHEAD_DEGREES] = OVERHEAD
+    return index
+
+
+def _decay(abc: tuple[float, float, float], r: torch.Tensor) -> torch.Tensor:
+    a, b, c = abc
+    return a * torch.exp(-b * r) + c
+
+
+def perp_neg_raw_weights(elevation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
+    """Unscaled Perp-Neg weights [N, 2]: |azimuth| < 90: r = 1 - |az| / 90, negatives (front, side) weighted
+    -(f_fs(r), f_fs(1 - r)); otherwise r = 2 - |az| / 90, negatives (side, front) weighted -(f_sb(r), f_fsb(r));
+    overhead views 0."""
+    r_front = 1.0 - azimuth.abs() / 90.0
+    r_back = 2.0 - azimuth.abs() / 90.0
+    front_half = azimuth.abs() < 90.0
+    first = torch.where(front_half, _decay(PERP_NEG_FRONT_SIDE, r_front), _decay(PERP_NEG_SIDE_BACK, r_back))
+    second = torch.where(front_half, _decay(PERP_NEG_FRONT_SIDE, 1.0 - r_front), _decay(PERP_NEG_FRONT_SIDE_BACK, r_back))
+    weights = -torch.stack([first, second], -1)
+    weights[elevation > OVERHEAD_DEGREES] = 0.0
+    return weights
+
+
+def perp_neg_terms(table: torch.Tensor, elevation: torch.Tensor, azimuth: torch.Tensor, null: torch.Tensor):
+    """table [N, 4, 77, C] view-prompt embeddings (VIEW_SUFFIXES order), null [77, C] ->
+    (positive [N, 77, C], negatives [N, 2, 77, C], raw weights [N, 2]).
+
+    positive: overhead -> the overhead prompt; |az| < 90 -> r front + (1 - r) side, r = 1 - |az| / 90;
+    else r side + (1 - r) back, r = 2 - |az| / 90. Negatives: (front, side) in the front half,
+    (side, front) in the back half, the null embedding for overhead views (weight 0).
+    """
+    n = torch.arange(table.shape[0])
+    r_front = (1.0 - azimuth.abs() / 90.0).view(-1, 1, 1)
+    r_back = (2.0 - azimuth.abs() / 90.0).view(-1, 1, 1)
+    front_half = (azimuth.abs() < 90.0).view(-1, 1, 1)
+    side, front, back, overhead = (table[n, k] for k in (SIDE, FRONT, BACK, OVERHEAD))
+    positive = torch.where(front_half, r_front * front + (1 - r_front) * side, r_back * side + (1 - r_back) * back)
+    negatives = torch.where(front_half.unsqueeze(1), torch.stack([front, side], 1), torch.stack([side, front], 1))
+    is_overhead = elevation > OVERHEAD_DEGREES
+    positive[is_overhead] = overhead[is_overhead]
+    negatives[is_overhead] = null.to(negatives.dtype)
+    return positive, negatives, perp_neg_raw_weights(elevation, azimuth)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -55,6 +124,9 @@ class StableDiffusionPrior:
         resolution: int = 512,
         dtype: str = "auto",
         device: str | torch.device = "cpu",
+        view_dependent: bool = False,
+        perp_neg: bool = False,
+        perp_neg_scale: float = PERP_NEG_SCALE,
     ):
         from amortized3d._compat import import_torchvision_safely
 
@@ -80,6 +152,7 @@ class StableDiffusionPrior:
                 f"gives {self.text_encoder.dim}-d ones; the folder mixes components of different models"
             )
         self.device = device
+        self.view_dependent, self.perp_neg, self.perp_neg_scale = bool(view_dependent), bool(perp_neg), float(perp_neg_scale)
         self.resolution = int(resolution)
         self.latent_scale = float(self.vae.config.scaling_factor)
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -105,10 +178,41 @@ class StableDiffusionPrior:
         images = self.vae.decode((latents / self.latent_scale).to(self.dtype)).sample.float()
         return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
-    def text_condition(self, prompts: list[str], unconditional: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [N, 77, C]: the prompt's for conditional rows, the empty prompt's for the rest."""
-        rows = ["" if bool(u) else p for p, u in zip(prompts, unconditional)]
-        return self.text_encoder.encode(rows).tokens
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        return self.text_encoder.encode(texts).tokens  # [N, 77, C]
+
+    def text_condition(self, prompts: list[str], branch: torch.Tensor, cameras: Cameras | None = None) -> torch.Tensor:
+        """Token embeddings [N, 77, C] for each row's branch (amortized3d.priors.branches):
+
+        COND: the prompt; with view_dependent, the prompt plus its view suffix; with perp_neg, the
+        interpolation between view prompts (see perp_neg_terms). UNCOND: the empty prompt.
+        NEGATIVE_1 / NEGATIVE_2: Perp-Neg's two negative view prompts.
+        """
+        branch = torch.as_tensor(branch).long().cpu()
+        if not (self.view_dependent or self.perp_neg) or cameras is None:
+            if (branch > UNCOND).any():
+                raise ValueError("Perp-Neg rows need prior.perp_neg and cameras")
+            return self._embed(["" if int(b) == UNCOND else p for p, b in zip(prompts, branch)])
+        out = self._embed([""] * len(prompts)).clone()
+        rows = (branch != UNCOND).nonzero()[:, 0]
+        if rows.numel() == 0:
+            return out
+        views = [[f"{prompts[i]}{suffix}" for suffix in VIEW_SUFFIXES] for i in rows.tolist()]
+        table = self._embed([v for row in views for v in row]).view(len(views), len(VIEW_SUFFIXES), *out.shape[1:])
+        sub = cameras[rows.to(cameras.c2w.device)]
+        if self.perp_neg:
+            positive, negatives, _ = perp_neg_terms(table, sub.elevation.cpu(), sub.azimuth.cpu(), out[0])
+            for j, i in enumerate(rows.tolist()):
+                b = int(branch[i])
+                out[i] = positive[j] if b == COND else negatives[j, b - NEGATIVE_1]
+        else:
+            index = view_index(sub.elevation.cpu(), sub.azimuth.cpu())
+            out[rows] = table[torch.arange(len(views)), index]
+        return out
+
+    def perp_neg_weights(self, cameras: Cameras) -> torch.Tensor:
+        """Perp-Neg weights [N, 2] of the two negatives for each camera (0 for overhead views), times perp_neg_scale."""
+        return self.perp_neg_scale * perp_neg_raw_weights(cameras.elevation.cpu(), cameras.azimuth.cpu())
 
     @torch.no_grad()
     def predict_noise(
@@ -117,11 +221,11 @@ class StableDiffusionPrior:
         timesteps: torch.Tensor,
         prompts: list[str],
         cameras: Cameras,
-        unconditional: torch.Tensor,
+        branch: torch.Tensor,
     ) -> torch.Tensor:
         """eps(x_t, t, condition) in one UNet call; noisy [N, 4, h, w], timesteps long [N], prompts (N),
-        cameras [N] (unused by this prior), unconditional bool [N] -> eps float32 [N, 4, h, w]."""
-        condition = self.text_condition(prompts, unconditional).to(self.device, self.dtype)
+        cameras [N], branch [N] (amortized3d.priors.branches) -> eps float32 [N, 4, h, w]."""
+        condition = self.text_condition(prompts, branch, cameras).to(self.device, self.dtype)
         x = noisy.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         out = self.unet(x, timesteps.to(self.device), encoder_hidden_states=condition).sample.float()
         if self.prediction_type == "v_prediction":
