@@ -10,17 +10,17 @@ import torch
 from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
 from amortized3d.generators.hyper_ingp import HyperINGP
 from amortized3d.priors.analytic import AnalyticPrior
-from amortized3d.priors.stable_diffusion import StableDiffusionPrior, load_stable_diffusion_text_encoder
-from amortized3d.text.clip_encoder import CLIPTextEncoder
+from amortized3d.priors.diffusers_prior import DiffusionPrior, load_prior_text_encoder
+from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
 from amortized3d.text.hashed_encoder import HashedTextEncoder
 from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint
 
 
-def build_text_encoder(cfg: ExperimentConfig, device: str | torch.device = "cpu") -> HashedTextEncoder | CLIPTextEncoder:
+def build_text_encoder(cfg: ExperimentConfig, device: str | torch.device = "cpu") -> HashedTextEncoder | PretrainedTextEncoder:
     """text.encoder=hashed: the offline encoder of width text.dim; text.encoder=prior: the CLIP text
     encoder in prior.model's folder (its width is the model's; train() records it as text.dim)."""
     if cfg.text.encoder == "prior":
-        return load_stable_diffusion_text_encoder(cfg.prior.model, device, cfg.prior.dtype)
+        return load_prior_text_encoder(cfg.prior.model, device, cfg.prior.dtype)
     return HashedTextEncoder(dim=cfg.text.dim)
 
 
@@ -41,13 +41,13 @@ def build_generator(cfg: ExperimentConfig) -> HyperINGP:
     )
 
 
-def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.device = "cpu") -> AnalyticPrior | StableDiffusionPrior:
-    """prior.kind=stable_diffusion loads prior.model (sharing ``text_encoder`` when it is that model's CLIP
-    encoder); prior.kind=analytic builds the closed-form ShapeWorld prior."""
-    if cfg.prior.kind == "stable_diffusion":
-        shared = text_encoder if isinstance(text_encoder, CLIPTextEncoder) and cfg.text.encoder == "prior" else None
-        return StableDiffusionPrior(
-            cfg.prior.model, text_encoder=shared, resolution=cfg.prior.resolution, dtype=cfg.prior.dtype, device=device,
+def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.device = "cpu") -> AnalyticPrior | DiffusionPrior:
+    """prior.kind=stable_diffusion / deepfloyd_if loads prior.model (sharing ``text_encoder`` when it is
+    that model's own); prior.kind=analytic builds the closed-form ShapeWorld prior."""
+    if cfg.prior.kind in ("stable_diffusion", "deepfloyd_if"):
+        shared = text_encoder if isinstance(text_encoder, PretrainedTextEncoder) and cfg.text.encoder == "prior" else None
+        return DiffusionPrior(
+            cfg.prior.model, kind=cfg.prior.kind, text_encoder=shared, resolution=cfg.prior.resolution, dtype=cfg.prior.dtype, device=device,
             view_dependent=cfg.prior.view_dependent, perp_neg=cfg.prior.perp_neg, perp_neg_scale=cfg.prior.perp_neg_scale,
         )
     return AnalyticPrior(

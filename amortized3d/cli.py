@@ -21,8 +21,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML file applied on top of the corpus recipe")
     parser.add_argument("--corpus-dir", default=None, help="folder with reference corpus JSON files")
     parser.add_argument("--prior", default=None, metavar="MODEL",
-                        help="Stable Diffusion hub id or local diffusers folder; sets prior.kind=stable_diffusion, "
-                             "prior.model=MODEL and text.encoder=prior")
+                        help="diffusers hub id or local folder; sets prior.kind=stable_diffusion, prior.model=MODEL and "
+                             "text.encoder=prior (add prior.kind=deepfloyd_if for DeepFloyd IF)")
     parser.add_argument("--output", default=None, help="run folder (default: runs/<corpus>-<method>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200 distill.method=sds")
@@ -41,11 +41,11 @@ def _resolve_config(args):
 
 def check_pretrained_weights(cfg) -> None:
     """Fail in seconds, before the trainer starts, when the prior's weights are not available."""
-    if cfg.prior.kind == "stable_diffusion" or cfg.text.encoder == "prior":
+    if cfg.prior.kind != "analytic" or cfg.text.encoder == "prior":
+        from amortized3d.priors.diffusers_prior import SUBFOLDERS, TEXT_SUBFOLDERS
         from amortized3d.priors.pretrained import resolve_model_dir
-        from amortized3d.priors.stable_diffusion import SUBFOLDERS, TEXT_SUBFOLDERS
 
-        resolve_model_dir(cfg.prior.model, SUBFOLDERS if cfg.prior.kind == "stable_diffusion" else TEXT_SUBFOLDERS)
+        resolve_model_dir(cfg.prior.model, SUBFOLDERS.get(cfg.prior.kind, TEXT_SUBFOLDERS))
 
 
 def run_train(args) -> int:
@@ -185,4 +185,4 @@ def generate_main(argv: list[str] | None = None) -> int:
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.py", description="train a prompt-amortized text-to-3D generator")
     _add_train_arguments(parser)
-    return _run(run_train, parser.parse_args(argv))
+    return _run(run_train, parser.parse_intermixed_args(argv))  # overrides may come before and after options

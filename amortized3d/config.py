@@ -21,6 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
+DEFAULT_PRIOR_MODELS = {"stable_diffusion": "stabilityai/stable-diffusion-2-1-base", "deepfloyd_if": "DeepFloyd/IF-I-XL-v1.0"}
+
+
 class ConfigError(ValueError):
     """A bad configuration key or value."""
 
@@ -34,7 +37,7 @@ class CorpusConfig:
 @dataclass
 class TextConfig:
     # "hashed": offline deterministic encoder (amortized3d/text/hashed_encoder.py), width text.dim;
-    # "prior": the CLIP text encoder in prior.model's folder (amortized3d/text/clip_encoder.py), width from the model
+    # "prior": the CLIP text encoder in prior.model's folder (amortized3d/text/pretrained_encoder.py), width from the model
     encoder: str = "hashed"
     dim: int = 1024
 
@@ -78,8 +81,8 @@ class CameraConfig:
 
 @dataclass
 class PriorConfig:
-    kind: str = "analytic"  # "analytic" (ShapeWorld, closed form) or "stable_diffusion" (diffusers)
-    model: str = "stabilityai/stable-diffusion-2-1-base"  # hub id or local diffusers folder (stable_diffusion, text.encoder=prior)
+    kind: str = "analytic"  # "analytic" (ShapeWorld, closed form), "stable_diffusion" or "deepfloyd_if" (diffusers)
+    model: str | None = None  # hub id or local diffusers folder; None: the kind's default (DEFAULT_PRIOR_MODELS)
     resolution: int = 512  # renders are resized to this before the VAE (stable_diffusion)
     dtype: str = "auto"  # weights: auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32
     view_dependent: bool = False  # append ", front view" / ", side view" / ... to prompts by camera (stable_diffusion)
@@ -163,7 +166,7 @@ class ExperimentConfig:
 CHOICES = {
     ("text", "encoder"): ("hashed", "prior"),
     ("generator", "kind"): ("hyper_ingp",),
-    ("prior", "kind"): ("analytic", "stable_diffusion"),
+    ("prior", "kind"): ("analytic", "stable_diffusion", "deepfloyd_if"),
     ("prior", "dtype"): ("auto", "fp16", "bf16", "fp32"),
     ("distill", "method"): ("asd", "sds", "csd", "vsd", "lods-embedding", "lods-lora"),
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
@@ -289,15 +292,15 @@ def validate(cfg: ExperimentConfig) -> None:
             f"render.scene_radius={cfg.render.scene_radius} exceeds the generator's box (generator.bound={cfg.generator.bound}); "
             "lower render.scene_radius or raise generator.bound"
         )
-    if cfg.distill.method in ("vsd", "lods-embedding", "lods-lora") and cfg.prior.kind != "stable_diffusion":
+    if cfg.distill.method in ("vsd", "lods-embedding", "lods-lora") and cfg.prior.kind == "analytic":
         raise ConfigError(
             f"distill.method={cfg.distill.method} trains a branch of a neural prior, but prior.kind={cfg.prior.kind!r}; "
-            "use prior.kind=stable_diffusion (e.g. --prior MODEL) or one of asd, sds, csd"
+            "use prior.kind=stable_diffusion or deepfloyd_if (e.g. --prior MODEL) or one of asd, sds, csd"
         )
-    if (cfg.prior.view_dependent or cfg.prior.perp_neg) and cfg.prior.kind != "stable_diffusion":
+    if (cfg.prior.view_dependent or cfg.prior.perp_neg) and cfg.prior.kind == "analytic":
         raise ConfigError(
             "prior.view_dependent and prior.perp_neg change the text of a text-to-image prior; the analytic prior's "
-            "conditionals are exact per camera already. Set them to false, or use prior.kind=stable_diffusion"
+            "conditionals are exact per camera already. Set them to false, or use prior.kind=stable_diffusion or deepfloyd_if"
         )
     if cfg.distill.adapter_lr is not None and cfg.distill.adapter_lr <= 0:
         raise ConfigError(f"distill.adapter_lr={cfg.distill.adapter_lr} must be positive (or null for the method's default)")
@@ -348,6 +351,8 @@ def load_config(corpus: str | None = None, config_file: str | None = None, overr
     for text, m in zip(overrides, override_maps):
         apply_mapping(cfg, m, f"override {text!r}")
     cfg.corpus.name = name
+    if cfg.prior.model is None:
+        cfg.prior.model = DEFAULT_PRIOR_MODELS.get(cfg.prior.kind, DEFAULT_PRIOR_MODELS["stable_diffusion"])
     validate(cfg)
     return cfg
 

@@ -10,7 +10,7 @@ import torch
 
 from amortized3d.distillation.score_distillation import perpendicular_component, score_distillation
 from amortized3d.priors.branches import COND, UNCOND
-from amortized3d.priors.stable_diffusion import StableDiffusionPrior, perp_neg_raw_weights, perp_neg_terms, view_index
+from amortized3d.priors.diffusers_prior import DiffusionPrior, perp_neg_raw_weights, perp_neg_terms, view_index
 from amortized3d.rendering.cameras import look_at_cameras
 from tests.test_stable_diffusion import scaled_linear_alphas_cumprod, tiny_sd  # noqa: F401
 
@@ -65,7 +65,7 @@ def test_perpendicular_component_is_orthogonal_and_completes_x():
 
 
 def test_view_dependent_prompts_take_the_camera_suffix(tiny_sd):  # noqa: F811
-    prior = StableDiffusionPrior(str(tiny_sd), resolution=16, view_dependent=True)
+    prior = DiffusionPrior(str(tiny_sd), resolution=16, view_dependent=True)
     cameras = look_at_cameras(torch.tensor([0.0, 0.0, 0.0, 70.0, 0.0]), torch.tensor([5.0, 100.0, 170.0, 0.0, 0.0]),
                               torch.full((5,), 1.5), torch.full((5,), 60.0))
     tokens = prior.text_condition(["a frog"] * 5, torch.tensor([COND] * 4 + [UNCOND]), cameras)
@@ -75,7 +75,7 @@ def test_view_dependent_prompts_take_the_camera_suffix(tiny_sd):  # noqa: F811
 
 @pytest.mark.parametrize("method", ["sds", "asd"])
 def test_perp_neg_step_is_one_unet_call_and_matches_its_formula(tiny_sd, method):  # noqa: F811
-    prior = StableDiffusionPrior(str(tiny_sd), resolution=16, perp_neg=True, perp_neg_scale=-0.5)
+    prior = DiffusionPrior(str(tiny_sd), resolution=16, perp_neg=True, perp_neg_scale=-0.5)
     B, g, t_range, eta = 3, 7.5, (100, 900), 0.1
     cameras = look_at_cameras(torch.tensor([10.0, 20.0, 75.0]), torch.tensor([20.0, -120.0, 60.0]),
                               torch.full((B,), 1.5), torch.full((B,), 60.0))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from amortized3d.distillation.score_distillation import score_distillation
 from amortized3d.priors.pretrained import PretrainedLoadError
-from amortized3d.priors.stable_diffusion import StableDiffusionPrior
+from amortized3d.priors.diffusers_prior import DiffusionPrior
 from amortized3d.priors.tiny import TEXT_DIM, make_tiny_stable_diffusion
 from amortized3d.rendering.cameras import orbit_cameras
 
@@ -29,8 +29,8 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prior(tiny_sd) -> StableDiffusionPrior:
-    return StableDiffusionPrior(str(tiny_sd), resolution=16)
+def prior(tiny_sd) -> DiffusionPrior:
+    return DiffusionPrior(str(tiny_sd), resolution=16)
 
 
 def scaled_linear_alphas_cumprod() -> torch.Tensor:
@@ -185,7 +185,7 @@ def test_broken_tokenizer_is_refused(tiny_sd, tmp_path):
     (tmp_path / "m.txt").write_text("#version: 0.2\n")
     CLIPTokenizer(str(tmp_path / "v.json"), str(tmp_path / "m.txt")).save_pretrained(str(broken / "tokenizer"))
     with pytest.raises(PretrainedLoadError, match="vocabulary of 2 tokens"):
-        StableDiffusionPrior(str(broken), resolution=16)
+        DiffusionPrior(str(broken), resolution=16)
 
 
 def test_missing_weights_fail_fast_with_instructions(tmp_path):

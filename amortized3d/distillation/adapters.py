@@ -34,7 +34,7 @@ from torch import nn
 
 from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise
-from amortized3d.priors.stable_diffusion import StableDiffusionPrior
+from amortized3d.priors.diffusers_prior import DiffusionPrior
 from amortized3d.rendering.cameras import Cameras
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -42,7 +42,7 @@ VSD_CAMERA_DROPOUT = 0.1
 LODS_LORA_SCALE = 0.5
 
 
-def add_lora(prior: StableDiffusionPrior, name: str, rank: int) -> list[nn.Parameter]:
+def add_lora(prior: DiffusionPrior, name: str, rank: int) -> list[nn.Parameter]:
     """Add a peft LoRA adapter called ``name`` to the prior's UNet; -> its parameters (float32, trainable)."""
     from peft import LoraConfig
 
@@ -58,7 +58,7 @@ def add_lora(prior: StableDiffusionPrior, name: str, rank: int) -> list[nn.Param
 
 
 @contextmanager
-def lora_active(prior: StableDiffusionPrior, name: str, params: list[nn.Parameter], scale: float = 1.0):
+def lora_active(prior: DiffusionPrior, name: str, params: list[nn.Parameter], scale: float = 1.0):
     """Run the UNet with adapter ``name`` at ``scale`` inside the block, plain outside it; ``params``
     (the adapter's) stay trainable throughout (peft's enable/disable toggles requires_grad)."""
     prior.unet.enable_adapters()
@@ -74,7 +74,7 @@ def lora_active(prior: StableDiffusionPrior, name: str, params: list[nn.Paramete
 class NoisePredictorAdapter(nn.Module):
     """Shared parts: the alignment loss on detached renders."""
 
-    prior: StableDiffusionPrior
+    prior: DiffusionPrior
 
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str], cameras: Cameras) -> torch.Tensor:
         raise NotImplementedError
@@ -95,7 +95,7 @@ class NoisePredictorAdapter(nn.Module):
 class VSDLoRA(NoisePredictorAdapter):
     """eps_phi'(x_t; t, pi, y): LoRA UNet conditioned on the prompt and the camera."""
 
-    def __init__(self, prior: StableDiffusionPrior, rank: int = 4):
+    def __init__(self, prior: DiffusionPrior, rank: int = 4):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding
 
@@ -125,7 +125,7 @@ class VSDLoRA(NoisePredictorAdapter):
 class LODSEmbedding(NoisePredictorAdapter):
     """eps_phi(x_t; alpha, t) with a learnable unconditional token embedding alpha [77, C]."""
 
-    def __init__(self, prior: StableDiffusionPrior):
+    def __init__(self, prior: DiffusionPrior):
         super().__init__()
         self.prior = prior
         null = prior.text_encoder.encode([""]).tokens[0]  # [77, C]
@@ -141,7 +141,7 @@ class LODSEmbedding(NoisePredictorAdapter):
 class LODSLoRA(NoisePredictorAdapter):
     """eps_psi(x_t; empty prompt, t): the UNet with a LoRA at scale 0.5 on the unconditional branch."""
 
-    def __init__(self, prior: StableDiffusionPrior, rank: int = 4):
+    def __init__(self, prior: DiffusionPrior, rank: int = 4):
         super().__init__()
         self.prior = prior
         self.lora = nn.ParameterList(add_lora(prior, "lods", rank))

@@ -1,6 +1,6 @@
 """A tiny random-weight Stable Diffusion folder, for smoke tests without downloads.
 
-    python -m amortized3d.priors.tiny PATH [--seed 0]
+    python -m amortized3d.priors.tiny PATH [--kind stable_diffusion|deepfloyd_if] [--seed 0]
 
 writes a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/) with ``StableDiffusionPipeline.save_pretrained``, so that loading it goes through
@@ -24,6 +24,7 @@ import torch
 
 TEXT_DIM = 32
 VAE_FACTOR = 2
+IF_TEXT_DIM = 48
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -124,12 +125,62 @@ def make_tiny_stable_diffusion(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def t5_style_tokenizer():
+    """A word-level tokenizer in T5's layout (<pad> 0, </s> 1, <unk> 2, end token appended, no begin token),
+    whose words are CLIP's vocabulary (about 32,000 distinct words): a real T5 sentencepiece model
+    cannot be made without downloads, and the tests need a realistic vocabulary size."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, _ = clip_vocabulary()
+    words = sorted({t[: -len("</w>")] for t in vocab if t.endswith("</w>") and t[:-4].isalnum()})
+    table = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=77)
+
+
+def make_tiny_deepfloyd_if(path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random DeepFloyd IF stage-I folder at ``path`` (IFPipeline.save_pretrained) and return it:
+    a pixel-space UNet at 16 x 16 with 6 output channels (noise and learned variance), T5-style text
+    conditioning projected from 48-d tokens, IF's cosine schedule."""
+    from amortized3d._compat import import_torchvision_safely
+
+    import_torchvision_safely()
+    from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("SimpleCrossAttnDownBlock2D", "ResnetDownsampleBlock2D"),
+        up_block_types=("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, encoder_hid_dim=IF_TEXT_DIM,
+        encoder_hid_dim_type="text_proj", addition_embed_type="text", addition_embed_type_num_heads=4,
+        attention_head_dim=8, norm_num_groups=32, resnet_time_scale_shift="scale_shift", act_fn="gelu",
+    )
+    text = T5EncoderModel(T5Config(vocab_size=32768, d_model=IF_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                              prediction_type="epsilon", clip_sample=True, thresholding=True)
+    pipeline = IFPipeline(tokenizer=t5_style_tokenizer(), text_encoder=text, unet=unet, scheduler=scheduler,
+                          safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    pipeline.save_pretrained(str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="write a tiny random Stable Diffusion folder for smoke tests")
+    parser = argparse.ArgumentParser(description="write a tiny random Stable Diffusion (or DeepFloyd IF) folder for smoke tests")
     parser.add_argument("path")
+    parser.add_argument("--kind", choices=("stable_diffusion", "deepfloyd_if"), default="stable_diffusion")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(make_tiny_stable_diffusion(args.path, args.seed))
+    make = make_tiny_stable_diffusion if args.kind == "stable_diffusion" else make_tiny_deepfloyd_if
+    print(make(args.path, args.seed))
 
 
 if __name__ == "__main__":

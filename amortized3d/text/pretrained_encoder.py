@@ -1,10 +1,14 @@
-"""The prior's own CLIP text encoder (Stable Diffusion 1.x / 2.x), loaded with transformers.
+"""The prior's own text encoder, loaded with transformers from a diffusers folder.
+
+CLIP (Stable Diffusion 1.x / 2.x) or T5 (DeepFloyd IF), chosen by text_encoder/config.json:
 
     tokens [P, 77, C]  last hidden state, the UNet's cross-attention condition
-    pooled [P, C]      the final-layer-normed hidden state at the end token (C = 1024 for SD 2.x)
+    pooled [P, C]      CLIP: the final-layer-normed hidden state at the end token (C = 1024 for
+                       SD 2.x); T5 (which has no pooled output): the mean of the token states
+                       over the prompt's tokens (C = 4096 for IF's T5-XXL)
 
 Prompts longer than 77 tokens are truncated with the end token kept (the tokenizer truncates
-the words, then adds begin and end tokens), and a warning names the prompt. A tokenizer whose
+the words, then adds the special tokens), and a warning names the prompt. A tokenizer whose
 vocabulary is implausibly small is refused: offline, transformers can return a 2-token
 tokenizer that maps every word to the unknown token. Encodings are cached per prompt string.
 """
@@ -16,35 +20,40 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.text.hashed_encoder import TextEmbedding
+from amortized3d.text.hashed_encoder import MAX_LENGTH, TextEmbedding
 
 MIN_VOCABULARY = 1000
 CACHE_SIZE = 4096
 
 
-class CLIPTextEncoder:
-    """Frozen CLIP text tower from a diffusers folder's tokenizer/ and text_encoder/ subfolders."""
+class PretrainedTextEncoder:
+    """Frozen CLIP or T5 text encoder from a diffusers folder's tokenizer/ and text_encoder/ subfolders."""
 
     def __init__(self, folder: str | Path, model: str | None = None, device="cpu", dtype=torch.float32):
         from amortized3d._compat import import_torchvision_safely
 
         import_torchvision_safely()
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         from amortized3d.priors.pretrained import PretrainedLoadError, load_component
 
         model = model or str(folder)
-        self.tokenizer = load_component(CLIPTokenizer, Path(folder), "tokenizer", model)
+        config = load_component(AutoConfig, Path(folder), "text_encoder", model)
+        if config.model_type not in ("clip_text_model", "t5"):
+            raise PretrainedLoadError(f"the text encoder of {model!r} is a {config.model_type!r}; supported: CLIP (SD 1.x/2.x), T5 (DeepFloyd IF)")
+        self.kind = "clip" if config.model_type == "clip_text_model" else "t5"
+        self.tokenizer = load_component(AutoTokenizer, Path(folder), "tokenizer", model)
         if len(self.tokenizer) < MIN_VOCABULARY:
             raise PretrainedLoadError(
-                f"the tokenizer of {model!r} has a vocabulary of {len(self.tokenizer)} tokens (CLIP's has 49,408): its files "
-                "are missing or broken, and every word would map to the unknown token. Re-download the tokenizer/ folder "
-                "or pass a complete local folder with --prior PATH."
+                f"the tokenizer of {model!r} has a vocabulary of {len(self.tokenizer)} tokens (CLIP's has 49,408, T5's 32,100): "
+                "its files are missing or broken, and every word would map to the unknown token. Re-download the "
+                "tokenizer/ folder or pass a complete local folder with --prior PATH."
             )
-        self.model = load_component(CLIPTextModel, Path(folder), "text_encoder", model, torch_dtype=dtype)
+        model_class = CLIPTextModel if self.kind == "clip" else T5EncoderModel
+        self.model = load_component(model_class, Path(folder), "text_encoder", model, torch_dtype=dtype)
         self.model.requires_grad_(False).eval().to(device)
-        self.max_length = self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10_000 else 77
-        self.dim = self.model.config.hidden_size
+        self.max_length = MAX_LENGTH  # SD's CLIP reads 77 tokens; IF's pipeline cuts T5 prompts at 77 too
+        self.dim = self.model.config.hidden_size if self.kind == "clip" else self.model.config.d_model
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -53,12 +62,12 @@ class CLIPTextEncoder:
 
     def token_ids(self, prompts: list[str]) -> torch.Tensor:
         """prompts (P) -> input ids long [P, 77] (begin, words, end, padding); warns about truncated prompts."""
-        full = self.tokenizer(prompts, truncation=False).input_ids
+        full = self.tokenizer(prompts, truncation=False, verbose=False).input_ids
         for prompt, ids in zip(prompts, full):
             if len(ids) > self.max_length:
                 warnings.warn(
-                    f"prompt {prompt[:60]!r}... has {len(ids) - 2} tokens; the text encoder reads {self.max_length - 2}, so it is "
-                    "truncated (the end token is kept).",
+                    f"prompt {prompt[:60]!r}... has {len(ids)} tokens with the special ones; the text encoder reads {self.max_length}, "
+                    "so it is truncated (the end token is kept).",
                     stacklevel=3,
                 )
         return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt").input_ids
@@ -66,11 +75,15 @@ class CLIPTextEncoder:
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = self.token_ids(prompts).to(self.device)
-        out = self.model(input_ids=ids)
         eos = self.tokenizer.eos_token_id
         lengths = (ids == eos).int().argmax(-1) + 1  # tokens up to and including the first end token
         mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
-        return out.last_hidden_state.float().cpu(), out.pooler_output.float().cpu(), mask.cpu()
+        if self.kind == "clip":
+            out = self.model(input_ids=ids)
+            return out.last_hidden_state.float().cpu(), out.pooler_output.float().cpu(), mask.cpu()
+        tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()
+        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return tokens.cpu(), pooled.cpu(), mask.cpu()
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         """prompts (length P) -> TextEmbedding with tokens [P, 77, C], pooled [P, C], mask [P, 77] (on CPU)."""

@@ -1,13 +1,20 @@
-"""Stable Diffusion (1.x / 2.x, any diffusers-format checkpoint) as a frozen score-distillation prior.
+"""Diffusers text-to-image models as frozen score-distillation priors.
 
-Default model: stabilityai/stable-diffusion-2-1-base. The prior implements the same interface
-as the analytic prior:
+Two kinds, from any diffusers-format folder or hub id:
+    stable_diffusion  Stable Diffusion 1.x / 2.x, latent space through its VAE
+                      (default stabilityai/stable-diffusion-2-1-base)
+    deepfloyd_if      DeepFloyd IF stage I, pixel space at the UNet's 64 x 64, T5 text encoder
+                      (default DeepFloyd/IF-I-XL-v1.0); its UNet also predicts a variance
+                      (6 output channels), of which only the noise half is used
+
+The prior implements the same interface as the analytic prior:
 
     encode(images [B, 3, H, W] in [0, 1]) -> latents [B, 4, r/f, r/f], differentiable
         resize to r x r (prior.resolution, bilinear), map to [-1, 1], VAE-encode, take a posterior
         sample and multiply by the VAE's scaling factor (0.18215 for SD); f is the VAE's
         downsampling factor (8 for SD), so r = 512 gives 64 x 64 latents.
     decode(latents) -> images [B, 3, r, r] in [0, 1]
+        (deepfloyd_if: encode resizes to the UNet's sample size and maps to [-1, 1]; decode maps back)
     predict_noise(x_t, t, prompts, cameras, branch) -> eps [N, 4, h, w]
         one UNet call for the whole batch: conditional rows see their prompt's token
         embeddings, unconditional rows the empty prompt's, Perp-Neg rows their negative view
@@ -38,10 +45,14 @@ import torch.nn.functional as F
 
 from amortized3d.priors.branches import COND, NEGATIVE_1, UNCOND
 from amortized3d.rendering.cameras import Cameras
-from amortized3d.text.clip_encoder import CLIPTextEncoder
+from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-SUBFOLDERS = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+DEFAULT_IF_MODEL = "DeepFloyd/IF-I-XL-v1.0"
+SUBFOLDERS = {
+    "stable_diffusion": ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
+    "deepfloyd_if": ["unet", "text_encoder", "tokenizer", "scheduler"],
+}
 TEXT_SUBFOLDERS = ["text_encoder", "tokenizer"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -113,14 +124,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-class StableDiffusionPrior:
+class DiffusionPrior:
     """Frozen UNet + VAE + scheduler constants of a Stable Diffusion checkpoint; text from ``text_encoder``."""
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
         *,
-        text_encoder: CLIPTextEncoder | None = None,
+        kind: str = "stable_diffusion",
+        text_encoder: PretrainedTextEncoder | None = None,
         resolution: int = 512,
         dtype: str = "auto",
         device: str | torch.device = "cpu",
@@ -135,27 +147,35 @@ class StableDiffusionPrior:
 
         from amortized3d.priors.pretrained import load_component, resolve_model_dir
 
+        if kind not in SUBFOLDERS:
+            raise ValueError(f"prior kind {kind!r} is not a diffusers prior; choose one of {', '.join(SUBFOLDERS)}")
         device = torch.device(device)
-        self.model_name = model
+        self.model_name, self.kind = model, kind
         self.dtype = resolve_dtype(dtype, device)
-        folder = resolve_model_dir(model, SUBFOLDERS)
-        self.text_encoder = text_encoder if text_encoder is not None else CLIPTextEncoder(folder, model, device, self.dtype)
+        folder = resolve_model_dir(model, SUBFOLDERS[kind])
+        self.text_encoder = text_encoder if text_encoder is not None else PretrainedTextEncoder(folder, model, device, self.dtype)
         self.unet = load_component(UNet2DConditionModel, folder, "unet", model, torch_dtype=self.dtype)
-        self.vae = load_component(AutoencoderKL, folder, "vae", model, torch_dtype=self.dtype)
+        self.vae = load_component(AutoencoderKL, folder, "vae", model, torch_dtype=self.dtype) if kind == "stable_diffusion" else None
         scheduler = load_component(DDPMScheduler, folder, "scheduler", model)
         for module in (self.unet, self.vae):
-            module.requires_grad_(False).eval().to(device)
+            if module is not None:
+                module.requires_grad_(False).eval().to(device)
         self.unet.to(memory_format=torch.channels_last)
-        if self.unet.config.cross_attention_dim != self.text_encoder.dim:
+        text_width = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
+        if text_width != self.text_encoder.dim:
             raise ValueError(
-                f"the UNet of {model!r} expects {self.unet.config.cross_attention_dim}-d text tokens but its text encoder "
+                f"the UNet of {model!r} expects {text_width}-d text tokens but its text encoder "
                 f"gives {self.text_encoder.dim}-d ones; the folder mixes components of different models"
             )
         self.device = device
         self.view_dependent, self.perp_neg, self.perp_neg_scale = bool(view_dependent), bool(perp_neg), float(perp_neg_scale)
-        self.resolution = int(resolution)
-        self.latent_scale = float(self.vae.config.scaling_factor)
-        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.channels = int(self.unet.config.in_channels)
+        if self.vae is None:  # pixel space: the UNet's own resolution, no latent scaling
+            self.resolution, self.latent_scale, self.vae_factor = int(self.unet.config.sample_size), 1.0, 1
+        else:
+            self.resolution = int(resolution)
+            self.latent_scale = float(self.vae.config.scaling_factor)
+            self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.resolution % self.vae_factor:
             raise ValueError(f"prior.resolution={resolution} must be a multiple of the VAE's downsampling factor {self.vae_factor}")
         self.prediction_type = scheduler.config.prediction_type
@@ -169,13 +189,15 @@ class StableDiffusionPrior:
         x = images
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        if self.vae is None:
+            return 2.0 * x.float() - 1.0
         posterior = self.vae.encode((2.0 * x - 1.0).to(self.dtype)).latent_dist
         return posterior.sample(generator=generator).float() * self.latent_scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, 4, h, w] -> images [B, 3, h f, w f] in [0, 1]."""
-        images = self.vae.decode((latents / self.latent_scale).to(self.dtype)).sample.float()
+        images = latents.float() if self.vae is None else self.vae.decode((latents / self.latent_scale).to(self.dtype)).sample.float()
         return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
@@ -227,17 +249,17 @@ class StableDiffusionPrior:
         cameras [N], branch [N] (amortized3d.priors.branches) -> eps float32 [N, 4, h, w]."""
         condition = self.text_condition(prompts, branch, cameras).to(self.device, self.dtype)
         x = noisy.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        out = self.unet(x, timesteps.to(self.device), encoder_hidden_states=condition).sample.float()
+        out = self.unet(x, timesteps.to(self.device), encoder_hidden_states=condition).sample.float()[:, : self.channels]
         if self.prediction_type == "v_prediction":
             abar = self.alphas_cumprod[timesteps.to(self.device)].view(-1, 1, 1, 1)
             out = abar.sqrt() * out + (1.0 - abar).sqrt() * noisy.to(self.device).float()
         return out
 
 
-def load_stable_diffusion_text_encoder(model: str, device="cpu", dtype: str = "auto") -> CLIPTextEncoder:
+def load_prior_text_encoder(model: str, device="cpu", dtype: str = "auto") -> PretrainedTextEncoder:
     """Only the tokenizer and text encoder of ``model`` (what generate needs to condition a trained generator)."""
     from amortized3d.priors.pretrained import resolve_model_dir
 
     device = torch.device(device)
     folder: Path = resolve_model_dir(model, TEXT_SUBFOLDERS)
-    return CLIPTextEncoder(folder, model, device, resolve_dtype(dtype, device))
+    return PretrainedTextEncoder(folder, model, device, resolve_dtype(dtype, device))
