@@ -138,6 +138,10 @@ def test_alignment_loss_trains_only_the_adapter(tiny_sd, kind):  # noqa: F811
     cameras = orbit_cameras(B, 15.0, 1.5, 70.0)
     optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)
     losses = []
+    calls, handle = count_unet_calls(prior)
+    adapter.alignment_loss(latents, PROMPTS, cameras, torch.Generator().manual_seed(6))
+    handle.remove()
+    assert len(calls) == 1  # the adapter update is one UNet call
     for _ in range(15):
         loss = adapter.alignment_loss(latents, PROMPTS, cameras, torch.Generator().manual_seed(6))  # same t and eps each time
         optimizer.zero_grad()
