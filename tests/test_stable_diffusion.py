@@ -264,3 +264,22 @@ def test_trainer_takes_the_sd_prior_for_every_method(tiny_sd, tmp_path, method):
     learned = method in ("vsd", "lods-embedding", "lods-lora")
     assert ('"adapter_loss"' in rows[-1]) == learned
     assert (run / "checkpoints" / "step_00000002" / "adapter.safetensors").is_file() == learned
+
+
+def test_half_precision_weights_predict_close_to_fp32_and_train_fp32_adapters(tiny_sd, prior):
+    from amortized3d.distillation.adapters import VSDLoRA
+
+    half = DiffusionPrior(str(tiny_sd), resolution=16, dtype="bf16")
+    assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    cameras, branch = orbit_cameras(2, 15.0, 1.5, 70.0), torch.tensor([0, 1])
+    full = prior.predict_noise(x, t, ["a frog", "a dog"], cameras, branch)
+    low = half.predict_noise(x, t, ["a frog", "a dog"], cameras, branch)
+    assert low.dtype == torch.float32 and (low - full).abs().max() < 0.1 * full.abs().mean()
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    latents = half.encode(images, torch.Generator().manual_seed(0))
+    latents.sum().backward()
+    assert latents.dtype == torch.float32 and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    adapter = VSDLoRA(half)
+    adapter.alignment_loss(latents.detach(), ["a frog", "a dog"], cameras, torch.Generator().manual_seed(1)).backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in adapter.parameters())
