@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
+from amortized3d.generators.conv3d import Conv3DGenerator
 from amortized3d.generators.hyper_ingp import HyperINGP
+from amortized3d.generators.triplane import TriplaneTransformer
 from amortized3d.priors.analytic import AnalyticPrior
 from amortized3d.priors.diffusers_prior import DiffusionPrior, load_prior_text_encoder
 from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
@@ -24,8 +26,14 @@ def build_text_encoder(cfg: ExperimentConfig, device: str | torch.device = "cpu"
     return HashedTextEncoder(dim=cfg.text.dim)
 
 
-def build_generator(cfg: ExperimentConfig) -> HyperINGP:
+def build_generator(cfg: ExperimentConfig) -> HyperINGP | Conv3DGenerator | TriplaneTransformer:
     g = cfg.generator
+    if g.kind == "conv3d":
+        return Conv3DGenerator(text_dim=cfg.text.dim, preset=g.preset, channel_multiplier=g.channel_multiplier,
+                               sphere_radius=g.sphere_radius, bound=g.bound, activation_checkpointing=g.activation_checkpointing)
+    if g.kind == "triplane":
+        return TriplaneTransformer(text_dim=cfg.text.dim, preset=g.preset, sphere_radius=g.sphere_radius, bound=g.bound,
+                                   activation_checkpointing=g.activation_checkpointing)
     return HyperINGP(
         text_dim=cfg.text.dim,
         n_levels=g.n_levels,
@@ -59,6 +67,17 @@ def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.de
         n_importance=cfg.prior.n_importance,
         inv_std=cfg.render.inv_std,
     )
+
+
+def build_optimizer(cfg: ExperimentConfig, generator) -> torch.optim.Optimizer:
+    """Adam or Adan over two groups: geometry (optim.lr_geometry) and background (optim.lr_background)."""
+    groups = [{"params": list(generator.geometry_parameters()), "lr": cfg.optim.lr_geometry},
+              {"params": list(generator.background_parameters()), "lr": cfg.optim.lr_background}]
+    if cfg.optim.name == "adan":
+        from pytorch_optimizer import Adan
+
+        return Adan(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    return torch.optim.Adam(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
 ADAPTER_LR = {"vsd": 1e-4, "lods-embedding": 1e-5, "lods-lora": 5e-7}
@@ -98,7 +117,43 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[E
     return cfg, generator.to(device).eval(), state
 
 
-def describe_generator(generator: torch.nn.Module) -> str:
+def describe_generator(generator: torch.nn.Module, cfg: ExperimentConfig | None = None) -> str:
+    """Parameter counts per module and, given the config, the memory of one training step's main tensors (JSON).
+
+    Memory figures are estimates from tensor shapes (float32, 4 bytes a value): parameters with
+    their gradients and two Adam moments; the generator's largest activations for the step's
+    prompts; and the renderer's per-sample tensors kept for the backward pass (positions,
+    features, hidden activations, outputs), for prompts_per_step x views_per_prompt renders of
+    H x W rays with n_proposal + n_importance samples. The prior's weights and activations are
+    not included: they depend on the checkpoint (Stable Diffusion 2.1-base: about 1.3 B parameters).
+    """
     total = sum(p.numel() for p in generator.parameters())
     rows = {name: sum(p.numel() for p in child.parameters()) for name, child in generator.named_children()}
-    return json.dumps({"parameters": total, "by_module": rows}, indent=1)
+    rows = {name: n for name, n in rows.items() if n}
+    loose = total - sum(rows.values())
+    if loose:
+        rows["(own parameters)"] = loose
+    report: dict = {"parameters": total, "by_module": rows}
+    if cfg is not None:
+        mb = 4 / 2**20
+        P = cfg.train.prompts_per_step
+        rays = P * cfg.train.views_per_prompt * cfg.render.height * cfg.render.width
+        samples = rays * (cfg.render.n_proposal + cfg.render.n_importance + 1)
+        if isinstance(generator, Conv3DGenerator):
+            volumes = [generator.const.numel()] + [b.conv1.weight.shape[0] * b.noise.numel() * 3 for b in generator.blocks]
+            activations = P * (sum(volumes) + generator.blocks[-1].to_feature.weight.shape[0] * generator.blocks[-1].noise.numel())
+            per_sample = 3 + generator.blocks[-1].to_feature.weight.shape[0] + 2 * generator.sdf_mlp[0].weight.shape[0] + 4
+        elif isinstance(generator, TriplaneTransformer):
+            tokens = 3 * generator.side**2
+            activations = P * len(generator.blocks) * tokens * generator.width * 10 + P * generator.planes_numel()
+            per_sample = 3 + 2 * 3 * generator.channels + 4 * generator.sdf_mlp[0].weight.shape[0] + 4
+        else:
+            activations = P * generator.hypernet.n_weights
+            per_sample = 3 + generator.grid.output_dim * 9 + 2 * generator.mlp_hidden + 4
+        report["training_step_memory_mb (estimate)"] = {
+            "parameters + gradients + Adam moments": round(4 * total * mb, 1),
+            "generator activations": round(activations * mb, 1),
+            "render samples (with gradient)": round(samples * per_sample * mb, 1),
+            "samples per step": samples,
+        }
+    return json.dumps(report, indent=1)

@@ -4,7 +4,7 @@
     amortized3d generate "a red cube" --checkpoint RUN_DIR
     amortized3d evaluate --checkpoint RUN_DIR
     amortized3d corpus list | show NAME | export NAME OUT.json
-    amortized3d describe --corpus NAME [section.key=value ...]
+    amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def run_generate(args) -> int:
     from amortized3d.inference.generate import generate
 
     results = generate(args.prompts, args.checkpoint, args.out, resolution=args.mesh_resolution,
-                       video_format=args.video_format, frames=args.frames, image_size=args.image_size)
+                       video_format=args.video_format, frames=args.frames, image_size=args.image_size, seed=args.seed)
     for r in results:
         print(json.dumps(r))
     return 0
@@ -112,11 +112,18 @@ def run_describe(args) -> int:
     from amortized3d.builders import build_generator, describe_generator
     from amortized3d.config import config_to_dict
 
+    # `describe CONFIG`: a bare YAML path or corpus name among the arguments selects it.
+    for item in [o for o in args.overrides if "=" not in o]:
+        args.overrides.remove(item)
+        if item.endswith((".yaml", ".yml")):
+            args.config = item
+        else:
+            args.corpus = item
     cfg = _resolve_config(args)
     import yaml
 
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    print(describe_generator(build_generator(cfg)))
+    print(describe_generator(build_generator(cfg), cfg))
     return 0
 
 
@@ -128,6 +135,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-format", choices=("mp4", "gif"), default="mp4")
     parser.add_argument("--frames", type=int, default=36, help="turntable frames")
     parser.add_argument("--image-size", type=int, default=128, help="turntable and contact-sheet image size")
+    parser.add_argument("--seed", type=int, default=None, help="latent z for generators that take one (conv3d); default: its fixed latent")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
+PLANNED_PRIORS = {"mvdream": "the multi-view MVDream prior (needed by the DL17k recipe)"}
 DEFAULT_PRIOR_MODELS = {"stable_diffusion": "stabilityai/stable-diffusion-2-1-base", "deepfloyd_if": "DeepFloyd/IF-I-XL-v1.0"}
 
 
@@ -44,7 +45,13 @@ class TextConfig:
 
 @dataclass
 class GeneratorConfig:
-    kind: str = "hyper_ingp"
+    kind: str = "hyper_ingp"  # hyper_ingp, conv3d (StyleGAN2-like) or triplane (transformer)
+    # conv3d / triplane: architecture sizes from the preset (paper or tiny); conv3d channel multiplier m;
+    # activation checkpointing of the synthesis blocks / transformer blocks (less memory, same results)
+    preset: str = "paper"
+    channel_multiplier: int = 1
+    activation_checkpointing: bool = False
+    # hyper_ingp sizes
     n_levels: int = 16
     n_features_per_level: int = 2
     log2_hashmap_size: int = 19
@@ -118,6 +125,7 @@ class RegularizerConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adam"  # adam (torch) or adan (pytorch-optimizer's Adan; betas then have three entries)
     lr_geometry: float = 4e-3
     lr_background: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -165,11 +173,13 @@ class ExperimentConfig:
 
 CHOICES = {
     ("text", "encoder"): ("hashed", "prior"),
-    ("generator", "kind"): ("hyper_ingp",),
+    ("generator", "kind"): ("hyper_ingp", "conv3d", "triplane"),
+    ("generator", "preset"): ("paper", "tiny"),
     ("prior", "kind"): ("analytic", "stable_diffusion", "deepfloyd_if"),
     ("prior", "dtype"): ("auto", "fp16", "bf16", "fp32"),
     ("distill", "method"): ("asd", "sds", "csd", "vsd", "lods-embedding", "lods-lora"),
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
+    ("optim", "name"): ("adam", "adan"),
     ("train", "wandb"): ("auto", "offline", "online", "disabled"),
 }
 POSITIVE = {
@@ -178,7 +188,7 @@ POSITIVE = {
     ("train", "steps"), ("train", "prompts_per_step"), ("train", "views_per_prompt"), ("train", "grad_accum"),
     ("train", "log_every"), ("train", "val_every"), ("train", "ckpt_every"), ("train", "keep_checkpoints"),
     ("train", "max_bad_steps"), ("optim", "lr_geometry"), ("optim", "lr_background"), ("eval", "n_views"),
-    ("eval", "resolution"), ("eval", "iou_resolution"), ("prior", "n_proposal"), ("prior", "resolution"), ("distill", "lora_rank"),
+    ("eval", "resolution"), ("eval", "iou_resolution"), ("prior", "n_proposal"), ("prior", "resolution"), ("distill", "lora_rank"), ("generator", "channel_multiplier"),
 }
 RANGES = {
     ("render", "random_background_prob"): (0.0, 1.0),
@@ -263,6 +273,11 @@ def parse_override(text: str) -> dict:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Range and choice checks that types alone cannot express."""
+    if cfg.prior.kind in PLANNED_PRIORS:
+        raise ConfigError(
+            f"prior.kind={cfg.prior.kind!r}: {PLANNED_PRIORS[cfg.prior.kind]} is not implemented yet, so this recipe cannot run. "
+            "Pick another prior, e.g. prior.kind=stable_diffusion (4 views per prompt work with it too)."
+        )
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
@@ -304,6 +319,10 @@ def validate(cfg: ExperimentConfig) -> None:
         )
     if cfg.distill.adapter_lr is not None and cfg.distill.adapter_lr <= 0:
         raise ConfigError(f"distill.adapter_lr={cfg.distill.adapter_lr} must be positive (or null for the method's default)")
+    n_betas = 3 if cfg.optim.name == "adan" else 2
+    if len(cfg.optim.betas) != n_betas or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={cfg.optim.betas!r}: {cfg.optim.name} takes {n_betas} betas in [0, 1), e.g. "
+                          + ("[0.98, 0.92, 0.99]" if n_betas == 3 else "[0.9, 0.99]"))
     if cfg.distill.guidance_scale is not None and cfg.distill.guidance_scale < 0:
         raise ConfigError(f"distill.guidance_scale={cfg.distill.guidance_scale} must be >= 0 (or null for the method's default)")
 

@@ -48,13 +48,30 @@ def test_unknown_corpus_names_the_known_ones():
         load_corpus("no-such-corpus")
 
 
-def test_corpus_without_recipe_explains_why():
+def test_corpus_without_recipe_explains_why(monkeypatch):
+    from amortized3d.data import corpora
+
+    entries = dict(corpora.catalog(), mine={"source": "file", "file": "mine.json", "about": "a corpus without a recipe"})
+    monkeypatch.setattr(corpora, "catalog", lambda: entries)
     with pytest.raises(CorpusError) as err:
-        load_config("df415")
+        load_config("mine")
     assert "no training recipe" in str(err.value) and "--config configs/mg15.yaml" in str(err.value)
     assert "mg15" in str(err.value) and "shapeworld-16" in str(err.value)
-    cfg = load_config("df415", config_file=str(CONFIG_DIR / "mg15.yaml"))
-    assert cfg.corpus.name == "df415" and cfg.prior.kind == "stable_diffusion"
+    cfg = load_config("mine", config_file=str(CONFIG_DIR / "mg15.yaml"))
+    assert cfg.corpus.name == "mine" and cfg.prior.kind == "stable_diffusion"
+
+
+def test_paper_recipes_resolve_and_dl17k_stops_clearly():
+    expected = {"df415": ("conv3d", 1, "adam", 100000), "at2520": ("conv3d", 1, "adam", 50000), "cp100k": ("conv3d", 2, "adan", 300000)}
+    for name, (kind, m, optimizer, steps) in expected.items():
+        cfg = load_config(name)
+        assert (cfg.generator.kind, cfg.generator.channel_multiplier, cfg.optim.name, cfg.train.steps) == (kind, m, optimizer, steps)
+        assert cfg.prior.kind == "stable_diffusion" and cfg.generator.sphere_radius == 0.8
+    assert load_config("cp100k").optim.betas == [0.98, 0.92, 0.99]
+    with pytest.raises(ConfigError, match="MVDream prior .* is not implemented yet"):
+        load_config("dl17k")
+    with pytest.raises(ConfigError, match="adan takes 3 betas"):
+        load_config("shapeworld-16", overrides=["optim.name=adan"])
 
 
 def test_mg15_recipe_is_the_reference_recipe():

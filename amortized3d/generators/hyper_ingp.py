@@ -176,8 +176,8 @@ class HyperINGP(nn.Module):
         """Direction grid and background hypernetwork (the background learning rate)."""
         return list(self.background_grid.parameters()) + list(self.background_hypernet.parameters())
 
-    def forward(self, text_pooled: torch.Tensor, text_tokens: torch.Tensor | None = None) -> "HyperINGPField":
-        """text_pooled [P, D] (text_tokens [P, T, D] is accepted and unused) -> field for the P prompts."""
+    def forward(self, text_pooled: torch.Tensor, text_tokens: torch.Tensor | None = None, z: torch.Tensor | None = None) -> "HyperINGPField":
+        """text_pooled [P, D] (text_tokens [P, T, D] and z are accepted and unused) -> field for the P prompts."""
         if text_pooled.dim() != 2 or text_pooled.shape[1] != self.text_dim:
             raise ValueError(
                 f"text_pooled must have shape [P, {self.text_dim}], got {tuple(text_pooled.shape)}; "

@@ -31,8 +31,12 @@ def check_prompts(prompts) -> list[str]:
 
 @torch.no_grad()
 def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs", *, resolution: int = 128,
-             video_format: str = "mp4", frames: int = 36, image_size: int = 128, contact_views: int = 8) -> list[dict]:
+             video_format: str = "mp4", frames: int = 36, image_size: int = 128, contact_views: int = 8,
+             seed: int | None = None) -> list[dict]:
     """For each prompt write NAME.glb, NAME.ply, NAME.mp4 (or .gif) and NAME.png into ``out``.
+
+    ``seed`` draws the latent z of generators that take one (3D-conv): the same prompt with
+    another seed gives another shape; without a seed the generator's fixed default latent is used.
 
     -> one dict per prompt with the written paths and the seconds it took.
     """
@@ -48,7 +52,9 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
     for prompt, name in zip(prompts, names):
         start = time.perf_counter()
         text = text_encoder.encode([prompt])
-        baked = bake_field(generator(text.pooled, text.tokens), resolution, bound)
+        z_dim = getattr(generator, "z_dim", None)
+        z = torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) if z_dim and seed is not None else None
+        baked = bake_field(generator(text.pooled, text.tokens, z=z), resolution, bound)
         result = {"prompt": prompt}
         try:
             mesh = extract_mesh(baked)

@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from amortized3d.builders import build_adapter, build_generator, build_prior, build_text_encoder
+from amortized3d.builders import build_adapter, build_generator, build_optimizer, build_prior, build_text_encoder
 from amortized3d.config import ExperimentConfig, config_to_dict, save_config
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.shapeworld import PromptError, parse_prompt
@@ -112,7 +112,9 @@ def distillation_step(cfg: ExperimentConfig, generator, text_encoder, prior, pro
     cameras = sample_training_cameras(
         P, V, cfg.camera.elevation_range, cfg.camera.distance_range, cfg.camera.fovy_range, rng, device
     )
-    field = generator(text.pooled, text.tokens)
+    z_dim = getattr(generator, "z_dim", None) or getattr(getattr(generator, "module", None), "z_dim", None)
+    z = torch.randn(P, z_dim, generator=rng).to(device) if z_dim else None  # conv3d: a fresh latent per prompt and step
+    field = generator(text.pooled, text.tokens, z=z)
     if cfg.render.random_background_prob > 0:
         mask = torch.rand(P, generator=rng) < cfg.render.random_background_prob
         field = SolidBackground(field, torch.rand(P, 3, generator=rng).to(device), mask.to(device))
@@ -235,11 +237,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     generator = build_generator(cfg).to(device)
     prior = build_prior(cfg, text_encoder, device)
     adapter, adapter_optimizer = build_adapter(cfg, prior)
-    optimizer = torch.optim.Adam(
-        [{"params": list(generator.geometry_parameters()), "lr": cfg.optim.lr_geometry},
-         {"params": list(generator.background_parameters()), "lr": cfg.optim.lr_background}],
-        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-    )
+    optimizer = build_optimizer(cfg, generator)
     start_step, bad_total = 0, 0
     if resume:
         folder = latest_checkpoint(run_dir)
