@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from amortized3d.generators.background import EnvironmentMap
+from amortized3d.generators.common import DecodedField, EnvironmentMap
 
 PRESETS = {
     "paper": dict(base_channels={4: 512, 8: 512, 16: 512, 32: 256, 64: 128, 128: 64}, resolution=128, voxel_bias_max_resolution=64,
@@ -166,7 +166,7 @@ class Conv3DGenerator(nn.Module):
         return Conv3DField(self, self.volume(self.style(text_pooled, z)))
 
 
-class Conv3DField:
+class Conv3DField(DecodedField):
     """Field of P prompts: each prompt's points read only its own feature volume."""
 
     def __init__(self, model: Conv3DGenerator, volume: torch.Tensor):
@@ -181,16 +181,3 @@ class Conv3DField:
         grid = (points / self.model.bound).view(P, 1, 1, N, 3).to(self.volume.dtype)
         sampled = F.grid_sample(self.volume, grid, mode="bilinear", padding_mode="border", align_corners=True)  # [P, F, 1, 1, N]
         return sampled.view(P, -1, N).transpose(1, 2)
-
-    def _sphere(self, points: torch.Tensor) -> torch.Tensor:
-        return points.norm(dim=-1) - self.model.sphere_radius
-
-    def sdf(self, points: torch.Tensor) -> torch.Tensor:
-        return self.model.sdf_mlp(self.features(points)).squeeze(-1).float() + self._sphere(points)
-
-    def sdf_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(points)
-        return self.model.sdf_mlp(f).squeeze(-1).float() + self._sphere(points), torch.sigmoid(self.model.color_mlp(f).float())
-
-    def background(self, directions: torch.Tensor) -> torch.Tensor:
-        return self.model.background(directions)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from amortized3d.generators.background import EnvironmentMap
+from amortized3d.generators.common import DecodedField, EnvironmentMap
 
 PRESETS = {
     "paper": dict(tokens_side=32, width=768, depth=12, heads=16, plane_channels=32, mlp_hidden=64),
@@ -128,7 +128,7 @@ class TriplaneTransformer(nn.Module):
         return TriplaneField(self, self.planes(text_tokens))
 
 
-class TriplaneField:
+class TriplaneField(DecodedField):
     """Field of P prompts: each prompt's points read only its own three planes."""
 
     def __init__(self, model: TriplaneTransformer, planes: torch.Tensor):
@@ -146,19 +146,3 @@ class TriplaneField:
         grid = coords.reshape(P * 3, 1, N, 2).to(planes.dtype)
         sampled = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [3P, C, 1, N]
         return sampled.view(P, 3, -1, N).permute(0, 3, 1, 2).reshape(P, N, -1)
-
-    def _sphere(self, points: torch.Tensor) -> torch.Tensor:
-        return points.norm(dim=-1) - self.model.sphere_radius
-
-    def sdf(self, points: torch.Tensor) -> torch.Tensor:
-        """points [P, N, 3] -> sdf [P, N]."""
-        return self.model.sdf_mlp(self.features(points)).squeeze(-1).float() + self._sphere(points)
-
-    def sdf_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """points [P, N, 3] -> (sdf [P, N], rgb [P, N, 3])."""
-        f = self.features(points)
-        return self.model.sdf_mlp(f).squeeze(-1).float() + self._sphere(points), torch.sigmoid(self.model.color_mlp(f).float())
-
-    def background(self, directions: torch.Tensor) -> torch.Tensor:
-        """[P, R, 3] -> [P, R, 3], the same environment map for every prompt."""
-        return self.model.background(directions)

@@ -1,0 +1,58 @@
+"""Parts shared by the 3D-conv and triplane generators.
+
+EnvironmentMap: a prompt-agnostic background, ray direction -> color, shared by all prompts:
+
+    rgb(d) = sigmoid(MLP(gamma(d))),  gamma(d) = (d, sin(2^k pi d), cos(2^k pi d)) for k < n_frequencies
+
+(the reference recipes' neural environment map; Hyper-iNGP has its own text-conditioned background).
+
+DecodedField: a field whose points are read as features by ``features(points)`` and decoded by
+the model's MLPs: sdf = sdf_mlp(f) + (|x| - sphere_radius), rgb = sigmoid(color_mlp(f)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class EnvironmentMap(nn.Module):
+    """Unit directions [P, R, 3] -> rgb [P, R, 3] in [0, 1]."""
+
+    def __init__(self, n_frequencies: int = 4, hidden: int = 32):
+        super().__init__()
+        self.register_buffer("frequencies", (2.0 ** torch.arange(n_frequencies)) * math.pi, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(3 + 6 * n_frequencies, hidden), nn.SiLU(), nn.Linear(hidden, 3))
+
+    def forward(self, directions: torch.Tensor) -> torch.Tensor:
+        angles = directions.unsqueeze(-1) * self.frequencies  # [..., 3, F]
+        encoded = torch.cat([directions, angles.sin().flatten(-2), angles.cos().flatten(-2)], -1)
+        return torch.sigmoid(self.mlp(encoded.to(self.mlp[0].weight.dtype)).float())
+
+
+class DecodedField:
+    """Field of P prompts: subclasses give features(points [P, N, 3]) -> [P, N, F]; ``model`` has
+    sdf_mlp, color_mlp, sphere_radius and background."""
+
+    model: nn.Module
+
+    def features(self, points: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sphere(self, points: torch.Tensor) -> torch.Tensor:
+        return points.norm(dim=-1) - self.model.sphere_radius
+
+    def sdf(self, points: torch.Tensor) -> torch.Tensor:
+        """points [P, N, 3] -> sdf [P, N]."""
+        return self.model.sdf_mlp(self.features(points)).squeeze(-1).float() + self._sphere(points)
+
+    def sdf_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """points [P, N, 3] -> (sdf [P, N], rgb [P, N, 3] in [0, 1])."""
+        f = self.features(points)
+        return self.model.sdf_mlp(f).squeeze(-1).float() + self._sphere(points), torch.sigmoid(self.model.color_mlp(f).float())
+
+    def background(self, directions: torch.Tensor) -> torch.Tensor:
+        """Unit directions [P, R, 3] -> rgb [P, R, 3], the same environment map for every prompt."""
+        return self.model.background(directions)
