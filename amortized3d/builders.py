@@ -138,7 +138,7 @@ def describe_generator(generator: torch.nn.Module, cfg: ExperimentConfig | None 
         mb = 4 / 2**20
         P = cfg.train.prompts_per_step
         rays = P * cfg.train.views_per_prompt * cfg.render.height * cfg.render.width
-        samples = rays * (cfg.render.n_proposal + cfg.render.n_importance + 1)
+        samples = rays * (cfg.render.n_proposal + cfg.render.n_importance)  # samples rendered with gradient
         if isinstance(generator, Conv3DGenerator):
             volumes = [generator.const.numel()] + [b.conv1.weight.shape[0] * b.noise.numel() * 3 for b in generator.blocks]
             activations = P * (sum(volumes) + generator.blocks[-1].to_feature.weight.shape[0] * generator.blocks[-1].noise.numel())
@@ -154,6 +154,6 @@ def describe_generator(generator: torch.nn.Module, cfg: ExperimentConfig | None 
             "parameters + gradients + Adam moments": round(4 * total * mb, 1),
             "generator activations": round(activations * mb, 1),
             "render samples (with gradient)": round(samples * per_sample * mb, 1),
-            "samples per step": samples,
+            "samples with gradient per step": samples,
         }
     return json.dumps(report, indent=1)

@@ -155,4 +155,17 @@ def test_describe_reports_sizes_and_memory(capsys):
     assert abs(report["parameters"] - 88.7e6) / 88.7e6 < 0.02
     memory = report["training_step_memory_mb (estimate)"]
     assert memory["parameters + gradients + Adam moments"] == pytest.approx(16 * report["parameters"] / 2**20, rel=1e-3)
-    assert memory["samples per step"] == 64 * 64 * (128 + 64 + 1)
+    assert memory["samples with gradient per step"] == 64 * 64 * (128 + 64)  # one 64x64 view, 128 + 64 samples per ray
+
+
+@pytest.mark.parametrize("kind", ["conv3d", "triplane"])
+def test_chunked_field_queries_equal_one_pass(kind):
+    from amortized3d.inference.baked import bake_field
+
+    model = tiny(kind)
+    pooled, tokens, z = inputs(P=1)
+    with torch.no_grad():
+        field = model(pooled, tokens, z=z)
+        one_pass = bake_field(field, resolution=20, bound=1.0, chunk_points=20**3)
+        chunked = bake_field(field, resolution=20, bound=1.0, chunk_points=777)
+    torch.testing.assert_close(chunked.values, one_pass.values, atol=1e-6, rtol=1e-5)
