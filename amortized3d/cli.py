@@ -3,7 +3,7 @@
     amortized3d train --corpus shapeworld-16 [section.key=value ...]
     amortized3d generate "a red cube" --checkpoint RUN_DIR
     amortized3d evaluate --checkpoint RUN_DIR
-    amortized3d corpus list | show NAME | export NAME OUT.json
+    amortized3d corpus list | show NAME | info NAME | export NAME OUT.json
     amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
 """
 
@@ -92,6 +92,24 @@ def run_corpus(args) -> int:
     if not args.name:
         raise SystemExit(f"`amortized3d corpus {args.action}` needs a corpus NAME")
     corpus = load_corpus(args.name, args.corpus_dir)
+    if args.action == "info":
+        from amortized3d.data.corpora import corpus_info
+
+        count = None
+        try:
+            import tempfile
+
+            from amortized3d.priors.tiny import clip_tokenizer
+
+            with tempfile.TemporaryDirectory() as work:
+                tokenizer = clip_tokenizer(Path(work))
+
+            def count(prompts):
+                return [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+        except FileNotFoundError as err:
+            print(f"(no CLIP token counts: {err})", file=sys.stderr)
+        print(json.dumps(corpus_info(corpus, count), indent=1, ensure_ascii=False))
+        return 0
     if args.action == "show":
         for split in ("train", "val", "test"):
             prompts = corpus.split(split)
@@ -154,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     p.set_defaults(func=run_evaluate)
     p = sub.add_parser("corpus", help="list, show or export prompt corpora")
-    p.add_argument("action", choices=("list", "show", "export"))
+    p.add_argument("action", choices=("list", "show", "info", "export"))
     p.add_argument("name", nargs="?")
     p.add_argument("out", nargs="?")
     p.add_argument("--corpus-dir", default=None)

@@ -80,12 +80,3 @@ def test_corpus_commands(tmp_path, capsys):
     assert main(["corpus", "export", "shapeworld-16", str(tmp_path / "sw.json")]) == 0
     data = json.loads((tmp_path / "sw.json").read_text())
     assert len(data["train"]) == 16 and len(data["test"]) == 20
-
-
-@pytest.mark.skipif(not os.environ.get("AMORTIZED3D_CORPORA"), reason="reference corpora folder not configured")
-def test_reference_corpora_load():
-    from amortized3d.data.corpora import load_corpus
-
-    sizes = {"mg15": 15, "df415": 415, "at2520": 2520, "dl17k": 17241}
-    for name, n in sizes.items():
-        assert len(load_corpus(name).train) == n
