@@ -3,7 +3,7 @@
     amortized3d train --corpus shapeworld-16 [section.key=value ...]
     amortized3d generate "a red cube" --checkpoint RUN_DIR
     amortized3d evaluate --checkpoint RUN_DIR
-    amortized3d corpus list | show NAME | info NAME | export NAME OUT.json
+    amortized3d corpus list | show NAME | info NAME | export NAME OUT.json | build cp100k --captions CSV
     amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
 """
 
@@ -91,6 +91,14 @@ def run_corpus(args) -> int:
         return 0
     if not args.name:
         raise SystemExit(f"`amortized3d corpus {args.action}` needs a corpus NAME")
+    if args.action == "build":
+        if args.name != "cp100k" or not args.captions:
+            raise SystemExit("usage: amortized3d corpus build cp100k --captions CAP3D_CAPTIONS.csv [--corpus-dir DIR]")
+        from amortized3d.data.cp100k import build_cp100k
+
+        kwargs = {k: v for k, v in (("train_size", args.train_size), ("test_size", args.test_size)) if v is not None}
+        print(json.dumps(build_cp100k(args.captions, args.corpus_dir, **kwargs), indent=1))
+        return 0
     corpus = load_corpus(args.name, args.corpus_dir)
     if args.action == "info":
         from amortized3d.data.corpora import corpus_info
@@ -172,11 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     p.set_defaults(func=run_evaluate)
     p = sub.add_parser("corpus", help="list, show or export prompt corpora")
-    p.add_argument("action", choices=("list", "show", "info", "export"))
+    p.add_argument("action", choices=("list", "show", "info", "export", "build"))
     p.add_argument("name", nargs="?")
     p.add_argument("out", nargs="?")
     p.add_argument("--corpus-dir", default=None)
     p.add_argument("-n", type=int, default=10, help="prompts to show per split")
+    p.add_argument("--captions", default=None, help="build cp100k: Cap3D's caption CSV (uid, caption)")
+    p.add_argument("--train-size", type=int, default=None, help="build cp100k: train prompts (default 100000)")
+    p.add_argument("--test-size", type=int, default=None, help="build cp100k: test prompts (default 1000)")
     p.set_defaults(func=run_corpus)
     p = sub.add_parser("describe", help="print the resolved config and the generator's size")
     _add_train_arguments(p)
