@@ -147,6 +147,9 @@ class TrainConfig:
     max_bad_steps: int = 20
     output_dir: str | None = None
     wandb: str = "auto"
+    # audit trail: every rank appends the prompt indices of each micro-batch, and at the end a digest
+    # of its parameters, to RUN_DIR/prompts/rank<r>.jsonl
+    record_prompts: bool = False
 
 
 @dataclass

@@ -257,6 +257,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
     bar = tqdm(range(start_step, end_step), initial=start_step, total=total_steps, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     consecutive_bad, last_time = 0, time.perf_counter()
+    prompt_record = None
+    if cfg.train.record_prompts:
+        (run_dir / "prompts").mkdir(parents=True, exist_ok=True)
+        prompt_record = open(run_dir / "prompts" / f"rank{rank}.jsonl", "a")
     samples_per_step = cfg.train.prompts_per_step * cfg.train.views_per_prompt * cfg.train.grad_accum * world
     step = start_step
     for step in bar:
@@ -266,6 +270,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         for micro in range(cfg.train.grad_accum):
             rng = torch.Generator().manual_seed(derived_seed(cfg.train.seed, rank, step, micro))
             idx = prompt_indices(len(train_prompts), step, micro, cfg.train.grad_accum, rank, world, cfg.train.prompts_per_step, cfg.train.seed)
+            if prompt_record is not None:
+                prompt_record.write(json.dumps({"step": step, "micro": micro, "indices": idx}) + "\n")
             with accelerator.accumulate(generator):
                 with accelerator.autocast():
                     result = distillation_step(cfg, generator, text_encoder, prior, [train_prompts[i] for i in idx], progress, rng, device, adapter)
@@ -328,6 +334,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
             model.train()
         accelerator.wait_for_everyone()
     bar.close()
+    if prompt_record is not None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        prompt_record.write(json.dumps({"final_step": step + 1, "parameters_sha256": digest.hexdigest()}) + "\n")
+        prompt_record.close()
     if metrics_file is not None:
         metrics_file.close()
     if wandb_run is not None:
