@@ -4,6 +4,6 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=64
 #SBATCH --time=72:00:00
-# One node, eight GPUs: sbatch launch/slurm_8gpu.sh --corpus shapeworld-120k
+# One node, eight GPUs: sbatch launch/slurm_8gpu.sh --corpus df415 --output runs/df415
 set -euo pipefail
-srun accelerate launch --config_file launch/accelerate_multi_gpu.yaml train.py "$@"
+srun accelerate launch --config_file launch/accelerate_8gpu.yaml train.py "$@"
