@@ -44,7 +44,7 @@ def test_perp_neg_interpolates_the_view_prompts():
     null = torch.randn(77, 8)
     azimuth = torch.tensor([0.0, -45.0, 90.0, 135.0, 10.0])
     elevation = torch.tensor([0.0, 0.0, 0.0, 0.0, 80.0])
-    positive, negatives, _ = perp_neg_terms(table, elevation, azimuth, null)
+    positive, negatives = perp_neg_terms(table, elevation, azimuth, null)
     torch.testing.assert_close(positive[0], table[0, FRONT])
     torch.testing.assert_close(positive[1], 0.5 * table[1, FRONT] + 0.5 * table[1, SIDE])
     torch.testing.assert_close(positive[2], table[2, SIDE])

@@ -28,7 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amortized3d.seeding import derived_seed
+
 MANIFEST = "manifest.json"
+STORE_STREAM = 1  # separates the shard-order seeds from the trainer's (seed, epoch) prompt permutations
 
 
 class StoreError(ValueError):
@@ -110,8 +113,7 @@ def load_manifest(store_dir: str | Path, prompts: list[str] | None = None, encod
 
 def epoch_shards(n_shards: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
     """This rank's shards in epoch ``epoch``: a (seed, epoch) permutation, every world-th from position rank."""
-    key = int.from_bytes(hashlib.sha256(f"store:{seed}:{epoch}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-    order = torch.randperm(n_shards, generator=torch.Generator().manual_seed(key)).tolist()
+    order = torch.randperm(n_shards, generator=torch.Generator().manual_seed(derived_seed(seed, epoch, STORE_STREAM))).tolist()
     return order[rank::world]
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from amortized3d.fields import Field
 from amortized3d.rendering.cameras import Cameras, camera_rays
-from amortized3d.rendering.volume import composite_weights, ray_sphere_near_far, render_rays, uniform_edges, volsdf_density
+from amortized3d.rendering.volume import proposal_weights, ray_sphere_near_far, render_rays
 
 BOX_MARGIN_IN_LAPLACE_SCALES = 7.0
 EMPTY_RAY_OPACITY = 1e-3
@@ -179,11 +179,8 @@ def proposal_opacity(field, origins, dirs, near, far, n_proposal: int, inv_std: 
     parts = []
     for start in range(0, origins.shape[1], chunk_rays):
         rays = slice(start, start + chunk_rays)
-        edges = uniform_edges(near[:, rays], far[:, rays], n_proposal)  # [1, r, n + 1]
-        mids = 0.5 * (edges[..., 1:] + edges[..., :-1])
-        points = origins[:, rays].unsqueeze(2) + mids.unsqueeze(-1) * dirs[:, rays].unsqueeze(2)  # [1, r, n, 3]
-        sdf = field.sdf(points.reshape(1, -1, 3)).reshape(mids.shape)
-        parts.append(composite_weights(edges[..., :-1], edges[..., 1:], volsdf_density(sdf, inv_std)).sum(-1))
+        _, weights = proposal_weights(field, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays], n_proposal, inv_std)
+        parts.append(weights.sum(-1))
     return torch.cat(parts, 1) if parts else near.new_zeros(near.shape)
 
 

@@ -98,7 +98,7 @@ def perp_neg_raw_weights(elevation: torch.Tensor, azimuth: torch.Tensor) -> torc
 
 def perp_neg_terms(table: torch.Tensor, elevation: torch.Tensor, azimuth: torch.Tensor, null: torch.Tensor):
     """table [N, 4, 77, C] view-prompt embeddings (VIEW_SUFFIXES order), null [77, C] ->
-    (positive [N, 77, C], negatives [N, 2, 77, C], raw weights [N, 2]).
+    (positive [N, 77, C], negatives [N, 2, 77, C]); their weights are perp_neg_raw_weights.
 
     positive: overhead -> the overhead prompt; |az| < 90 -> r front + (1 - r) side, r = 1 - |az| / 90;
     else r side + (1 - r) back, r = 2 - |az| / 90. Negatives: (front, side) in the front half,
@@ -114,7 +114,7 @@ def perp_neg_terms(table: torch.Tensor, elevation: torch.Tensor, azimuth: torch.
     is_overhead = elevation > OVERHEAD_DEGREES
     positive[is_overhead] = overhead[is_overhead]
     negatives[is_overhead] = null.to(negatives.dtype)
-    return positive, negatives, perp_neg_raw_weights(elevation, azimuth)
+    return positive, negatives
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -223,7 +223,7 @@ class DiffusionPrior:
         table = self._embed([v for row in views for v in row]).view(len(views), len(VIEW_SUFFIXES), *out.shape[1:])
         sub = cameras[rows.to(cameras.c2w.device)]
         if self.perp_neg:
-            positive, negatives, _ = perp_neg_terms(table, sub.elevation.cpu(), sub.azimuth.cpu(), out[0])
+            positive, negatives = perp_neg_terms(table, sub.elevation.cpu(), sub.azimuth.cpu(), out[0])
             for j, i in enumerate(rows.tolist()):
                 b = int(branch[i])
                 out[i] = positive[j] if b == COND else negatives[j, b - NEGATIVE_1]

@@ -171,15 +171,25 @@ def _points(origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor) -> torch
     return (origins.unsqueeze(2) + t.unsqueeze(-1) * dirs.unsqueeze(2)).reshape(P, R * S, 3)
 
 
+@torch.no_grad()
+def proposal_weights(field, origins, dirs, near, far, n_proposal: int, inv_std: float, proposal_jitter=None):
+    """The proposal pass: SDF only, at the midpoints of n_proposal (optionally jittered) intervals, no gradient.
+
+    origins, dirs [P, R, 3], near, far [P, R] -> (edges [P, R, n_proposal + 1], weights [P, R, n_proposal]).
+    """
+    edges = uniform_edges(near, far, n_proposal, proposal_jitter)
+    mids = 0.5 * (edges[..., 1:] + edges[..., :-1])
+    sdf = field.sdf(_points(origins, dirs, mids)).reshape(mids.shape)
+    return edges, composite_weights(edges[..., :-1], edges[..., 1:], volsdf_density(sdf, inv_std))
+
+
 def _importance_positions(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias):
     """Proposal edges plus importance positions, sorted: [P, R, n_proposal + n_importance + 1], no gradient."""
     with torch.no_grad():
-        edges = uniform_edges(near, far, n_proposal, proposal_jitter)
         if n_importance == 0:
-            return edges
-        mids = 0.5 * (edges[..., 1:] + edges[..., :-1])
-        sdf = field.sdf(_points(origins, dirs, mids)).reshape(mids.shape)
-        weights = composite_weights(edges[..., :-1], edges[..., 1:], volsdf_density(sdf, inv_std)) + PDF_FLOOR
+            return uniform_edges(near, far, n_proposal, proposal_jitter)
+        edges, weights = proposal_weights(field, origins, dirs, near, far, n_proposal, inv_std, proposal_jitter)
+        weights = weights + PDF_FLOOR
         if edges.is_cuda:
             extra = _sample_from_pdf_nerfacc(edges, weights, n_importance, stratified=importance_bias is not None)
         else:

@@ -34,17 +34,12 @@ from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_
 from amortized3d.fields import Field, finite_difference_gradient
 from amortized3d.rendering.cameras import orbit_cameras, sample_training_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
+from amortized3d.seeding import derived_seed
 from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with non-finite loss or gradients."""
-
-
-def derived_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers, independent of Python's hash randomization."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def prompt_indices(n_prompts: int, step: int, micro: int, grad_accum: int, rank: int, world: int, per_rank: int, seed: int) -> list[int]:
