@@ -1,4 +1,4 @@
-"""The one place where config names become objects: text encoder, generator, prior."""
+"""The one place where config names become objects: text encoder, embedding store, generator, prior."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from amortized3d.generators.conv3d import Conv3DGenerator
 from amortized3d.generators.hyper_ingp import HyperINGP
 from amortized3d.generators.triplane import TriplaneTransformer
 from amortized3d.priors.analytic import AnalyticPrior
-from amortized3d.priors.diffusers_prior import DiffusionPrior, load_prior_text_encoder
+from amortized3d.data.embedding_store import build_store, default_store_dir, load_manifest, prompts_digest
+from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, DiffusionPrior, load_prior_text_encoder
 from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
 from amortized3d.text.hashed_encoder import HashedTextEncoder
 from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -24,6 +25,39 @@ def build_text_encoder(cfg: ExperimentConfig, device: str | torch.device = "cpu"
     if cfg.text.encoder == "prior":
         return load_prior_text_encoder(cfg.prior.model, device, cfg.prior.dtype)
     return HashedTextEncoder(dim=cfg.text.dim)
+
+
+def prior_store_suffixes(cfg: ExperimentConfig) -> list[str]:
+    """What the embedding store holds for the prior beyond the generator's encoding, as suffixes of each prompt:
+    '' (the plain prompt) when the generator's text encoder is not the prior's, and the four view suffixes
+    with prior.view_dependent or prior.perp_neg. None for the analytic prior, which reads the prompt text."""
+    if cfg.prior.kind == "analytic":
+        return []
+    plain = [] if cfg.text.encoder == "prior" else [""]
+    return plain + (list(VIEW_SUFFIXES) if cfg.prior.view_dependent or cfg.prior.perp_neg else [])
+
+
+def store_location(cfg: ExperimentConfig, prompts: list[str], text_encoder, prior_encoder=None) -> tuple[Path, dict]:
+    """(folder, expected): the embedding store of the train split ``prompts`` for this config (data.store, else a
+    cache folder named by its content) and the load_manifest arguments it must match."""
+    suffixes = prior_store_suffixes(cfg)
+    expected = {"prompts": prompts, "encoder_id": text_encoder.identity,
+                "prior_encoder_id": prior_encoder.identity if suffixes else None, "prior_suffixes": suffixes}
+    folder = Path(cfg.data.store).expanduser() if cfg.data.store else default_store_dir(
+        cfg.corpus.name, "train", prompts_digest(prompts), expected["encoder_id"], expected["prior_encoder_id"], suffixes)
+    return folder, expected
+
+
+def prepare_store(cfg: ExperimentConfig, prompts: list[str], text_encoder, prior_encoder=None, *, rank: int = 0, world: int = 1,
+                  barrier=None, progress: bool = True) -> Path:
+    """The store of store_location, built (split over the ranks) or finished if it is missing or incomplete; every
+    rank calls it, and all of them pass the same barriers whatever the store's state (no rank returns early).
+    prior_encoder: the diffusers prior's text encoder (None for the analytic prior)."""
+    folder, expected = store_location(cfg, prompts, text_encoder, prior_encoder)
+    build_store(prompts, text_encoder, folder, prior_encoder=prior_encoder, prior_suffixes=expected["prior_suffixes"], corpus=cfg.corpus.name,
+                shard_size=cfg.data.shard_size, batch_size=cfg.data.encode_batch, rank=rank, world=world, barrier=barrier, progress=progress)
+    load_manifest(folder, **expected)
+    return folder
 
 
 def build_generator(cfg: ExperimentConfig) -> HyperINGP | Conv3DGenerator | TriplaneTransformer:

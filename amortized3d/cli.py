@@ -4,6 +4,7 @@
     amortized3d generate "a red cube" --checkpoint RUN_DIR
     amortized3d evaluate --checkpoint RUN_DIR
     amortized3d corpus list | show NAME | info NAME | export NAME OUT.json | build cp100k --captions CSV
+    amortized3d store build | info --corpus NAME [--config FILE] [section.key=value ...]
     amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
 """
 
@@ -134,6 +135,38 @@ def run_corpus(args) -> int:
     return 0
 
 
+def run_store(args) -> int:
+    """Build (or check) the embedding store a training run with these arguments reads; under `accelerate launch`
+    the ranks split the build."""
+    from accelerate import Accelerator
+
+    from amortized3d.builders import build_text_encoder, prepare_store, prior_store_suffixes, store_location
+    from amortized3d.data.corpora import load_corpus
+    from amortized3d.data.embedding_store import load_manifest
+
+    cfg = _resolve_config(args)
+    state = Accelerator()  # as in training: the process group from `accelerate launch` (CPU processes included)
+    prompts = load_corpus(cfg.corpus.name, cfg.corpus.dir).train
+    text_encoder = build_text_encoder(cfg, state.device)
+    prior_encoder = None
+    if prior_store_suffixes(cfg):
+        from amortized3d.priors.diffusers_prior import load_prior_text_encoder
+
+        prior_encoder = text_encoder if cfg.text.encoder == "prior" else load_prior_text_encoder(cfg.prior.model, state.device, cfg.prior.dtype)
+    if args.action == "info":
+        folder, expected = store_location(cfg, prompts, text_encoder, prior_encoder)
+        manifest = load_manifest(folder, **expected)
+    else:
+        folder = prepare_store(cfg, prompts, text_encoder, prior_encoder, rank=state.process_index, world=state.num_processes,
+                               barrier=state.wait_for_everyone, progress=state.is_local_main_process)
+        manifest = load_manifest(folder)
+    if state.is_main_process:
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        summary = {key: manifest[key] for key in ("corpus", "split", "n_prompts", "shard_size", "encoder_id", "prior_encoder_id", "prior_suffixes")}
+        print(json.dumps({"store": str(folder), **summary, "shards": len(manifest["shards"]), "bytes": size}, indent=1))
+    return 0
+
+
 def run_describe(args) -> int:
     from amortized3d.builders import build_generator, describe_generator
     from amortized3d.config import config_to_dict
@@ -189,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=None, help="build cp100k: train prompts (default 100000)")
     p.add_argument("--test-size", type=int, default=None, help="build cp100k: test prompts (default 1000)")
     p.set_defaults(func=run_corpus)
+    p = sub.add_parser("store", help="build or inspect the text-embedding store that training reads")
+    store_sub = p.add_subparsers(dest="action", required=True)
+    for action, about in (("build", "encode the train split into the store training with these arguments reads"),
+                          ("info", "check that store and print its manifest")):
+        q = store_sub.add_parser(action, help=about)
+        _add_train_arguments(q)
+        q.set_defaults(func=run_store)
     p = sub.add_parser("describe", help="print the resolved config and the generator's size")
     _add_train_arguments(p)
     p.set_defaults(func=run_describe)
@@ -198,12 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(func, args) -> int:
     from amortized3d.config import ConfigError
     from amortized3d.data.corpora import CorpusError
+    from amortized3d.data.embedding_store import StoreError
     from amortized3d.data.shapeworld import PromptError
     from amortized3d.priors.pretrained import PretrainedLoadError
 
     try:
         return func(args)
-    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, FileNotFoundError) as err:
+    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, StoreError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,17 @@ class CorpusConfig:
 
 
 @dataclass
+class DataConfig:
+    # The text-embedding store training streams (amortized3d/data/embedding_store.py, data/loader.py).
+    # store: its folder; null: CACHE/stores/<corpus>-train-<content key>, CACHE = $AMORTIZED3D_CACHE or
+    # ~/.cache/amortized3d. A missing store is built by all ranks before the first step.
+    store: str | None = None
+    shard_size: int | None = None  # prompts per shard; null: about 64 MB of arrays per shard
+    encode_batch: int = 256  # prompts per text-encoder call while building
+    num_workers: int = 2  # data-loader worker processes per rank (0: load in the training process)
+
+
+@dataclass
 class TextConfig:
     # "hashed": offline deterministic encoder (amortized3d/text/hashed_encoder.py), width text.dim;
     # "prior": the CLIP text encoder in prior.model's folder (amortized3d/text/pretrained_encoder.py), width from the model
@@ -147,7 +158,7 @@ class TrainConfig:
     max_bad_steps: int = 20
     output_dir: str | None = None
     wandb: str = "auto"
-    # audit trail: every rank appends the prompt indices of each micro-batch, and at the end a digest
+    # audit trail: every rank appends the prompts of each micro-batch, and at the end a digest
     # of its parameters, to RUN_DIR/prompts/rank<r>.jsonl
     record_prompts: bool = False
 
@@ -162,6 +173,7 @@ class EvalConfig:
 @dataclass
 class ExperimentConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
@@ -186,7 +198,7 @@ CHOICES = {
     ("train", "wandb"): ("auto", "offline", "online", "disabled"),
 }
 POSITIVE = {
-    ("text", "dim"), ("render", "height"), ("render", "width"), ("render", "n_proposal"), ("render", "inv_std"),
+    ("text", "dim"), ("data", "encode_batch"), ("render", "height"), ("render", "width"), ("render", "n_proposal"), ("render", "inv_std"),
     ("render", "scene_radius"), ("generator", "bound"), ("generator", "n_levels"), ("prior", "std"), ("prior", "uncond_std"),
     ("train", "steps"), ("train", "prompts_per_step"), ("train", "views_per_prompt"), ("train", "grad_accum"),
     ("train", "log_every"), ("train", "val_every"), ("train", "ckpt_every"), ("train", "keep_checkpoints"),
@@ -320,6 +332,10 @@ def validate(cfg: ExperimentConfig) -> None:
             "prior.view_dependent and prior.perp_neg change the text of a text-to-image prior; the analytic prior's "
             "conditionals are exact per camera already. Set them to false, or use prior.kind=stable_diffusion or deepfloyd_if"
         )
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 (0 loads batches in the training process)")
+    if cfg.data.shard_size is not None and cfg.data.shard_size < 1:
+        raise ConfigError(f"data.shard_size={cfg.data.shard_size} must be positive (or null for about 64 MB per shard)")
     if cfg.distill.adapter_lr is not None and cfg.distill.adapter_lr <= 0:
         raise ConfigError(f"distill.adapter_lr={cfg.distill.adapter_lr} must be positive (or null for the method's default)")
     n_betas = 3 if cfg.optim.name == "adan" else 2

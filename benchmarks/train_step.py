@@ -19,6 +19,7 @@ import torch
 from amortized3d.builders import build_generator, build_prior, build_text_encoder
 from amortized3d.config import load_config
 from amortized3d.data.corpora import load_corpus
+from amortized3d.data.loader import PromptBatch
 from amortized3d.training.train import distillation_step
 
 
@@ -44,7 +45,7 @@ def main():
         rng = torch.Generator().manual_seed(i)
         sync(device)
         t0 = time.perf_counter()
-        result = distillation_step(cfg, generator, encoder, prior, prompts, 0.3, rng, device)
+        result = distillation_step(cfg, generator, prior, PromptBatch.encode(prompts, encoder), 0.3, rng, device)
         sync(device)
         t1 = time.perf_counter()
         result.loss.backward()

@@ -283,3 +283,24 @@ def test_half_precision_weights_predict_close_to_fp32_and_train_fp32_adapters(ti
     adapter = VSDLoRA(half)
     adapter.alignment_loss(latents.detach(), ["a frog", "a dog"], cameras, torch.Generator().manual_seed(1)).backward()
     assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in adapter.parameters())
+
+
+def test_training_reads_the_view_prompts_from_the_store(tiny_sd, tmp_path, monkeypatch):
+    # The store is built once (here by `prepare_store` with its own encoder); the trainer's CLIP then encodes
+    # no view prompt again: the embeddings of "a frog, front view" etc. come from the shards.
+    from amortized3d.builders import build_text_encoder, prepare_store
+    from amortized3d.config import load_config
+    from amortized3d.data.embedding_store import load_manifest
+    from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
+    from amortized3d.training.train import train
+
+    corpus = tmp_path / "prompts.json"
+    corpus.write_text('{"train": ["a frog", "a chair"]}')
+    cfg = load_config(str(corpus), str(REPO / "configs" / "mg15.yaml"), [*SD_TINY, f"prior.model={tiny_sd}", "text.encoder=prior"])
+    store = prepare_store(cfg, ["a frog", "a chair"], build_text_encoder(cfg), build_text_encoder(cfg), progress=False)
+    assert load_manifest(store)["prior_suffixes"] == [", side view", ", front view", ", back view", ", overhead view"]
+    encoded = []
+    original = PretrainedTextEncoder._encode_uncached
+    monkeypatch.setattr(PretrainedTextEncoder, "_encode_uncached", lambda self, texts: encoded.extend(texts) or original(self, texts))
+    train(cfg, tmp_path / "run")
+    assert encoded and not [t for t in encoded if t.endswith(" view")], encoded  # only "" and the plain validation prompts

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from amortized3d.config import load_config, save_config
 from amortized3d.training import train as train_module
 from amortized3d.training.checkpoint import latest_checkpoint, save_checkpoint
-from amortized3d.training.train import TrainingDiverged, prompt_indices, train
+from amortized3d.training.train import TrainingDiverged, train
 
 TINY = [
     "train.wandb=disabled", "render.height=16", "render.width=16", "render.n_proposal=16", "render.n_importance=8",
@@ -25,30 +25,29 @@ def tiny_config(*extra):
     return load_config("shapeworld-16", overrides=[*TINY, *extra])
 
 
-def test_prompt_sampling_covers_each_epoch_and_splits_ranks():
-    # Global batches of 4 that tile an 8-prompt epoch: ranks are disjoint within a step.
-    n, per_rank, world = 8, 2, 2
-    for step in range(6):
-        ranks = [prompt_indices(n, step, 0, 1, r, world, per_rank, seed=3) for r in range(world)]
-        assert not set(ranks[0]) & set(ranks[1])
-    # Any batch size: the stream over steps, micro-batches and ranks is a permutation per epoch.
-    n = 10
-    stream = []
-    for step in range(5):  # 5 steps x 2 micro-batches x 2 ranks x 1 prompt = 20 = two epochs
-        for micro in range(2):
-            for r in range(2):
-                stream += prompt_indices(n, step, micro, 2, r, 2, 1, seed=3)
-    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
-    assert stream[:10] != stream[10:]
+def cfg_prompts(cfg) -> list[str]:
+    from amortized3d.data.corpora import load_corpus
+
+    return load_corpus(cfg.corpus.name).train
+
+
+def recorded_prompts(run) -> list[list[str]]:
+    lines = [json.loads(line) for line in (run / "prompts" / "rank0.jsonl").read_text().splitlines()]
+    return [r["prompts"] for r in lines if "prompts" in r]
 
 
 def test_resume_is_bit_identical(tmp_path):
-    cfg = tiny_config("train.steps=4", "train.ckpt_every=2")
+    # 16 prompts, 3 per step: an epoch is 5 steps (one prompt sits it out). Interrupted mid-epoch, at step 3 of 7.
+    cfg = tiny_config("train.steps=7", "train.ckpt_every=3", "train.prompts_per_step=3", "train.record_prompts=true")
     straight = train(cfg, tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
-    train(cfg, interrupted, max_steps=2)
-    assert latest_checkpoint(interrupted).name == "step_00000002"
+    train(cfg, interrupted, max_steps=3)
+    assert latest_checkpoint(interrupted).name == "step_00000003"
     train(cfg, interrupted, resume=True)
+    batches = recorded_prompts(straight)
+    assert recorded_prompts(interrupted) == batches  # no prompt repeated or skipped by the interruption
+    first_epoch = [p for b in batches[:5] for p in b]
+    assert len(first_epoch) == len(set(first_epoch)) == 15 and set(first_epoch) < set(cfg_prompts(cfg))
     a = load_file(str(latest_checkpoint(straight) / "model.safetensors"))
     b = load_file(str(latest_checkpoint(interrupted) / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -58,7 +57,7 @@ def test_resume_is_bit_identical(tmp_path):
     ob = load_file(str(latest_checkpoint(interrupted) / "optimizer.safetensors"))
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == list(range(1, 8)) and rows[5]["epoch"] == 1.0
     assert (straight / "config.yaml").is_file()
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from amortized3d.priors.branches import COND, NEGATIVE_1, UNCOND
 from amortized3d.rendering.cameras import Cameras
-from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
+from amortized3d.text.pretrained_encoder import TEXT_SUBFOLDERS, PretrainedTextEncoder
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DEFAULT_IF_MODEL = "DeepFloyd/IF-I-XL-v1.0"
@@ -53,7 +53,6 @@ SUBFOLDERS = {
     "stable_diffusion": ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
     "deepfloyd_if": ["unet", "text_encoder", "tokenizer", "scheduler"],
 }
-TEXT_SUBFOLDERS = ["text_encoder", "tokenizer"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # View-dependent prompting: suffix per view, in the order of view_index's codes.

@@ -64,6 +64,7 @@ class HashedTextEncoder:
             raise ValueError(f"text.dim={dim} is too small; use at least 8 (1024 matches Stable Diffusion 2.1's pooled size)")
         self.dim = dim
         self.max_length = max_length
+        self.identity = f"hashed-v1-d{dim}-t{max_length}"  # what an embedding store built with it is bound to
         self._cache: dict[str, torch.Tensor] = {}
 
     def _vector(self, key: str) -> torch.Tensor:

@@ -10,11 +10,12 @@ CLIP (Stable Diffusion 1.x / 2.x) or T5 (DeepFloyd IF), chosen by text_encoder/c
 Prompts longer than 77 tokens are truncated with the end token kept (the tokenizer truncates
 the words, then adds the special tokens), and a warning names the prompt. A tokenizer whose
 vocabulary is implausibly small is refused: offline, transformers can return a 2-token
-tokenizer that maps every word to the unknown token. Encodings are cached per prompt string.
+tokenizer that maps every word to the unknown token. Encodings are cached per prompt string; training fills the cache from the embedding store.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,19 @@ from amortized3d.text.hashed_encoder import MAX_LENGTH, TextEmbedding
 
 MIN_VOCABULARY = 1000
 CACHE_SIZE = 4096
+TEXT_SUBFOLDERS = ["text_encoder", "tokenizer"]
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """12 hex digits of sha256 over the text encoder's config and the names and sizes of its and the tokenizer's files."""
+    digest = hashlib.sha256()
+    for sub in TEXT_SUBFOLDERS:
+        for path in sorted((folder / sub).rglob("*")) if (folder / sub).is_dir() else []:
+            if path.is_file():
+                digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
+                if path.name == "config.json":
+                    digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 class PretrainedTextEncoder:
@@ -55,6 +69,7 @@ class PretrainedTextEncoder:
         self.max_length = MAX_LENGTH  # SD's CLIP reads 77 tokens; IF's pipeline cuts T5 prompts at 77 too
         self.dim = self.model.config.hidden_size if self.kind == "clip" else self.model.config.d_model
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.identity = f"{model}@{folder_fingerprint(Path(folder))}"  # what an embedding store built with it is bound to
 
     @property
     def device(self) -> torch.device:
@@ -84,6 +99,13 @@ class PretrainedTextEncoder:
         tokens = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return tokens.cpu(), pooled.cpu(), mask.cpu()
+
+    def remember(self, prompts: list[str], embedding: TextEmbedding) -> None:
+        """Put stored encodings of ``prompts`` (from the embedding store) in the cache, so encode() reuses them."""
+        if len(self._cache) + len(prompts) > CACHE_SIZE:
+            self._cache.clear()
+        for i, prompt in enumerate(prompts):
+            self._cache[prompt] = (embedding.tokens[i], embedding.pooled[i], embedding.mask[i])
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         """prompts (length P) -> TextEmbedding with tokens [P, 77, C], pooled [P, C], mask [P, 77] (on CPU)."""

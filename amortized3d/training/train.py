@@ -2,12 +2,13 @@
 
     prompts -> text embedding -> generator -> field -> render -> prior -> distillation loss -> optimizer step
 
-Randomness is stateless: every micro-batch draws from a generator seeded by
-(seed, rank, step, micro-batch), and prompts come from a per-epoch permutation
-seeded by (seed, epoch) that all ranks share, each rank taking its own slice. So a
-run resumed from a checkpoint (model + optimizer + step) continues exactly as the
-uninterrupted run would, and within an epoch every prompt is used once across
-all ranks (no rank duplicates another's prompts, whatever the world size).
+Prompts and their text embeddings stream from the corpus's embedding store (built by all
+ranks on first use; amortized3d/data/embedding_store.py), in batches whose order is a pure
+function of (seed, epoch, world size, micro-batch) (amortized3d/data/loader.py): within an
+epoch the ranks see disjoint prompts and every rank runs the same number of steps.
+Randomness is stateless too: every micro-batch draws from a generator seeded by
+(seed, rank, step, micro-batch). So a run resumed from a checkpoint (model + optimizer +
+step) continues exactly as the uninterrupted run would, mid-epoch included.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +27,10 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from amortized3d.builders import build_adapter, build_generator, build_optimizer, build_prior, build_text_encoder
+from amortized3d.builders import build_adapter, build_generator, build_optimizer, build_prior, build_text_encoder, prepare_store
 from amortized3d.config import ExperimentConfig, config_to_dict, save_config
 from amortized3d.data.corpora import load_corpus
+from amortized3d.data.loader import PromptBatch, batch_loader
 from amortized3d.data.shapeworld import PromptError, parse_prompt
 from amortized3d.distillation.regularizers import eikonal_loss, opacity_entropy_loss, scheduled_weight, sparsity_loss
 from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_distillation, timestep_range
@@ -40,21 +43,6 @@ from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint, 
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with non-finite loss or gradients."""
-
-
-def prompt_indices(n_prompts: int, step: int, micro: int, grad_accum: int, rank: int, world: int, per_rank: int, seed: int) -> list[int]:
-    """Indices of the prompts rank ``rank`` trains on in (step, micro-batch).
-
-    The global stream is the concatenation of per-epoch permutations of the corpus;
-    (step, micro) owns a window of world * per_rank entries, split by rank.
-    """
-    start = ((step * grad_accum + micro) * world + rank) * per_rank
-    out = []
-    for position in range(start, start + per_rank):
-        epoch, offset = divmod(position, n_prompts)
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(derived_seed(seed, epoch)))
-        out.append(int(perm[offset]))
-    return out
 
 
 def check_shapeworld_prompts(prompts: list[str], corpus_name: str) -> None:
@@ -95,15 +83,28 @@ class StepResult:
     metrics: dict[str, float]
 
 
-def distillation_step(cfg: ExperimentConfig, generator, text_encoder, prior, prompts: list[str], progress: float, rng: torch.Generator, device, adapter=None) -> StepResult:
+def remember_stored_text(cfg: ExperimentConfig, prior, batch: PromptBatch) -> None:
+    """Hand the batch's stored encodings to a diffusers prior's text encoder, so that it does not encode them again."""
+    encoder = getattr(prior, "text_encoder", None)
+    if encoder is None:  # the analytic prior reads the prompt text
+        return
+    if batch.prior_text is not None:
+        encoder.remember(batch.prior_texts, batch.prior_text)
+    if cfg.text.encoder == "prior":  # the generator's embedding is the prior's own encoding of the plain prompt
+        encoder.remember(batch.prompts, batch.text)
+
+
+def distillation_step(cfg: ExperimentConfig, generator, prior, batch: PromptBatch, progress: float, rng: torch.Generator, device, adapter=None) -> StepResult:
     """Forward pass and total loss for one micro-batch of P prompts x V views.
 
     With a learned branch (VSD, LODS) the total also holds its alignment loss on the detached
     renders; it reaches only the adapter's parameters, the distillation loss only the generator's.
     """
+    prompts = batch.prompts
     P, V = len(prompts), cfg.train.views_per_prompt
     H, W = cfg.render.height, cfg.render.width
-    text = text_encoder.encode(prompts).to(device)
+    remember_stored_text(cfg, prior, batch)
+    text = batch.text.to(device)
     cameras = sample_training_cameras(
         P, V, cfg.camera.elevation_range, cfg.camera.distance_range, cfg.camera.fovy_range, rng, device
     )
@@ -231,6 +232,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     cfg.text.dim = text_encoder.dim  # the prior's CLIP width when text.encoder=prior; recorded in config.yaml
     generator = build_generator(cfg).to(device)
     prior = build_prior(cfg, text_encoder, device)
+    store = prepare_store(cfg, train_prompts, text_encoder, getattr(prior, "text_encoder", None), rank=rank, world=world,
+                          barrier=accelerator.wait_for_everyone, progress=accelerator.is_local_main_process)
+    del corpus, train_prompts  # from here on, prompts come from the store's shards
     adapter, adapter_optimizer = build_adapter(cfg, prior)
     optimizer = build_optimizer(cfg, generator)
     start_step, bad_total = 0, 0
@@ -257,77 +261,86 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         (run_dir / "prompts").mkdir(parents=True, exist_ok=True)
         prompt_record = open(run_dir / "prompts" / f"rank{rank}.jsonl", "a")
     samples_per_step = cfg.train.prompts_per_step * cfg.train.views_per_prompt * cfg.train.grad_accum * world
+    loader = batch_loader(store, cfg.train.prompts_per_step, rank=rank, world=world, seed=cfg.train.seed,
+                          start=start_step * cfg.train.grad_accum, stop=end_step * cfg.train.grad_accum,
+                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    batches_per_epoch = loader.dataset.plan.batches_per_epoch
+    batches = iter(loader)
     step = start_step
-    for step in bar:
-        progress = step / max(total_steps - 1, 1)
-        step_metrics: dict[str, float] = {}
-        finite = True
-        for micro in range(cfg.train.grad_accum):
-            rng = torch.Generator().manual_seed(derived_seed(cfg.train.seed, rank, step, micro))
-            idx = prompt_indices(len(train_prompts), step, micro, cfg.train.grad_accum, rank, world, cfg.train.prompts_per_step, cfg.train.seed)
-            if prompt_record is not None:
-                prompt_record.write(json.dumps({"step": step, "micro": micro, "indices": idx}) + "\n")
-            with accelerator.accumulate(generator):
-                with accelerator.autocast():
-                    result = distillation_step(cfg, generator, text_encoder, prior, [train_prompts[i] for i in idx], progress, rng, device, adapter)
-                finite = finite and bool(torch.isfinite(result.loss))
-                if finite:
-                    accelerator.backward(result.loss)
-                for k, v in result.metrics.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.train.grad_accum
-                step_metrics["loss"] = step_metrics.get("loss", 0.0) + result.loss.item() / cfg.train.grad_accum
-        adapter_params = [] if adapter is None else [p for p in adapter.parameters() if p.grad is not None]
-        if adapter_params and world > 1:  # the adapter is not wrapped for data parallelism: average its gradients here
-            for p in adapter_params:
-                p.grad = accelerator.reduce(p.grad, reduction="mean")
-        grads = [p.grad for p in generator.parameters() if p.grad is not None] + [p.grad for p in adapter_params]
-        if finite and grads:
-            finite = bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
-        flag = torch.tensor([0.0 if finite else 1.0], device=device)
-        any_bad = accelerator.reduce(flag, reduction="sum").item() > 0
-        if any_bad:
-            optimizer.zero_grad(set_to_none=True)
-            if adapter_optimizer is not None:
-                adapter_optimizer.zero_grad(set_to_none=True)
-            consecutive_bad += 1
-            bad_total += 1
-            if consecutive_bad >= cfg.train.max_bad_steps:
-                last = latest_checkpoint(run_dir)
-                raise TrainingDiverged(
-                    f"{consecutive_bad} consecutive steps had non-finite loss or gradients (step {step}); training stopped. "
-                    f"The last good checkpoint is {str(last) if last else 'none (no checkpoint was written yet)'}. "
-                    "Lower optim.lr_geometry or distill.guidance_scale, or raise train.max_bad_steps."
-                )
-        else:
-            consecutive_bad = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if adapter_optimizer is not None:
-                adapter_optimizer.step()
-                adapter_optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == end_step:
-            now = time.perf_counter()
-            n = cfg.train.log_every if done % cfg.train.log_every == 0 else (done - start_step) % cfg.train.log_every or cfg.train.log_every
-            dt = (now - last_time) / n
-            last_time = now
-            step_metrics.update(step=done, steps_per_s=1.0 / dt, samples_per_s=samples_per_step / dt,
-                                peak_memory_mb=peak_memory_mb(device), skipped_steps=bad_total)
-            if accelerator.is_main_process:
-                metrics_file.write(json.dumps(step_metrics) + "\n")
-                metrics_file.flush()
-                if wandb_run is not None:
-                    wandb_run.log(step_metrics, step=done)
-                bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", it_s=f"{step_metrics['steps_per_s']:.2f}",
-                                mem=f"{step_metrics['peak_memory_mb']:.0f}MB", skipped=bad_total)
-        if accelerator.is_main_process and consecutive_bad == 0 and (done % cfg.train.ckpt_every == 0 or done == end_step):
-            save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config},
-                            keep=cfg.train.keep_checkpoints, adapter=adapter, adapter_optimizer=adapter_optimizer)
-        if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
-            model.eval()
-            write_validation(cfg, model, text_encoder, val_prompts, run_dir, done, device)
-            model.train()
-        accelerator.wait_for_everyone()
+    try:
+        for step in bar:
+            progress = step / max(total_steps - 1, 1)
+            step_metrics: dict[str, float] = {"epoch": step * cfg.train.grad_accum / batches_per_epoch}
+            finite = True
+            for micro in range(cfg.train.grad_accum):
+                rng = torch.Generator().manual_seed(derived_seed(cfg.train.seed, rank, step, micro))
+                batch = next(batches)
+                if prompt_record is not None:
+                    prompt_record.write(json.dumps({"step": step, "micro": micro, "prompts": batch.prompts}) + "\n")
+                with accelerator.accumulate(generator):
+                    with accelerator.autocast():
+                        result = distillation_step(cfg, generator, prior, batch, progress, rng, device, adapter)
+                    finite = finite and bool(torch.isfinite(result.loss))
+                    if finite:
+                        accelerator.backward(result.loss)
+                    for k, v in result.metrics.items():
+                        step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.train.grad_accum
+                    step_metrics["loss"] = step_metrics.get("loss", 0.0) + result.loss.item() / cfg.train.grad_accum
+            adapter_params = [] if adapter is None else [p for p in adapter.parameters() if p.grad is not None]
+            if adapter_params and world > 1:  # the adapter is not wrapped for data parallelism: average its gradients here
+                for p in adapter_params:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            grads = [p.grad for p in generator.parameters() if p.grad is not None] + [p.grad for p in adapter_params]
+            if finite and grads:
+                finite = bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
+            flag = torch.tensor([0.0 if finite else 1.0], device=device)
+            any_bad = accelerator.reduce(flag, reduction="sum").item() > 0
+            if any_bad:
+                optimizer.zero_grad(set_to_none=True)
+                if adapter_optimizer is not None:
+                    adapter_optimizer.zero_grad(set_to_none=True)
+                consecutive_bad += 1
+                bad_total += 1
+                if consecutive_bad >= cfg.train.max_bad_steps:
+                    last = latest_checkpoint(run_dir)
+                    raise TrainingDiverged(
+                        f"{consecutive_bad} consecutive steps had non-finite loss or gradients (step {step}); training stopped. "
+                        f"The last good checkpoint is {str(last) if last else 'none (no checkpoint was written yet)'}. "
+                        "Lower optim.lr_geometry or distill.guidance_scale, or raise train.max_bad_steps."
+                    )
+            else:
+                consecutive_bad = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if adapter_optimizer is not None:
+                    adapter_optimizer.step()
+                    adapter_optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == end_step:
+                now = time.perf_counter()
+                n = cfg.train.log_every if done % cfg.train.log_every == 0 else (done - start_step) % cfg.train.log_every or cfg.train.log_every
+                dt = (now - last_time) / n
+                last_time = now
+                step_metrics.update(step=done, steps_per_s=1.0 / dt, samples_per_s=samples_per_step / dt,
+                                    peak_memory_mb=peak_memory_mb(device), skipped_steps=bad_total)
+                if accelerator.is_main_process:
+                    metrics_file.write(json.dumps(step_metrics) + "\n")
+                    metrics_file.flush()
+                    if wandb_run is not None:
+                        wandb_run.log(step_metrics, step=done)
+                    bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", it_s=f"{step_metrics['steps_per_s']:.2f}",
+                                    mem=f"{step_metrics['peak_memory_mb']:.0f}MB", skipped=bad_total)
+            if accelerator.is_main_process and consecutive_bad == 0 and (done % cfg.train.ckpt_every == 0 or done == end_step):
+                save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config},
+                                keep=cfg.train.keep_checkpoints, adapter=adapter, adapter_optimizer=adapter_optimizer)
+            if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
+                model.eval()
+                write_validation(cfg, model, text_encoder, val_prompts, run_dir, done, device)
+                model.train()
+            accelerator.wait_for_everyone()
+    except Exception as err:  # one line naming the rank and step, above the traceback (several ranks' output interleaves)
+        print(f"[rank {rank} of {world}] training stopped at step {step}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
     bar.close()
     if prompt_record is not None:
         digest = hashlib.sha256()

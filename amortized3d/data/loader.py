@@ -1,0 +1,159 @@
+"""Training batches streamed from an embedding store, split by rank and by data-loader worker.
+
+The order is a pure function of (seed, epoch, world, batch size), so a run resumed from a
+checkpoint at any micro-batch continues exactly where it stopped, whatever the number of
+data-loader workers:
+
+    epoch order   shards in a permutation seeded by (seed, epoch); inside each shard its samples in
+                  a permutation seeded by (seed, epoch, shard); concatenated: N positions
+    rank r        positions [r q, (r + 1) q) of the epoch order, q = nb B, nb = N // (world B):
+                  every rank runs nb micro-batches of B prompts per epoch (equal step counts); the
+                  N - world q < world B prompts at the end of an epoch's order sit that epoch out
+                  (a different few each epoch), and no prompt is seen twice in an epoch
+    micro-batch m the run's m-th micro-batch on this rank: epoch m // nb, batch m % nb of the range
+    worker k      of K: micro-batches start + k, start + k + K, ...; PyTorch's DataLoader takes one
+                  batch from each worker in turn, so the batches arrive in micro-batch order
+
+A rank reads the few consecutive shards its range covers (two of them partly); a worker keeps
+the raw samples of the shards its current batch needs and decodes only that batch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from amortized3d.data.embedding_store import StoreError, load_manifest, prompt_key, shard_sizes
+from amortized3d.seeding import derived_seed
+from amortized3d.text.hashed_encoder import TextEmbedding
+
+STORE_STREAM = 1  # separates the loader's seeds from the trainer's per-step seeds
+
+
+@dataclass
+class PromptBatch:
+    """B prompts with their stored embeddings.
+
+    prompts (B); keys (B) the prompts' store keys; text: tokens [B, T, D], pooled [B, D], mask [B, T]
+    (float32 from the fp16 store); prior_texts (B x S) prompt + suffix for each of the store's S prior
+    suffixes, row-major; prior_text: their encodings [B S, 77, C] (None when S = 0).
+    """
+
+    prompts: list[str]
+    keys: list[str]
+    text: TextEmbedding
+    prior_texts: list[str]
+    prior_text: TextEmbedding | None
+
+    @classmethod
+    def encode(cls, prompts: list[str], text_encoder) -> "PromptBatch":
+        """A batch encoded on the spot (no store, no prior texts): for benchmarks and tests."""
+        return cls(list(prompts), [prompt_key(p) for p in prompts], text_encoder.encode(list(prompts)), [], None)
+
+
+class EpochPlan:
+    """Which stored sample each rank's micro-batches hold (module docstring)."""
+
+    def __init__(self, sizes: list[int], batch_size: int, world: int, seed: int):
+        self.sizes, self.batch_size, self.world, self.seed = list(sizes), int(batch_size), int(world), int(seed)
+        self.n = sum(self.sizes)
+        self.batches_per_epoch = self.n // (self.world * self.batch_size)
+        if self.batches_per_epoch == 0:
+            raise StoreError(
+                f"the corpus split has {self.n} prompts, fewer than the {self.world * self.batch_size} one step takes "
+                f"({self.world} processes x train.prompts_per_step={self.batch_size}); lower train.prompts_per_step or use fewer processes"
+            )
+        self._epoch, self._within = None, {}
+
+    def _order(self, epoch: int) -> tuple[list[int], list[int]]:
+        if self._epoch != epoch:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, epoch, STORE_STREAM))
+            shards = torch.randperm(len(self.sizes), generator=g).tolist()
+            starts = [0]
+            for s in shards:
+                starts.append(starts[-1] + self.sizes[s])
+            self._epoch, self._shards, self._starts, self._within = epoch, shards, starts, {}
+        return self._shards, self._starts
+
+    def _within_shard(self, epoch: int, shard: int) -> list[int]:
+        perm = self._within.get(shard)
+        if perm is None:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, epoch, STORE_STREAM, shard))
+            perm = self._within[shard] = torch.randperm(self.sizes[shard], generator=g).tolist()
+        return perm
+
+    def batch(self, rank: int, m: int) -> list[tuple[int, int]]:
+        """Micro-batch m of rank ``rank`` -> B (shard, sample index within the shard's tar) pairs."""
+        epoch, i = divmod(m, self.batches_per_epoch)
+        shards, starts = self._order(epoch)
+        first = (rank * self.batches_per_epoch + i) * self.batch_size
+        out = []
+        for position in range(first, first + self.batch_size):
+            j = bisect.bisect_right(starts, position) - 1
+            shard = shards[j]
+            out.append((shard, self._within_shard(epoch, shard)[position - starts[j]]))
+        return out
+
+
+def _array(raw: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+class StoreBatches(IterableDataset):
+    """Micro-batches [start, stop) of one rank as PromptBatch objects (see the module docstring)."""
+
+    def __init__(self, store_dir: str | Path, batch_size: int, *, rank: int, world: int, seed: int, start: int, stop: int):
+        self.store = Path(store_dir)
+        self.manifest = load_manifest(self.store)
+        self.plan = EpochPlan(shard_sizes(self.manifest), batch_size, world, seed)
+        self.rank, self.start, self.stop = rank, start, stop
+        self.suffixes = self.manifest["prior_suffixes"]
+
+    def _read_shard(self, shard: int) -> list[dict]:
+        import webdataset as wds
+
+        path = self.store / self.manifest["shards"][shard]
+        expected = shard_sizes(self.manifest)[shard]
+        try:
+            samples = list(wds.WebDataset([str(path)], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False))
+        except Exception as err:
+            raise StoreError(f"shard {path} is unreadable ({type(err).__name__}: {err}); delete it and run the store build again to rewrite it") from None
+        if len(samples) != expected:
+            raise StoreError(f"shard {path} holds {len(samples)} samples, the manifest says {expected}; delete it and run the store build again")
+        return samples
+
+    def _collate(self, samples: list[dict]) -> PromptBatch:
+        prompts = [s["txt"].decode("utf-8") for s in samples]
+        stack = lambda name, dtype: torch.from_numpy(np.stack([_array(s[name]) for s in samples])).to(dtype)  # noqa: E731
+        text = TextEmbedding(stack("tokens.npy", torch.float32), stack("pooled.npy", torch.float32), stack("mask.npy", torch.bool))
+        prior_texts, prior_text = [], None
+        if self.suffixes:
+            prior_texts = [p + suffix for p in prompts for suffix in self.suffixes]
+            tokens, pooled, mask = stack("prior_tokens.npy", torch.float32), stack("prior_pooled.npy", torch.float32), stack("prior_mask.npy", torch.bool)
+            prior_text = TextEmbedding(tokens.flatten(0, 1), pooled.flatten(0, 1), mask.flatten(0, 1))
+        return PromptBatch(prompts, [s["__key__"] for s in samples], text, prior_texts, prior_text)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cache: dict[int, list[dict]] = {}
+        for m in range(self.start + worker, self.stop, workers):
+            members = self.plan.batch(self.rank, m)
+            needed = {shard for shard, _ in members}
+            cache = {shard: cache[shard] if shard in cache else self._read_shard(shard) for shard in sorted(needed)}
+            yield self._collate([cache[shard][k] for shard, k in members])
+
+
+def batch_loader(store_dir: str | Path, batch_size: int, *, rank: int, world: int, seed: int, start: int, stop: int,
+                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader yielding this rank's micro-batches start, start + 1, ..., stop - 1 in order."""
+    dataset = StoreBatches(store_dir, batch_size, rank=rank, world=world, seed=seed, start=start, stop=stop)
+    workers = max(0, min(num_workers, stop - start))
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=2 if workers else None, persistent_workers=False)
