@@ -44,7 +44,7 @@ def store_location(cfg: ExperimentConfig, prompts: list[str], text_encoder, prio
     expected = {"prompts": prompts, "encoder_id": text_encoder.identity,
                 "prior_encoder_id": prior_encoder.identity if suffixes else None, "prior_suffixes": suffixes}
     folder = Path(cfg.data.store).expanduser() if cfg.data.store else default_store_dir(
-        cfg.corpus.name, "train", prompts_digest(prompts), expected["encoder_id"], expected["prior_encoder_id"], suffixes)
+        cfg.corpus.name, "train", prompts_digest(prompts), expected["encoder_id"], expected["prior_encoder_id"], suffixes, cfg.data.shard_size)
     return folder, expected
 
 

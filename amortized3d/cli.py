@@ -2,7 +2,7 @@
 
     amortized3d train --corpus shapeworld-16 [section.key=value ...]
     amortized3d generate "a red cube" --checkpoint RUN_DIR
-    amortized3d evaluate --checkpoint RUN_DIR
+    amortized3d evaluate --checkpoint RUN_DIR [--clip MODEL]
     amortized3d corpus list | show NAME | info NAME | export NAME OUT.json | build cp100k --captions CSV
     amortized3d store build | info --corpus NAME [--config FILE] [section.key=value ...]
     amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
@@ -76,6 +76,21 @@ def run_generate(args) -> int:
 
 
 def run_evaluate(args) -> int:
+    if args.clip:
+        from amortized3d.evaluation.clip_eval import evaluate_clip
+
+        candidates = None
+        if args.candidates:
+            from amortized3d.data.corpora import load_file
+
+            corpus = load_file(args.candidates)
+            candidates = list(dict.fromkeys(corpus.train + corpus.val + corpus.test))  # every split, each prompt once
+        summary = evaluate_clip(args.checkpoint, args.clip, split=args.split, candidates=candidates, n_views=args.views,
+                                elevation=args.elevation, resolution=args.resolution, out=args.out, limit=args.limit,
+                                save_views=args.save_views)
+        if summary is not None:
+            print(json.dumps(summary, indent=1))
+        return 0
     from amortized3d.evaluation.oracle import evaluate_run
 
     report = evaluate_run(args.checkpoint, split=args.split, out=args.out, limit=args.limit)
@@ -161,7 +176,7 @@ def run_store(args) -> int:
                                barrier=state.wait_for_everyone, progress=state.is_local_main_process)
         manifest = load_manifest(folder)
     if state.is_main_process:
-        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        size = sum((folder / name).stat().st_size for name in [*manifest["shards"], "manifest.json"])
         summary = {key: manifest[key] for key in ("corpus", "split", "n_prompts", "shard_size", "encoder_id", "prior_encoder_id", "prior_suffixes")}
         print(json.dumps({"store": str(folder), **summary, "shards": len(manifest["shards"]), "bytes": size}, indent=1))
     return 0
@@ -206,10 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="prompts -> meshes, turntables and contact sheets")
     _add_generate_arguments(p)
     p.set_defaults(func=run_generate)
-    p = sub.add_parser("evaluate", help="oracle R@1, similarity and 3D IoU on ShapeWorld test prompts")
+    p = sub.add_parser("evaluate", help="CLIP R@1 and similarity (--clip MODEL), or the oracle's R@1, similarity and 3D IoU on ShapeWorld")
     p.add_argument("--checkpoint", required=True, help="run folder written by train")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--out", default=None, help="report path (default RUN_DIR/eval_<split>.json)")
+    p.add_argument("--clip", default=None, metavar="MODEL",
+                   help="CLIP protocol with this model: a transformers hub id or folder (the reference: openai/clip-vit-large-patch14) "
+                        "or open_clip:ARCH@TAG (e.g. open_clip:ViT-L-14@openai); without it, the ShapeWorld oracle")
+    p.add_argument("--views", type=int, default=120, help="CLIP: orbit views per prompt")
+    p.add_argument("--elevation", type=float, default=15.0, help="CLIP: orbit elevation in degrees")
+    p.add_argument("--resolution", type=int, default=None, help="CLIP: render size (default: the CLIP input size, e.g. 224)")
+    p.add_argument("--candidates", default=None, metavar="FILE",
+                   help="CLIP: candidate prompts (a corpus file: JSON, .txt or .csv); default: the evaluated split")
+    p.add_argument("--save-views", action="store_true", help="CLIP: also write each prompt's views as a PNG sheet")
+    p.add_argument("--out", default=None, help="report path (oracle: RUN_DIR/eval_<split>.json; CLIP: folder RUN_DIR/eval_clip_<split>)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     p.set_defaults(func=run_evaluate)
     p = sub.add_parser("corpus", help="list, show or export prompt corpora")
@@ -240,11 +264,12 @@ def _run(func, args) -> int:
     from amortized3d.data.corpora import CorpusError
     from amortized3d.data.embedding_store import StoreError
     from amortized3d.data.shapeworld import PromptError
+    from amortized3d.evaluation.clip_models import ClipLoadError
     from amortized3d.priors.pretrained import PretrainedLoadError
 
     try:
         return func(args)
-    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, StoreError, FileNotFoundError) as err:
+    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, StoreError, ClipLoadError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

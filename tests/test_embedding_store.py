@@ -107,3 +107,20 @@ def test_automatic_shard_size_targets_tens_of_megabytes():
     # plus four 77 x 4096 T5 view prompts (2.5 MB): about 24 prompts
     assert 22 <= auto_shard_size(77, 1024, prior_suffixes=4, prior_dim=4096) <= 26
     assert auto_shard_size(77, 8) == 4096 and auto_shard_size(77, 1024, prior_suffixes=40, prior_dim=4096) == 16  # the limits
+
+
+def test_damaged_manifest_and_non_finite_embeddings_are_refused(tmp_path):
+    encoder = HashedTextEncoder(dim=16)
+    build_store(PROMPTS, encoder, tmp_path / "a", shard_size=10, progress=False)
+    (tmp_path / "a" / "manifest.json").write_text('{"encoder_id": ')
+    with pytest.raises(StoreError, match="manifest.json is damaged"):
+        load_manifest(tmp_path / "a")
+
+    class Overflowing(HashedTextEncoder):
+        def encode(self, prompts):
+            emb = super().encode(prompts)
+            emb.tokens[-1, 0, 0] = float("inf")
+            return emb
+
+    with pytest.raises(StoreError, match="non-finite embeddings for"):
+        build_store(PROMPTS, Overflowing(dim=16), tmp_path / "b", shard_size=10, progress=False)

@@ -304,3 +304,25 @@ def test_training_reads_the_view_prompts_from_the_store(tiny_sd, tmp_path, monke
     monkeypatch.setattr(PretrainedTextEncoder, "_encode_uncached", lambda self, texts: encoded.extend(texts) or original(self, texts))
     train(cfg, tmp_path / "run")
     assert encoded and not [t for t in encoded if t.endswith(" view")], encoded  # only "" and the plain validation prompts
+
+
+def test_text_cache_stays_correct_when_full(prior, monkeypatch):
+    # Stored encodings are used for their batch and never evicted by the cache; a cache overflow in the middle
+    # of an encode() keeps every row it needs.
+    from amortized3d.text import pretrained_encoder
+
+    encoder = prior.text_encoder
+    monkeypatch.setattr(pretrained_encoder, "CACHE_SIZE", 3)
+    reference = encoder._encode_uncached(["a frog", "a chair", "", "a cat", "a dog"])
+    encoder._cache.clear()
+    encoder.encode(["a frog", "a chair"])  # cached
+    out = encoder.encode(["a frog", "a cat", "a dog", "a chair", ""])  # two cached, three new: the cache overflows
+    for row, i in zip(range(5), (0, 3, 4, 1, 2)):
+        torch.testing.assert_close(out.tokens[row], reference[0][i])
+    stored = encoder.encode(["a frog"])
+    stored.tokens += 1.0  # a recognizably different "stored" encoding
+    encoder.use_stored(["a frog"], stored)
+    encoder._cache.clear()
+    torch.testing.assert_close(encoder.encode(["", "a frog", "x", "y", "z"]).tokens[1], stored.tokens[0])
+    encoder.use_stored([], None)
+    torch.testing.assert_close(encoder.encode(["a frog"]).tokens[0], reference[0][0])

@@ -17,8 +17,8 @@ not its order. A few files per thousand prompts, not files per prompt; shards ho
 TARGET_SHARD_BYTES each unless shard_size is given.
 
 ``build_store`` splits the work over ranks (shard s is built by rank s % world) and encodes in
-batches. Rank 0 writes the manifest first; each shard is written to a temporary name and renamed
-when complete, so a store is complete when all its manifest's shards exist, and an interrupted
+batches. Rank 0 writes the manifest first, and after a barrier every rank checks it; each
+shard is written to a temporary name and renamed when complete, so a store is complete when all its manifest's shards exist, and an interrupted
 build resumes by skipping the shards that exist. A store built for other prompts or other
 encoders is refused rather than mixed. Training reads
 stores through amortized3d.data.loader.
@@ -73,9 +73,9 @@ def cache_root() -> Path:
 
 
 def default_store_dir(corpus: str, split: str, prompts_sha256: str, encoder_id: str, prior_encoder_id: str | None,
-                      prior_suffixes: Sequence[str]) -> Path:
-    """CACHE/stores/<corpus>-<split>-<16 hex digits of (prompt set, encoders, suffixes)>: one store per content."""
-    key = hashlib.sha256(json.dumps([prompts_sha256, encoder_id, prior_encoder_id, list(prior_suffixes)]).encode()).hexdigest()[:16]
+                      prior_suffixes: Sequence[str], shard_size: int | None = None) -> Path:
+    """CACHE/stores/<corpus>-<split>-<16 hex digits of (prompt set, encoders, suffixes, shard size)>: one store per content."""
+    key = hashlib.sha256(json.dumps([prompts_sha256, encoder_id, prior_encoder_id, list(prior_suffixes), shard_size]).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(corpus).name or "corpus")
     return cache_root() / "stores" / f"{name}-{split}-{key}"
 
@@ -114,7 +114,8 @@ def build_store(
     encoder / prior_encoder: ``encode(list[str]) -> TextEmbedding`` with an ``identity`` string
     (the store is bound to it). With prior_suffixes, prompt + suffix is also encoded by
     prior_encoder for each suffix ('' is the plain prompt). Every rank calls this with the same
-    arguments; ``barrier`` (e.g. accelerator.wait_for_everyone) is called at the end, so all shards exist on return.
+    arguments; ``barrier`` (e.g. accelerator.wait_for_everyone) is called once the manifest exists and again at
+    the end, so all shards exist on return.
     """
     if batch_size < 1 or (shard_size is not None and shard_size < 1):
         raise ValueError(f"shard_size={shard_size} and batch_size={batch_size} must be >= 1")
@@ -139,26 +140,30 @@ def build_store(
         "order": "sha256 of the prompt", "dtype": "float16", "shards": [shard_name(s) for s in range(n_shards)],
     }
     existing = store / MANIFEST
+    if rank == 0 and not existing.is_file():  # written first, so that a resumed build can check what the shards were built with
+        tmp = store / f".{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.rename(existing)
+    if barrier is not None:
+        barrier()  # no rank writes a shard before the manifest exists
     if existing.is_file():
-        old = json.loads(existing.read_text())
+        old = _read_manifest(store)
         for key in ("encoder_id", "prior_encoder_id", "prior_suffixes", "prompts_sha256", "shard_size"):
             if old.get(key) != manifest[key]:
                 raise StoreError(f"{store} holds a store with another {key} ({old.get(key)!r}, not {manifest[key]!r}); "
                                  "use a new folder (data.store) or delete it")
-    elif rank == 0:  # written first, so that a resumed build can check what the existing shards were built with
-        tmp = store / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.rename(existing)
     mine = [s for s in range(n_shards) if s % world == rank and not (store / shard_name(s)).is_file()]
     for s in tqdm(mine, desc=f"embedding store (rank {rank})", disable=not progress):
         chunk = [prompts[i] for i in order[s * shard_size : (s + 1) * shard_size]]
-        tmp = store / f".{shard_name(s)}.rank{rank}.tmp"
+        tmp = store / f".{shard_name(s)}.{os.getpid()}.tmp"
         with wds.TarWriter(str(tmp)) as sink:
             for start in range(0, len(chunk), batch_size):
                 batch = chunk[start : start + batch_size]
                 emb = encoder.encode(batch)
+                _check_finite(emb, batch, "text encoder")
                 if suffixes:
                     pri = prior_encoder.encode([p + suffix for p in batch for suffix in suffixes])
+                    _check_finite(pri, [p + suffix for p in batch for suffix in suffixes], "prior's text encoder")
                     pri_tokens = pri.tokens.view(len(batch), len(suffixes), *pri.tokens.shape[1:])
                     pri_pooled = pri.pooled.view(len(batch), len(suffixes), -1)
                     pri_mask = pri.mask.view(len(batch), len(suffixes), -1)
@@ -181,6 +186,25 @@ def build_store(
     return manifest
 
 
+def _check_finite(emb, texts: list[str], what: str) -> None:
+    bad = (~torch.isfinite(emb.tokens.flatten(1)).all(1)) | (~torch.isfinite(emb.pooled).all(1))
+    if bad.any():
+        raise StoreError(f"the {what} gave non-finite embeddings for {texts[int(bad.nonzero()[0])]!r} (and {int(bad.sum()) - 1} more); "
+                         "half precision can overflow (T5): build the store with prior.dtype=fp32 or bf16")
+    if emb.tokens.abs().max() > 65504 or emb.pooled.abs().max() > 65504:
+        raise StoreError(f"the {what} gave embeddings beyond float16's range (65504); they cannot be stored as fp16")
+
+
+def _read_manifest(store: Path) -> dict:
+    try:
+        manifest = json.loads((store / MANIFEST).read_text())
+        for key in ("encoder_id", "prior_encoder_id", "prior_suffixes", "prompts_sha256", "shard_size", "n_prompts", "shards"):
+            manifest[key]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{store / MANIFEST} is damaged ({type(err).__name__}: {err}); delete the folder {store} and build the store again") from None
+    return manifest
+
+
 def load_manifest(store_dir: str | Path, prompts: Sequence[str] | None = None, encoder_id: str | None = None,
                   prior_encoder_id: str | None = None, prior_suffixes: Sequence[str] | None = None) -> dict:
     """The store's manifest, checked against what is expected (the arguments given) and for missing shards."""
@@ -188,7 +212,7 @@ def load_manifest(store_dir: str | Path, prompts: Sequence[str] | None = None, e
     path = store / MANIFEST
     if not path.is_file():
         raise StoreError(f"{store} is not an embedding store (no {MANIFEST}); build it with `amortized3d store build`")
-    manifest = json.loads(path.read_text())
+    manifest = _read_manifest(store)
     if prompts is not None and manifest["prompts_sha256"] != prompts_digest(prompts):
         raise StoreError(f"{store} was built for other prompts than this corpus split; rebuild it")
     if encoder_id is not None and manifest["encoder_id"] != encoder_id:

@@ -33,7 +33,7 @@ from amortized3d.data.embedding_store import StoreError, load_manifest, prompt_k
 from amortized3d.seeding import derived_seed
 from amortized3d.text.hashed_encoder import TextEmbedding
 
-STORE_STREAM = 1  # separates the loader's seeds from the trainer's per-step seeds
+LOADER_STREAM = -2  # in the second place of the loader's seeds, where the trainer's (seed, rank >= 0, ...) never has it
 
 
 @dataclass
@@ -51,10 +51,24 @@ class PromptBatch:
     prior_texts: list[str]
     prior_text: TextEmbedding | None
 
+    def pin_memory(self) -> "PromptBatch":
+        """Called by DataLoader(pin_memory=True): the embeddings in page-locked memory, for asynchronous copies to the GPU."""
+        pin = lambda e: None if e is None else TextEmbedding(e.tokens.pin_memory(), e.pooled.pin_memory(), e.mask.pin_memory())  # noqa: E731
+        return PromptBatch(self.prompts, self.keys, pin(self.text), self.prior_texts, pin(self.prior_text))
+
     @classmethod
     def encode(cls, prompts: list[str], text_encoder) -> "PromptBatch":
         """A batch encoded on the spot (no store, no prior texts): for benchmarks and tests."""
         return cls(list(prompts), [prompt_key(p) for p in prompts], text_encoder.encode(list(prompts)), [], None)
+
+
+def check_corpus_fits_a_step(n_prompts: int, batch_size: int, world: int) -> None:
+    """One step takes world x batch_size distinct prompts; a smaller corpus split cannot fill it."""
+    if n_prompts < world * batch_size:
+        raise StoreError(
+            f"the corpus split has {n_prompts} prompts, fewer than the {world * batch_size} one step takes "
+            f"({world} processes x train.prompts_per_step={batch_size}); lower train.prompts_per_step or use fewer processes"
+        )
 
 
 class EpochPlan:
@@ -64,16 +78,12 @@ class EpochPlan:
         self.sizes, self.batch_size, self.world, self.seed = list(sizes), int(batch_size), int(world), int(seed)
         self.n = sum(self.sizes)
         self.batches_per_epoch = self.n // (self.world * self.batch_size)
-        if self.batches_per_epoch == 0:
-            raise StoreError(
-                f"the corpus split has {self.n} prompts, fewer than the {self.world * self.batch_size} one step takes "
-                f"({self.world} processes x train.prompts_per_step={self.batch_size}); lower train.prompts_per_step or use fewer processes"
-            )
+        check_corpus_fits_a_step(self.n, self.batch_size, self.world)
         self._epoch, self._within = None, {}
 
     def _order(self, epoch: int) -> tuple[list[int], list[int]]:
         if self._epoch != epoch:
-            g = torch.Generator().manual_seed(derived_seed(self.seed, epoch, STORE_STREAM))
+            g = torch.Generator().manual_seed(derived_seed(self.seed, LOADER_STREAM, epoch))
             shards = torch.randperm(len(self.sizes), generator=g).tolist()
             starts = [0]
             for s in shards:
@@ -84,7 +94,7 @@ class EpochPlan:
     def _within_shard(self, epoch: int, shard: int) -> list[int]:
         perm = self._within.get(shard)
         if perm is None:
-            g = torch.Generator().manual_seed(derived_seed(self.seed, epoch, STORE_STREAM, shard))
+            g = torch.Generator().manual_seed(derived_seed(self.seed, LOADER_STREAM, epoch, shard))
             perm = self._within[shard] = torch.randperm(self.sizes[shard], generator=g).tolist()
         return perm
 

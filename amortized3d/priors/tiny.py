@@ -1,6 +1,6 @@
-"""A tiny random-weight Stable Diffusion folder, for smoke tests without downloads.
+"""Tiny random-weight Stable Diffusion, DeepFloyd IF and CLIP folders, for smoke tests without downloads.
 
-    python -m amortized3d.priors.tiny PATH [--kind stable_diffusion|deepfloyd_if] [--seed 0]
+    python -m amortized3d.priors.tiny PATH [--kind stable_diffusion|deepfloyd_if|clip] [--seed 0]
 
 writes a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/) with ``StableDiffusionPipeline.save_pretrained``, so that loading it goes through
@@ -173,13 +173,43 @@ def make_tiny_deepfloyd_if(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def make_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32, projection_dim: int = 16) -> Path:
+    """Write a tiny random transformers CLIP folder (CLIPModel, CLIP's real tokenizer, an image processor with
+    OpenAI's normalization at ``image_size``) at ``path``, loadable like openai/clip-vit-large-patch14."""
+    from amortized3d._compat import import_torchvision_safely
+
+    import_torchvision_safely()
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, vocab_size=49408,
+                         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=projection_dim,
+    )
+    CLIPModel(config).save_pretrained(str(path))
+    with tempfile.TemporaryDirectory() as workdir:
+        clip_tokenizer(Path(workdir), pad_token="<|endoftext|>").save_pretrained(str(path))
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="write a tiny random Stable Diffusion (or DeepFloyd IF) folder for smoke tests")
+    parser = argparse.ArgumentParser(description="write a tiny random Stable Diffusion, DeepFloyd IF or CLIP folder for smoke tests")
     parser.add_argument("path")
-    parser.add_argument("--kind", choices=("stable_diffusion", "deepfloyd_if"), default="stable_diffusion")
+    parser.add_argument("--kind", choices=("stable_diffusion", "deepfloyd_if", "clip"), default="stable_diffusion")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    make = make_tiny_stable_diffusion if args.kind == "stable_diffusion" else make_tiny_deepfloyd_if
+    make = {"stable_diffusion": make_tiny_stable_diffusion, "deepfloyd_if": make_tiny_deepfloyd_if, "clip": make_tiny_clip}[args.kind]
     print(make(args.path, args.seed))
 
 

@@ -10,7 +10,8 @@ CLIP (Stable Diffusion 1.x / 2.x) or T5 (DeepFloyd IF), chosen by text_encoder/c
 Prompts longer than 77 tokens are truncated with the end token kept (the tokenizer truncates
 the words, then adds the special tokens), and a warning names the prompt. A tokenizer whose
 vocabulary is implausibly small is refused: offline, transformers can return a 2-token
-tokenizer that maps every word to the unknown token. Encodings are cached per prompt string; training fills the cache from the embedding store.
+tokenizer that maps every word to the unknown token. Encodings are cached per prompt string (up to CACHE_SIZE); in training, each batch's encodings come from
+the embedding store (use_stored).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from amortized3d.text.hashed_encoder import MAX_LENGTH, TextEmbedding
 
 MIN_VOCABULARY = 1000
-CACHE_SIZE = 4096
+CACHE_SIZE = 256  # prompts (77 x 1024 fp32 CLIP tokens: 80 MB; T5-XXL: 320 MB)
 TEXT_SUBFOLDERS = ["text_encoder", "tokenizer"]
 
 
@@ -69,7 +70,9 @@ class PretrainedTextEncoder:
         self.max_length = MAX_LENGTH  # SD's CLIP reads 77 tokens; IF's pipeline cuts T5 prompts at 77 too
         self.dim = self.model.config.hidden_size if self.kind == "clip" else self.model.config.d_model
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.identity = f"{model}@{folder_fingerprint(Path(folder))}"  # what an embedding store built with it is bound to
+        self._stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # what an embedding store built with it is bound to: the model, its files, the precision it runs in
+        self.identity = f"{model}@{folder_fingerprint(Path(folder))}:{str(dtype).removeprefix('torch.')}"
 
     @property
     def device(self) -> torch.device:
@@ -100,23 +103,22 @@ class PretrainedTextEncoder:
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return tokens.cpu(), pooled.cpu(), mask.cpu()
 
-    def remember(self, prompts: list[str], embedding: TextEmbedding) -> None:
-        """Put stored encodings of ``prompts`` (from the embedding store) in the cache, so encode() reuses them."""
-        if len(self._cache) + len(prompts) > CACHE_SIZE:
-            self._cache.clear()
-        for i, prompt in enumerate(prompts):
-            self._cache[prompt] = (embedding.tokens[i], embedding.pooled[i], embedding.mask[i])
+    def use_stored(self, prompts: list[str], embedding: TextEmbedding | None) -> None:
+        """Encodings of ``prompts`` read from the embedding store, used by encode() until the next call (one batch's
+        worth: it replaces the previous batch's, and is never evicted mid-batch). None forgets them."""
+        self._stored = {} if embedding is None else {p: (embedding.tokens[i], embedding.pooled[i], embedding.mask[i]) for i, p in enumerate(prompts)}
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         """prompts (length P) -> TextEmbedding with tokens [P, 77, C], pooled [P, C], mask [P, 77] (on CPU)."""
         if isinstance(prompts, str):
             raise TypeError("encode() takes a list of prompts; wrap a single prompt as [prompt]")
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        found = {p: self._stored.get(p) or self._cache.get(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, row in found.items() if row is None]
         if missing:
             tokens, pooled, mask = self._encode_uncached(missing)
             if len(self._cache) + len(missing) > CACHE_SIZE:
                 self._cache.clear()
             for i, prompt in enumerate(missing):
-                self._cache[prompt] = (tokens[i], pooled[i], mask[i])
-        rows = [self._cache[p] for p in prompts]
+                found[prompt] = self._cache[prompt] = (tokens[i], pooled[i], mask[i])
+        rows = [found[p] for p in prompts]
         return TextEmbedding(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows]))

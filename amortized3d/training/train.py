@@ -30,7 +30,7 @@ from tqdm import tqdm
 from amortized3d.builders import build_adapter, build_generator, build_optimizer, build_prior, build_text_encoder, prepare_store
 from amortized3d.config import ExperimentConfig, config_to_dict, save_config
 from amortized3d.data.corpora import load_corpus
-from amortized3d.data.loader import PromptBatch, batch_loader
+from amortized3d.data.loader import PromptBatch, batch_loader, check_corpus_fits_a_step
 from amortized3d.data.shapeworld import PromptError, parse_prompt
 from amortized3d.distillation.regularizers import eikonal_loss, opacity_entropy_loss, scheduled_weight, sparsity_loss
 from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_distillation, timestep_range
@@ -38,6 +38,7 @@ from amortized3d.fields import Field, finite_difference_gradient
 from amortized3d.rendering.cameras import orbit_cameras, sample_training_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
 from amortized3d.seeding import derived_seed
+from amortized3d.text.hashed_encoder import TextEmbedding
 from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -83,15 +84,17 @@ class StepResult:
     metrics: dict[str, float]
 
 
-def remember_stored_text(cfg: ExperimentConfig, prior, batch: PromptBatch) -> None:
+def use_stored_text(cfg: ExperimentConfig, prior, batch: PromptBatch) -> None:
     """Hand the batch's stored encodings to a diffusers prior's text encoder, so that it does not encode them again."""
     encoder = getattr(prior, "text_encoder", None)
     if encoder is None:  # the analytic prior reads the prompt text
         return
+    texts, parts = [], []
     if batch.prior_text is not None:
-        encoder.remember(batch.prior_texts, batch.prior_text)
+        texts, parts = texts + batch.prior_texts, parts + [batch.prior_text]
     if cfg.text.encoder == "prior":  # the generator's embedding is the prior's own encoding of the plain prompt
-        encoder.remember(batch.prompts, batch.text)
+        texts, parts = texts + batch.prompts, parts + [batch.text]
+    encoder.use_stored(texts, TextEmbedding(*(torch.cat([getattr(p, k) for p in parts]) for k in ("tokens", "pooled", "mask"))) if parts else None)
 
 
 def distillation_step(cfg: ExperimentConfig, generator, prior, batch: PromptBatch, progress: float, rng: torch.Generator, device, adapter=None) -> StepResult:
@@ -103,7 +106,7 @@ def distillation_step(cfg: ExperimentConfig, generator, prior, batch: PromptBatc
     prompts = batch.prompts
     P, V = len(prompts), cfg.train.views_per_prompt
     H, W = cfg.render.height, cfg.render.width
-    remember_stored_text(cfg, prior, batch)
+    use_stored_text(cfg, prior, batch)
     text = batch.text.to(device)
     cameras = sample_training_cameras(
         P, V, cfg.camera.elevation_range, cfg.camera.distance_range, cfg.camera.fovy_range, rng, device
@@ -223,6 +226,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         torch.set_num_threads(max(torch.get_num_threads(), len(os.sched_getaffinity(0))))
     corpus = load_corpus(cfg.corpus.name, cfg.corpus.dir)
     train_prompts = corpus.train
+    check_corpus_fits_a_step(len(train_prompts), cfg.train.prompts_per_step, world)
     if cfg.prior.kind == "analytic":
         check_shapeworld_prompts(train_prompts, cfg.corpus.name)
     val_prompts = (corpus.val or corpus.train)[:4]
@@ -243,6 +247,11 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         if folder is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {str(run_dir)!r} (checkpoints/latest is missing)")
         state = load_checkpoint(folder, generator, optimizer, adapter, adapter_optimizer)
+        before = (state.get("world_size", world), state.get("prompts_per_step", cfg.train.prompts_per_step))
+        if before != (world, cfg.train.prompts_per_step) and accelerator.is_main_process:
+            print(f"warning: the run was checkpointed with {before[0]} processes x train.prompts_per_step={before[1]}, and resumes with "
+                  f"{world} x {cfg.train.prompts_per_step}: from here the prompt order differs from the original run's "
+                  "(within the current epoch some prompts may repeat or be left out)", file=sys.stderr, flush=True)
         start_step, bad_total = state["step"], state.get("skipped_steps", 0)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +340,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                     bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", it_s=f"{step_metrics['steps_per_s']:.2f}",
                                     mem=f"{step_metrics['peak_memory_mb']:.0f}MB", skipped=bad_total)
             if accelerator.is_main_process and consecutive_bad == 0 and (done % cfg.train.ckpt_every == 0 or done == end_step):
-                save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config},
+                save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config,
+                                                                "world_size": world, "prompts_per_step": cfg.train.prompts_per_step},
                                 keep=cfg.train.keep_checkpoints, adapter=adapter, adapter_optimizer=adapter_optimizer)
             if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
                 model.eval()
