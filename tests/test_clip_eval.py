@@ -34,7 +34,7 @@ def blocks_of(text: torch.Tensor, size: int) -> list[np.ndarray]:
     return [text[i : i + size].half().numpy() for i in range(0, len(text), size)]
 
 
-def test_chunked_scores_equal_the_dense_ones():
+def test_chunked_scores_equal_the_dense_ones(tmp_path):
     g = torch.Generator().manual_seed(0)
     text = F.normalize(torch.randn(103, 16, generator=g), dim=-1).half().float()  # as stored (fp16)
     image = F.normalize(torch.randn(12, 16, generator=g), dim=-1)
@@ -45,6 +45,13 @@ def test_chunked_scores_equal_the_dense_ones():
             hit, sim = score_views(image, blocks_of(text, size), own)
             assert torch.equal(hit, expected_hit)
             torch.testing.assert_close(sim, expected_sim)
+        paths = []
+        for j, block in enumerate(blocks_of(text, 50)):
+            paths.append(tmp_path / f"{own}-{j}.npy")
+            np.save(paths[-1], block)
+        hit, sim = score_views(image, paths, own)  # read from .npy files, as evaluate_clip does
+        assert torch.equal(hit, expected_hit)
+        torch.testing.assert_close(sim, expected_sim)
     assert score_views(image, blocks_of(text, 7), 57)[0][:4].all()
 
 
@@ -83,14 +90,15 @@ def test_text_features_are_cached_and_split_over_ranks(tmp_path, monkeypatch):
         done_by[0] = text_feature_blocks(clip, prompts, two_ranks, rank=0, world=2, batch_size=3, progress=False)
 
     blocks = text_feature_blocks(clip, prompts, two_ranks, rank=1, world=2, batch_size=3, progress=False, barrier=rank0_reaches_the_barrier)
-    assert all(np.array_equal(a, b) for a, b in zip(done_by[0], blocks))
+    assert done_by[0] == blocks
+    blocks = [np.load(b) for b in blocks]
     assert [len(b) for b in blocks] == [4, 4, 2]
     torch.testing.assert_close(torch.from_numpy(np.concatenate(blocks)).float(), expected)
     calls = clip.calls
     again = text_feature_blocks(clip, prompts, two_ranks, progress=False)
-    assert clip.calls == calls and all(np.array_equal(a, b) for a, b in zip(again, blocks))  # from the cache
+    assert clip.calls == calls and all(np.array_equal(np.load(a), b) for a, b in zip(again, blocks))  # from the cache
     one_rank = text_feature_blocks(clip, prompts, tmp_path / "one", progress=False)
-    assert all(np.array_equal(a, b) for a, b in zip(one_rank, blocks))
+    assert all(np.array_equal(np.load(a), b) for a, b in zip(one_rank, blocks))
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +158,71 @@ def test_evaluate_with_a_tiny_clip_resumes_and_merges_ranks_exactly(tiny_run_and
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_scores(two) == rows  # prompts split over two ranks, merged: the same numbers
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+
+
+# --- the two backends agree on the same weights -------------------------------------------------------------
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16, "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def open_clip_to_transformers(state: dict, layers: int) -> dict:
+    """An OpenAI-layout open_clip state dict in transformers' CLIPModel names (q, k, v split from in_proj)."""
+    out = {"logit_scale": state["logit_scale"], "text_projection.weight": state["text_projection"].T.contiguous(),
+           "visual_projection.weight": state["visual.proj"].T.contiguous(),
+           "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+           "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+           "vision_model.embeddings.class_embedding": state["visual.class_embedding"],
+           "vision_model.embeddings.position_embedding.weight": state["visual.positional_embedding"],
+           "vision_model.embeddings.patch_embedding.weight": state["visual.conv1.weight"]}
+    for name, hf in (("ln_final", "text_model.final_layer_norm"), ("visual.ln_pre", "vision_model.pre_layrnorm"),
+                     ("visual.ln_post", "vision_model.post_layernorm")):
+        out[f"{hf}.weight"], out[f"{hf}.bias"] = state[f"{name}.weight"], state[f"{name}.bias"]
+    for tower, hf_tower in (("transformer", "text_model"), ("visual.transformer", "vision_model")):
+        for i in range(layers):
+            src, dst = f"{tower}.resblocks.{i}", f"{hf_tower}.encoder.layers.{i}"
+            for kind in ("weight", "bias"):
+                q, k, v = state[f"{src}.attn.in_proj_{kind}"].chunk(3)
+                out[f"{dst}.self_attn.q_proj.{kind}"], out[f"{dst}.self_attn.k_proj.{kind}"], out[f"{dst}.self_attn.v_proj.{kind}"] = q, k, v
+                for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                    out[f"{dst}.{b}.{kind}"] = state[f"{src}.{a}.{kind}"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_open_clip_and_transformers_backends_give_the_same_numbers(tmp_path):
+    from amortized3d._compat import import_torchvision_safely
+
+    import_torchvision_safely()
+    open_clip = pytest.importorskip("open_clip", reason="the open_clip backend needs open-clip-torch and torchvision")
+    from transformers import CLIPConfig, CLIPModel
+
+    from amortized3d.evaluation.clip_models import load_clip
+    from amortized3d.priors.tiny import make_tiny_clip
+
+    (tmp_path / "tiny-clip-test.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(tmp_path / "tiny-clip-test.json")  # a tiny architecture in OpenAI's layout (QuickGELU)
+    torch.manual_seed(3)
+    model = open_clip.create_model("tiny-clip-test", pretrained=None)
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    hf_folder = make_tiny_clip(tmp_path / "hf", image_size=32, projection_dim=16)  # tokenizer, processor, config layout
+    config = CLIPConfig.from_pretrained(hf_folder)
+    config.text_config.intermediate_size = config.vision_config.intermediate_size = 128  # open_clip's mlp_ratio 4
+    config.text_config.hidden_act = config.vision_config.hidden_act = "quick_gelu"
+    hf = CLIPModel(config)
+    missing, unexpected = hf.load_state_dict(open_clip_to_transformers(model.state_dict(), 2), strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    hf.save_pretrained(hf_folder)
+
+    a, b = load_clip(str(hf_folder)), load_clip(f"open_clip:tiny-clip-test@{weights}")
+    prompts = ["a large red cube", "a small blue sphere to the left of a cone", "a frog " * 90]  # the last is truncated
+    torch.testing.assert_close(a.encode_text(prompts), b.encode_text(prompts), atol=2e-5, rtol=1e-4)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.encode_images(images), b.encode_images(images), atol=2e-5, rtol=1e-4)
+    text = a.encode_text(prompts)
+    for own in range(3):
+        assert torch.equal(score_views(a.encode_images(images), [text.numpy()], own)[0], score_views(b.encode_images(images), [text.numpy()], own)[0])

@@ -9,9 +9,8 @@ scored against every candidate prompt c (by default all prompts of the split):
     Sim(p)     = mean_v s(p, v, p)
 
 then both are averaged over prompts. Candidate text features are computed once, in batches, and
-cached on disk (one .npy per block of 4,096 prompts, memory-mapped when read); the scores are
-taken a block at a time, so memory stays bounded by V x 4,096 scores whatever the number of
-candidates. Prompts are split over ranks (prompt i to rank i mod world); every rank appends its
+cached on disk (one .npy per block of 4,096 prompts); the scores are taken a block at a time,
+so memory stays bounded by one block and V x 4,096 scores whatever the number of candidates. Prompts are split over ranks (prompt i to rank i mod world); every rank appends its
 per-prompt rows to its own file as it goes, so an interrupted evaluation resumes where it stopped,
 and rank 0 merges the files by prompt index (each prompt's row is computed once, by one rank, so
 the merge is exact).
@@ -48,8 +47,8 @@ def candidate_digest(prompts: list[str]) -> str:
 
 
 def text_feature_blocks(clip, prompts: list[str], folder: Path, *, rank: int = 0, world: int = 1, batch_size: int = 256,
-                        barrier=None, progress: bool = True) -> list[np.ndarray]:
-    """Unit-norm text features of ``prompts`` as memory-mapped float16 blocks [<=TEXT_BLOCK, E], computed once.
+                        barrier=None, progress: bool = True) -> list[Path]:
+    """Unit-norm text features of ``prompts``, computed once, as .npy files of float16 blocks [<=TEXT_BLOCK, E].
 
     The cache folder is keyed by the CLIP model and the candidate list; block b is computed by rank b mod world.
     """
@@ -67,20 +66,22 @@ def text_feature_blocks(clip, prompts: list[str], folder: Path, *, rank: int = 0
         tmp.rename(paths[b])
     if barrier is not None:
         barrier()
-    return [np.load(p, mmap_mode="r") for p in paths]
+    return paths
 
 
-def score_views(image_features: torch.Tensor, blocks: list[np.ndarray], own: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """image_features [V, E] of prompt ``own``'s views; blocks of candidate text features -> (hit [V] bool, own cosine [V]).
+def score_views(image_features: torch.Tensor, blocks: list[np.ndarray | Path], own: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """image_features [V, E] of prompt ``own``'s views; blocks of candidate text features [b, E] (arrays or .npy files,
+    in candidate order) -> (hit [V] bool, own cosine [V]).
 
-    Scores are taken block by block with a running maximum over the other candidates (ties count as hits).
+    Scores are taken block by block with a running maximum over the other candidates (ties count as hits); one
+    block is in memory at a time.
     """
     V = image_features.shape[0]
     best_other = torch.full((V,), -math.inf)
     own_score = None
     start = 0
     for block in blocks:
-        feats = torch.from_numpy(np.asarray(block)).float()
+        feats = torch.from_numpy(np.load(block) if isinstance(block, Path) else np.asarray(block)).float()
         scores = image_features.float() @ feats.T  # [V, b]
         if start <= own < start + feats.shape[0]:
             own_score = scores[:, own - start].clone()
