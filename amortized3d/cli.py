@@ -5,6 +5,7 @@
     amortized3d evaluate --checkpoint RUN_DIR [--clip MODEL]
     amortized3d corpus list | show NAME | info NAME | export NAME OUT.json | build cp100k --captions CSV
     amortized3d store build | info --corpus NAME [--config FILE] [section.key=value ...]
+    amortized3d plot RUN_DIR
     amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
 """
 
@@ -182,6 +183,14 @@ def run_store(args) -> int:
     return 0
 
 
+def run_plot(args) -> int:
+    from amortized3d.evaluation.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def run_describe(args) -> int:
     from amortized3d.builders import build_generator, describe_generator
     from amortized3d.config import config_to_dict
@@ -253,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         q = store_sub.add_parser(action, help=about)
         _add_train_arguments(q)
         q.set_defaults(func=run_store)
+    p = sub.add_parser("plot", help="training curves (losses, gradient norm, schedule, throughput, evaluations) as PNG files")
+    p.add_argument("run_dir", help="run folder written by train")
+    p.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots)")
+    p.set_defaults(func=run_plot)
     p = sub.add_parser("describe", help="print the resolved config and the generator's size")
     _add_train_arguments(p)
     p.set_defaults(func=run_describe)

@@ -1,0 +1,94 @@
+"""Training curves as PNG files, from a run's metrics.jsonl (and its evaluation reports).
+
+    amortized3d plot RUN_DIR [--out DIR]      -> RUN_DIR/plots/<panel>.png
+
+Panels (a panel is written when the run logged any of its keys):
+    losses          loss (total), loss_sd (score distillation), adapter_loss (VSD / LODS branch)
+    regularizers    sparsity, opacity_entropy, eikonal, and the mean rendered opacity
+    gradient        grad_sd_norm: mean norm of the distillation gradient per image
+    schedule        t_min, t_max: the annealed timestep range
+    throughput      steps_per_s, peak_memory_mb
+    evaluation      R@1 and similarity of every evaluation report in the run folder
+                    (eval_<split>.json from the oracle, eval_clip_<split>/summary.json from CLIP)
+                    at the checkpoint step it evaluated
+
+Lines are drawn over the steps; a loss spanning more than two decades is drawn on a log axis.
+Non-finite values (skipped steps) are left out of the lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PANELS = {
+    "losses": ("loss", "loss_sd", "adapter_loss"),
+    "regularizers": ("sparsity", "opacity_entropy", "eikonal", "opacity"),
+    "gradient": ("grad_sd_norm",),
+    "schedule": ("t_min", "t_max"),
+    "throughput": ("steps_per_s", "peak_memory_mb"),
+}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupted run
+    return rows
+
+
+def evaluation_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{'oracle r_at_1': [(step, value)], 'clip similarity': [...], ...} from the run's evaluation reports."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    reports = [(f"oracle {p.stem.removeprefix('eval_')}", json.loads(p.read_text()).get("summary", {})) for p in sorted(run_dir.glob("eval_*.json"))]
+    reports += [(f"clip {p.parent.name.removeprefix('eval_clip_')}", json.loads(p.read_text())) for p in sorted(run_dir.glob("eval_clip_*/summary.json"))]
+    for name, summary in reports:
+        step = summary.get("step", summary.get("checkpoint_step"))
+        for key in ("r_at_1", "similarity"):
+            if step is not None and isinstance(summary.get(key), (int, float)):
+                points.setdefault(f"{name} {key}", []).append((int(step), float(summary[key])))
+    return points
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the panels of RUN_DIR as PNG files; -> their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl; pass a run folder written by train")
+    rows = read_metrics(metrics)
+    out = Path(out) if out else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    panels = {name: {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])] for k in keys}
+              for name, keys in PANELS.items()}
+    panels["evaluation"] = evaluation_points(run_dir)
+    for name, series in panels.items():
+        series = {k: v for k, v in series.items() if v}
+        if not series:
+            continue
+        fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
+        for ax, (key, points) in zip(axes[0], series.items()):
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 30 else None, linewidth=1.2)
+            if min(values) > 0 and max(values) / min(values) > 100 and name == "losses":
+                ax.set_yscale("log")
+            ax.set_title(key, fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{run_dir.name}: {name}", fontsize=11)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
