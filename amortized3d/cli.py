@@ -6,6 +6,7 @@
     amortized3d corpus list | show NAME | info NAME | export NAME OUT.json | build cp100k --captions CSV
     amortized3d store build | info --corpus NAME [--config FILE] [section.key=value ...]
     amortized3d plot RUN_DIR
+    amortized3d bench MATRIX.yaml --out DIR
     amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
 """
 
@@ -183,6 +184,16 @@ def run_store(args) -> int:
     return 0
 
 
+def run_bench(args) -> int:
+    from amortized3d.evaluation.bench import run_bench as bench
+
+    bench(args.matrix, args.out)
+    results = Path(args.out) / "results.md"
+    if results.is_file():
+        print(results.read_text())
+    return 0
+
+
 def run_plot(args) -> int:
     from amortized3d.evaluation.plots import plot_run
 
@@ -262,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         q = store_sub.add_parser(action, help=about)
         _add_train_arguments(q)
         q.set_defaults(func=run_store)
+    p = sub.add_parser("bench", help="train and evaluate a method x generator x corpus matrix; Markdown and JSON table")
+    p.add_argument("matrix", help="matrix YAML file (see benchmarks/matrices/)")
+    p.add_argument("--out", required=True, help="folder for the runs and results.md / results.json")
+    p.set_defaults(func=run_bench)
     p = sub.add_parser("plot", help="training curves (losses, gradient norm, schedule, throughput, evaluations) as PNG files")
     p.add_argument("run_dir", help="run folder written by train")
     p.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots)")
