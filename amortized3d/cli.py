@@ -6,6 +6,7 @@
     amortized3d corpus list | show NAME | info NAME | export NAME OUT.json | build cp100k --captions CSV
     amortized3d store build | info --corpus NAME [--config FILE] [section.key=value ...]
     amortized3d plot RUN_DIR
+    amortized3d gallery RUN_DIR
     amortized3d bench MATRIX.yaml --out DIR
     amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
 """
@@ -194,6 +195,14 @@ def run_bench(args) -> int:
     return 0
 
 
+def run_gallery(args) -> int:
+    from amortized3d.evaluation.gallery import build_gallery
+
+    page = build_gallery(args.run_dir, args.prompts or None, out=args.out, limit=args.limit, split=args.split)
+    print(f"{page}\nview it with: python -m http.server --directory {page.parent} 8000   (then open http://localhost:8000)")
+    return 0
+
+
 def run_plot(args) -> int:
     from amortized3d.evaluation.plots import plot_run
 
@@ -277,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("matrix", help="matrix YAML file (see benchmarks/matrices/)")
     p.add_argument("--out", required=True, help="folder for the runs and results.md / results.json")
     p.set_defaults(func=run_bench)
+    p = sub.add_parser("gallery", help="static HTML page of a run: turntables, interactive 3D meshes and per-prompt scores")
+    p.add_argument("run_dir", help="run folder written by train")
+    p.add_argument("--prompts", nargs="+", default=None, help="prompts to show (default: the first --limit of --split)")
+    p.add_argument("--limit", type=int, default=12)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", default=None, help="gallery folder (default RUN_DIR/gallery)")
+    p.set_defaults(func=run_gallery)
     p = sub.add_parser("plot", help="training curves (losses, gradient norm, schedule, throughput, evaluations) as PNG files")
     p.add_argument("run_dir", help="run folder written by train")
     p.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots)")
@@ -293,11 +309,12 @@ def _run(func, args) -> int:
     from amortized3d.data.embedding_store import StoreError
     from amortized3d.data.shapeworld import PromptError
     from amortized3d.evaluation.clip_models import ClipLoadError
+    from amortized3d.evaluation.gallery import GalleryError
     from amortized3d.priors.pretrained import PretrainedLoadError
 
     try:
         return func(args)
-    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, StoreError, ClipLoadError, FileNotFoundError) as err:
+    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, StoreError, ClipLoadError, GalleryError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
