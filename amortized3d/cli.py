@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from datetime import datetime
@@ -91,8 +92,16 @@ def run_evaluate(args) -> int:
         summary = evaluate_clip(args.checkpoint, args.clip, split=args.split, candidates=candidates, n_views=args.views,
                                 elevation=args.elevation, resolution=args.resolution, out=args.out, limit=args.limit,
                                 save_views=args.save_views)
-        if summary is not None:
-            print(json.dumps(summary, indent=1))
+        if summary is None:  # not the main process
+            return 0
+        if args.gallery:
+            from amortized3d.evaluation.gallery import build_gallery
+
+            out = Path(summary["output"])
+            with open(out / "scores.csv", newline="", encoding="utf-8") as f:
+                prompts = [row["prompt"] for row in csv.DictReader(f)][: args.gallery]
+            summary["gallery"] = str(build_gallery(args.checkpoint, prompts, out=out / "gallery", score_files=[out / "scores.csv"]))
+        print(json.dumps(summary, indent=1))
         return 0
     from amortized3d.evaluation.oracle import evaluate_run
 
@@ -262,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", default=None, metavar="FILE",
                    help="CLIP: candidate prompts (a corpus file: JSON, .txt or .csv); default: the evaluated split")
     p.add_argument("--save-views", action="store_true", help="CLIP: also write each prompt's views as a PNG sheet")
+    p.add_argument("--gallery", type=int, default=12, metavar="N",
+                   help="CLIP: an HTML gallery of the first N evaluated prompts in OUT/gallery (0: none; needs `npm ci`)")
     p.add_argument("--out", default=None, help="report path (oracle: RUN_DIR/eval_<split>.json; CLIP: folder RUN_DIR/eval_clip_<split>)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     p.set_defaults(func=run_evaluate)

@@ -131,9 +131,9 @@ def read_scores(folder: Path) -> list[dict]:
 
 def test_evaluate_with_a_tiny_clip_resumes_and_merges_ranks_exactly(tiny_run_and_clip, tmp_path):
     run, clip = tiny_run_and_clip
-    args = ["--checkpoint", str(run), "--clip", str(clip), "--views", "3", "--limit", "6"]
+    args = ["--checkpoint", str(run), "--clip", str(clip), "--views", "3", "--limit", "6", "--gallery", "0"]
     one = tmp_path / "one"
-    proc = evaluate_cli(*args, "--out", str(one), "--save-views")
+    proc = evaluate_cli(*args, "--out", str(one), "--save-views", "--gallery", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((one / "summary.json").read_text())
     rows = read_scores(one)
@@ -142,6 +142,9 @@ def test_evaluate_with_a_tiny_clip_resumes_and_merges_ranks_exactly(tiny_run_and
     assert summary["r_at_1"] == pytest.approx(np.mean([float(r["r_at_1"]) for r in rows]))
     assert all(float(r["r_at_1"]) in (0.0, 1 / 3, 2 / 3, 1.0) or abs(float(r["r_at_1"]) * 3 - round(float(r["r_at_1"]) * 3)) < 1e-6 for r in rows)
     assert len(list((one / "views").glob("*.png"))) == 6
+    page = (one / "gallery" / "index.html").read_text()  # the first two prompts, with their CLIP scores
+    assert page.count('<div class="card">') == 2 and rows[0]["prompt"] in page and "CLIP R@1" in page
+    assert json.loads(proc.stdout)["gallery"] == str(one / "gallery" / "index.html")
 
     # Interrupted: the part file lost its last three rows (and a line cut short); the rerun computes only those.
     part = one / "parts" / "rank0.jsonl"

@@ -207,6 +207,7 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", candid
         writer = csv.DictWriter(f, fieldnames=["index", "prompt", "seen_in_training", "r_at_1", "similarity"])
         writer.writeheader()
         writer.writerows(ordered)
-    summary = {**settings, **summarize(ordered), "seconds": round(time.perf_counter() - start_time, 1), "world_size": world}
+    summary = {**settings, **summarize(ordered), "seconds": round(time.perf_counter() - start_time, 1), "world_size": world,
+               "output": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -53,13 +53,18 @@ def model_viewer_script() -> Path:
     )
 
 
-def run_scores(run_dir: Path) -> dict[str, dict[str, float]]:
-    """{prompt: {metric: value}} from the run's CLIP and oracle reports."""
+def clip_scores(path: Path) -> dict[str, dict[str, float]]:
+    """{prompt: {'CLIP R@1': ..., 'CLIP Sim': ...}} from an evaluation's scores.csv."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["prompt"]: {"CLIP R@1": float(row["r_at_1"]), "CLIP Sim": float(row["similarity"])} for row in csv.DictReader(f)}
+
+
+def run_scores(run_dir: Path, extra: list[Path] = ()) -> dict[str, dict[str, float]]:
+    """{prompt: {metric: value}} from the run's CLIP and oracle reports (and the CLIP scores.csv files in ``extra``)."""
     scores: dict[str, dict[str, float]] = {}
-    for path in sorted(run_dir.glob("eval_clip_*/scores.csv")):
-        with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                scores.setdefault(row["prompt"], {}).update({"CLIP R@1": float(row["r_at_1"]), "CLIP Sim": float(row["similarity"])})
+    for path in [*sorted(run_dir.glob("eval_clip_*/scores.csv")), *extra]:
+        for prompt, values in clip_scores(path).items():
+            scores.setdefault(prompt, {}).update(values)
     for path in sorted(run_dir.glob("eval_*.json")):
         for row in json.loads(path.read_text()).get("per_prompt", []):
             scores.setdefault(row["prompt"], {}).update({"oracle R@1": row["r_at_1"], "IoU": row["iou"]})
@@ -104,9 +109,11 @@ CARD = """<div class="card">
 
 
 def build_gallery(run_dir: str | Path, prompts: list[str] | None = None, *, out: str | Path | None = None, limit: int = 12,
-                  split: str = "test", mesh_resolution: int = 96, frames: int = 36, image_size: int = 192) -> Path:
+                  split: str = "test", mesh_resolution: int = 96, frames: int = 36, image_size: int = 192,
+                  score_files: list[Path] = ()) -> Path:
     """Generate the assets of ``prompts`` (default: the first ``limit`` prompts of the run's split) and write
-    OUT/index.html (default OUT: RUN_DIR/gallery); -> the page's path."""
+    OUT/index.html (default OUT: RUN_DIR/gallery); score_files: CLIP scores.csv files outside the run folder.
+    -> the page's path."""
     from amortized3d.builders import load_run
     from amortized3d.data.corpora import load_corpus
     from amortized3d.inference.generate import generate
@@ -119,7 +126,7 @@ def build_gallery(run_dir: str | Path, prompts: list[str] | None = None, *, out:
     out = Path(out) if out else run_dir / "gallery"
     results = generate(prompts, run_dir, out / "assets", resolution=mesh_resolution, frames=frames, image_size=image_size)
     shutil.copyfile(viewer_js, out / "model-viewer.min.js")
-    scores = run_scores(run_dir)
+    scores = run_scores(run_dir, list(score_files))
     cards = []
     for r in results:
         glb = Path(r["mesh_glb"]).relative_to(out).as_posix() if "mesh_glb" in r else None
