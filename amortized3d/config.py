@@ -154,6 +154,9 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 1000
     ckpt_every: int = 1000
+    # ShapeWorld runs (analytic prior): the oracle evaluation of the test split every eval_every steps, right
+    # after that step's checkpoint, into RUN_DIR/evals/step_<step>.json (0: off); a multiple of ckpt_every
+    eval_every: int = 0
     keep_checkpoints: int = 2
     max_bad_steps: int = 20
     output_dir: str | None = None
@@ -332,6 +335,12 @@ def validate(cfg: ExperimentConfig) -> None:
             "prior.view_dependent and prior.perp_neg change the text of a text-to-image prior; the analytic prior's "
             "conditionals are exact per camera already. Set them to false, or use prior.kind=stable_diffusion or deepfloyd_if"
         )
+    if cfg.train.eval_every < 0 or (cfg.train.eval_every and cfg.train.eval_every % cfg.train.ckpt_every):
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} must be 0 (off) or a multiple of train.ckpt_every={cfg.train.ckpt_every}: "
+                          "it evaluates the checkpoint written at that step")
+    if cfg.train.eval_every and cfg.prior.kind != "analytic":
+        raise ConfigError("train.eval_every runs the ShapeWorld oracle, which needs the analytic prior's ShapeWorld corpora; "
+                          "evaluate other runs' checkpoints with `amortized3d evaluate --checkpoint RUN_DIR --clip MODEL`")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 (0 loads batches in the training process)")
     if cfg.data.shard_size is not None and cfg.data.shard_size < 1:

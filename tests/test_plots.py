@@ -27,3 +27,28 @@ def test_panels_are_drawn_from_the_metrics(tmp_path):
 def test_plot_command_names_a_missing_run(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_periodic_oracle_evaluation_gives_points_over_steps(tmp_path):
+    from amortized3d.training.train import train
+    from tests.test_training import tiny_config
+
+    run = train(tiny_config("train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "eval.n_views=2"), tmp_path / "run")
+    reports = sorted((run / "evals").glob("step_*.json"))
+    assert [p.name for p in reports] == ["step_00000002.json", "step_00000004.json"]
+    assert [json.loads(p.read_text())["summary"]["step"] for p in reports] == [2, 4]
+    from amortized3d.evaluation.plots import evaluation_points
+
+    points = evaluation_points(run)
+    assert [step for step, _ in points["oracle test r_at_1"]] == [2, 4]
+    assert run / "plots" / "evaluation.png" in plot_run(run)
+
+
+def test_eval_every_must_follow_checkpoints():
+    import pytest
+
+    from amortized3d.config import ConfigError
+    from tests.test_training import tiny_config
+
+    with pytest.raises(ConfigError, match="multiple of train.ckpt_every"):
+        tiny_config("train.ckpt_every=2", "train.eval_every=3")

@@ -9,8 +9,8 @@ Panels (a panel is written when the run logged any of its keys):
     schedule        t_min, t_max: the annealed timestep range
     throughput      steps_per_s, peak_memory_mb
     evaluation      R@1 and similarity of every evaluation report in the run folder
-                    (eval_<split>.json from the oracle, eval_clip_<split>/summary.json from CLIP)
-                    at the checkpoint step it evaluated
+                    (eval_<split>.json from the oracle, evals/step_*.json from train.eval_every,
+                    eval_clip_<split>/summary.json from CLIP) at the checkpoint step it evaluated
 
 Lines are drawn over the steps; a loss spanning more than two decades is drawn on a log axis.
 Non-finite values (skipped steps) are left out of the lines.
@@ -45,6 +45,7 @@ def evaluation_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{'oracle r_at_1': [(step, value)], 'clip similarity': [...], ...} from the run's evaluation reports."""
     points: dict[str, list[tuple[int, float]]] = {}
     reports = [(f"oracle {p.stem.removeprefix('eval_')}", json.loads(p.read_text()).get("summary", {})) for p in sorted(run_dir.glob("eval_*.json"))]
+    reports += [("oracle test", json.loads(p.read_text()).get("summary", {})) for p in sorted(run_dir.glob("evals/step_*.json"))]
     reports += [(f"clip {p.parent.name.removeprefix('eval_clip_')}", json.loads(p.read_text())) for p in sorted(run_dir.glob("eval_clip_*/summary.json"))]
     for name, summary in reports:
         step = summary.get("step", summary.get("checkpoint_step"))

@@ -343,6 +343,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                 save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config,
                                                                 "world_size": world, "prompts_per_step": cfg.train.prompts_per_step},
                                 keep=cfg.train.keep_checkpoints, adapter=adapter, adapter_optimizer=adapter_optimizer)
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+                    from amortized3d.evaluation.oracle import evaluate_run
+
+                    evaluate_run(run_dir, out=run_dir / "evals" / f"step_{done:08d}.json")
             if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
                 model.eval()
                 write_validation(cfg, model, text_encoder, val_prompts, run_dir, done, device)
