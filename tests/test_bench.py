@@ -35,6 +35,19 @@ def test_bench_runs_the_matrix_and_writes_the_table(tmp_path, capsys):
     assert "| ASD | hyper_ingp |" in capsys.readouterr().out
 
 
+def test_bench_gallery_links_every_cell(tmp_path):
+    matrix = tmp_path / "matrix.yaml"
+    overrides = [*TINY, "train.steps=1", "train.ckpt_every=1", "eval.n_views=2"]
+    matrix.write_text(json.dumps({"corpora": ["shapeworld-16"], "methods": ["asd", "sds"], "overrides": overrides, "gallery": 1}))
+    out = tmp_path / "bench"
+    assert main(["bench", str(matrix), "--out", str(out)]) == 0
+    index = (out / "index.html").read_text()
+    for method in ("asd", "sds"):
+        link = f"runs/shapeworld-16-{method}-hyper_ingp/gallery/index.html"
+        assert f'href="{link}"' in index and (out / link).is_file()
+        assert (out / link).read_text().count('<div class="card">') == 1
+
+
 def test_matrix_errors_name_the_key(tmp_path):
     from amortized3d.config import ConfigError
 

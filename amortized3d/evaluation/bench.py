@@ -12,12 +12,14 @@ A matrix file (see benchmarks/matrices/):
     clip: null                            # a CLIP model (amortized3d evaluate --clip) for CLIP R@1 and Sim
     clip_views: 120
     oracle: auto                          # ShapeWorld oracle R@1 and IoU: auto (ShapeWorld corpora), true, false
+    gallery: 0                            # N > 0: a gallery of each cell's first N test prompts, and OUT/index.html
 
 Each cell trains into OUT/runs/<corpus>-<method>-<generator>/ and is evaluated there; a cell with
 a results.json is skipped, so an interrupted bench resumes. Wall-clock time is measured per
 cell; device hours are wall-clock x the number of processes (GPU hours on GPUs, CPU-process
 hours otherwise). OUT/results.json holds every cell; OUT/results.md the table: one row per
-method x generator, and per corpus the metrics and the hours.
+method x generator, and per corpus the metrics and the hours. With gallery: N, every cell gets a
+gallery (amortized3d.evaluation.gallery) and OUT/index.html shows the table with links to them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import yaml
 
 DEFAULTS = {"corpora": None, "methods": None, "generators": {"hyper_ingp": None}, "config": None, "overrides": [],
-            "clip": None, "clip_views": 120, "oracle": "auto"}
+            "clip": None, "clip_views": 120, "oracle": "auto", "gallery": 0}
 
 
 def load_matrix(path: str | Path) -> dict:
@@ -86,6 +88,10 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
         summary = evaluate_clip(run, matrix["clip"], n_views=matrix["clip_views"], progress=False)
         if summary is not None:
             result.update({"clip_r_at_1": summary["r_at_1"], "clip_similarity": summary["similarity"]})
+    if matrix["gallery"] and accelerator.is_main_process:
+        from amortized3d.evaluation.gallery import build_gallery
+
+        result["gallery"] = str(build_gallery(run, limit=int(matrix["gallery"])).relative_to(out))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (run / "results.json").write_text(json.dumps(result, indent=1))
@@ -133,4 +139,22 @@ def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"matrix": matrix, "cells": [{k: v for k, v in r.items() if k != "config"} for r in results]}, indent=1))
         (out / "results.md").write_text(table(results))
+        if matrix["gallery"]:
+            (out / "index.html").write_text(index_page(results), encoding="utf-8")
     return results
+
+
+def index_page(results: list[dict]) -> str:
+    """The results table as HTML, each cell linking to its gallery."""
+    import html
+
+    rows = []
+    for r in results:
+        metrics = " ".join(f"{label} {r[k]:.3f}" for k, label in METRICS if k in r)
+        link = f'<a href="{html.escape(r["gallery"])}">gallery</a>' if "gallery" in r else ""
+        rows.append(f"<tr><td>{html.escape(r['corpus'])}</td><td>{html.escape(r['method'])}</td><td>{html.escape(r['generator'])}</td>"
+                    f"<td>{metrics}</td><td>{r['train_s']:.0f} s</td><td>{link}</td></tr>")
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>amortized3d bench</title>"
+            "<style>body{font-family:system-ui,sans-serif;margin:24px}td,th{padding:4px 12px;border-bottom:1px solid #ddd}</style></head>"
+            "<body><h1>amortized3d bench</h1><table><tr><th>corpus</th><th>method</th><th>generator</th><th>metrics</th>"
+            f"<th>training</th><th></th></tr>{''.join(rows)}</table></body></html>\n")
