@@ -229,3 +229,14 @@ def test_open_clip_and_transformers_backends_give_the_same_numbers(tmp_path):
     text = a.encode_text(prompts)
     for own in range(3):
         assert torch.equal(score_views(a.encode_images(images), [text.numpy()], own)[0], score_views(b.encode_images(images), [text.numpy()], own)[0])
+
+
+def test_open_clip_without_a_tag_means_openai_weights_and_missing_ones_fail_clearly(tiny_run_and_clip, tmp_path):
+    from amortized3d._compat import import_torchvision_safely
+
+    import_torchvision_safely()
+    pytest.importorskip("open_clip", reason="the open_clip backend needs open-clip-torch and torchvision")
+    run, _ = tiny_run_and_clip
+    proc = evaluate_cli("--checkpoint", str(run), "--clip", "open_clip:ViT-B-32", "--out", str(tmp_path / "e"))  # offline: no weights
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: cannot load open_clip 'ViT-B-32' with pretrained='openai'" in proc.stderr

@@ -13,6 +13,7 @@ per-channel normalization from the model's preprocessing config.
                                                      config.json, weights, tokenizer and
                                                      preprocessor_config.json (the reference protocol's model)
     load_clip("open_clip:ViT-L-14@openai")           open_clip: architecture @ pretrained tag or weights file
+                                                     (no tag: openai)
     load_clip("open_clip:ViT-B-32@laion2b_s34b_b79k")
 """
 
@@ -133,5 +134,5 @@ def load_clip(spec: str = DEFAULT_CLIP, device="cpu") -> TransformersClip | Open
     """'open_clip:ARCH@TAG_OR_FILE' -> open_clip; anything else is a transformers hub id or folder (module docstring)."""
     if spec.startswith(OPEN_CLIP_PREFIX):
         arch, _, pretrained = spec[len(OPEN_CLIP_PREFIX):].partition("@")
-        return OpenClip(arch, pretrained or None, device)
+        return OpenClip(arch, pretrained or "openai", device)  # no tag: OpenAI's weights (ViT-L-14, ViT-B-32, ...), never random ones
     return TransformersClip(spec, device)
