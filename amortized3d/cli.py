@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from datetime import datetime
@@ -95,11 +94,10 @@ def run_evaluate(args) -> int:
         if summary is None:  # not the main process
             return 0
         if args.gallery:
-            from amortized3d.evaluation.gallery import build_gallery
+            from amortized3d.evaluation.gallery import build_gallery, clip_scores
 
             out = Path(summary["output"])
-            with open(out / "scores.csv", newline="", encoding="utf-8") as f:
-                prompts = [row["prompt"] for row in csv.DictReader(f)][: args.gallery]
+            prompts = list(clip_scores(out / "scores.csv"))[: args.gallery]  # in evaluation order
             summary["gallery"] = str(build_gallery(args.checkpoint, prompts, out=out / "gallery", score_files=[out / "scores.csv"]))
         print(json.dumps(summary, indent=1))
         return 0

@@ -34,8 +34,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from amortized3d.rendering.cameras import orbit_cameras
-from amortized3d.rendering.volume import rays_per_chunk, render_images
 
 TEXT_BLOCK = 4096
 DEFAULT_VIEWS = 120
@@ -93,18 +91,6 @@ def score_views(image_features: torch.Tensor, blocks: list[np.ndarray | Path], o
     return own_score >= best_other, own_score
 
 
-@torch.no_grad()
-def render_views(cfg, generator, text_encoder, prompt: str, n_views: int, resolution: int, elevation: float, device) -> torch.Tensor:
-    """The generator's asset for ``prompt`` at n_views orbit views -> rgb [n_views, 3, R, R] in [0, 1]."""
-    text = text_encoder.encode([prompt]).to(device)
-    field = generator(text.pooled, text.tokens)
-    cams = orbit_cameras(n_views, elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device).reshape(1, n_views)
-    out = render_images(field, cams, resolution, resolution, scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
-                        n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std,
-                        chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
-    return out.rgb[0].clamp(0, 1)
-
-
 def _read_rows(folder: Path) -> dict[int, dict]:
     """Per-prompt rows of every part file in ``folder`` (a line cut short by a crash is skipped: recomputed)."""
     rows = {}
@@ -118,10 +104,10 @@ def _read_rows(folder: Path) -> dict[int, dict]:
     return rows
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Averages over prompts of r_at_1 and similarity: all, seen and unseen in training."""
+def summarize(rows: list[dict], keys: tuple[str, ...] = ("r_at_1", "similarity")) -> dict:
+    """Averages over prompts of each key: all (key), seen (key_seen) and unseen (key_unseen) in training; None when empty."""
     out = {}
-    for key in ("r_at_1", "similarity"):
+    for key in keys:
         for suffix, subset in (("", rows), ("_seen", [r for r in rows if r["seen_in_training"]]),
                                ("_unseen", [r for r in rows if not r["seen_in_training"]])):
             out[key + suffix] = sum(r[key] for r in subset) / len(subset) if subset else None
@@ -143,6 +129,7 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", candid
     from amortized3d.builders import build_text_encoder, load_run
     from amortized3d.data.corpora import load_corpus
     from amortized3d.evaluation.clip_models import load_clip
+    from amortized3d.training.train import render_validation
 
     start_time = time.perf_counter()
     accelerator = Accelerator()
@@ -187,7 +174,7 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", candid
     with open(part, "a") as sink:
         for i in tqdm(todo, desc=f"CLIP evaluation (rank {rank})", disable=not progress or not accelerator.is_local_main_process):
             prompt = evaluated[i]
-            views = render_views(cfg, generator, text_encoder, prompt, n_views, R, elevation, device)
+            views = render_validation(cfg, generator, text_encoder, [prompt], device, n_views, R, elevation)[0]
             hit, sim = score_views(model.encode_images(views).cpu(), blocks, position[prompt])
             row = {"index": i, "prompt": prompt, "seen_in_training": prompt in seen,
                    "r_at_1": hit.float().mean().item(), "similarity": sim.mean().item()}

@@ -19,11 +19,12 @@ per-channel normalization from the model's preprocessing config.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from amortized3d.text.pretrained_encoder import folder_fingerprint
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -40,14 +41,6 @@ def _normalize(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.T
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     return (x - mean.view(1, 3, 1, 1).to(x.device)) / std.view(1, 3, 1, 1).to(x.device)
-
-
-def _fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
-        if path.is_file():
-            digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
-    return digest.hexdigest()[:12]
 
 
 class TransformersClip:
@@ -74,7 +67,7 @@ class TransformersClip:
         self.mean, self.std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
         self.device = torch.device(device)
         local = Path(model)
-        self.identity = f"transformers:{model}@{_fingerprint(local) if local.is_dir() else 'hub'}"
+        self.identity = f"transformers:{model}@{folder_fingerprint(local) if local.is_dir() else 'hub'}"
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

@@ -37,16 +37,15 @@ def model_viewer_script() -> Path:
         if not Path(env).is_file():
             raise GalleryError(f"AMORTIZED3D_MODEL_VIEWER={env!r} is not a file; point it at @google/model-viewer's dist/{VIEWER_FILE}")
         return Path(env)
-    candidates = [Path(__file__).resolve().parents[2] / VIEWER_PACKAGE]
-    try:
+    checkout = Path(__file__).resolve().parents[2] / VIEWER_PACKAGE
+    if checkout.is_file():
+        return checkout
+    try:  # only when the checkout has none: asking npm takes a subprocess
         root = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True, timeout=30).stdout.strip()
-        if root:
-            candidates.append(Path(root).parent / VIEWER_PACKAGE)
     except (OSError, subprocess.TimeoutExpired):
-        pass
-    for path in candidates:
-        if path.is_file():
-            return path
+        root = ""
+    if root and (Path(root).parent / VIEWER_PACKAGE).is_file():
+        return Path(root).parent / VIEWER_PACKAGE
     raise GalleryError(
         "the gallery's 3D viewer is the npm package @google/model-viewer, which is not installed: run `npm ci` in the "
         f"amortized3d checkout (package.json pins it), or set AMORTIZED3D_MODEL_VIEWER to its dist/{VIEWER_FILE}"

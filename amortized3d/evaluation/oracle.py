@@ -31,6 +31,7 @@ import torch
 from amortized3d.builders import build_text_encoder, load_run
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.shapeworld import parse_prompt, scene_field
+from amortized3d.evaluation.clip_eval import summarize
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
@@ -128,16 +129,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
         {"prompt": p, "seen_in_training": p in seen, **{k: float(v[i]) for k, v in metrics.items()}}
         for i, p in enumerate(evaluated)
     ]
-
-    def mean_over(rows, key):
-        return sum(r[key] for r in rows) / len(rows) if rows else None
-
     summary = {"corpus": cfg.corpus.name, "split": split, "method": cfg.distill.method, "step": state["step"],
-               "n_prompts": len(evaluated), "n_candidates": len(prompts), "n_views": V, "resolution": R}
-    for key in ("r_at_1", "similarity", "psnr", "iou"):
-        summary[key] = mean_over(per_prompt, key)
-        summary[f"{key}_seen"] = mean_over([r for r in per_prompt if r["seen_in_training"]], key)
-        summary[f"{key}_unseen"] = mean_over([r for r in per_prompt if not r["seen_in_training"]], key)
+               "n_prompts": len(evaluated), "n_candidates": len(prompts), "n_views": V, "resolution": R,
+               **summarize(per_prompt, ("r_at_1", "similarity", "psnr", "iou"))}
     summary["seconds"] = time.perf_counter() - start
     report = {"summary": summary, "per_prompt": per_prompt}
     out = Path(out) if out else run_dir / f"eval_{split}.json"

@@ -29,10 +29,11 @@ CACHE_SIZE = 256  # prompts (77 x 1024 fp32 CLIP tokens: 80 MB; T5-XXL: 320 MB)
 TEXT_SUBFOLDERS = ["text_encoder", "tokenizer"]
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """12 hex digits of sha256 over the text encoder's config and the names and sizes of its and the tokenizer's files."""
+def folder_fingerprint(folder: Path, subfolders: tuple[str, ...] = ("",)) -> str:
+    """12 hex digits of sha256 over the names and sizes of the files under ``folder``'s ``subfolders`` ('' is the
+    folder itself) and the contents of their config.json files: what stores and feature caches are bound to."""
     digest = hashlib.sha256()
-    for sub in TEXT_SUBFOLDERS:
+    for sub in subfolders:
         for path in sorted((folder / sub).rglob("*")) if (folder / sub).is_dir() else []:
             if path.is_file():
                 digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
@@ -72,7 +73,7 @@ class PretrainedTextEncoder:
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # what an embedding store built with it is bound to: the model, its files, the precision it runs in
-        self.identity = f"{model}@{folder_fingerprint(Path(folder))}:{str(dtype).removeprefix('torch.')}"
+        self.identity = f"{model}@{folder_fingerprint(Path(folder), tuple(TEXT_SUBFOLDERS))}:{str(dtype).removeprefix('torch.')}"
 
     @property
     def device(self) -> torch.device:

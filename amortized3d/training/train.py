@@ -185,12 +185,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: list[str], device, n_views: int = 4, resolution: int | None = None):
-    """Orbit renders of ``prompts``. -> rgb [P, n_views, 3, R, R] in [0, 1]."""
+def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: list[str], device, n_views: int = 4,
+                      resolution: int | None = None, elevation: float | None = None):
+    """Orbit renders of ``prompts`` at the evaluation camera (elevation: cfg.camera.eval_elevation unless given).
+    -> rgb [P, n_views, 3, R, R] in [0, 1]."""
     R = resolution or cfg.eval.resolution
+    elevation = cfg.camera.eval_elevation if elevation is None else elevation
     text = text_encoder.encode(prompts).to(device)
     field = generator(text.pooled, text.tokens)
-    cams = orbit_cameras(n_views, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device)
+    cams = orbit_cameras(n_views, elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device)
     cams = cams.reshape(1, n_views)[[0] * len(prompts)]
     out = render_images(
         field, cams, R, R, scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
