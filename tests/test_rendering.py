@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from amortized3d.rendering.cameras import camera_rays, look_at_cameras, sample_training_cameras
+from amortized3d.rendering.cameras import camera_rays, look_at_cameras, orbit_cameras, sample_training_cameras
 from amortized3d.rendering.volume import (
     ray_sphere_near_far,
     render_images,
+    rays_per_chunk,
     render_rays,
     sample_from_pdf,
     volsdf_density,
@@ -190,13 +192,76 @@ def test_chunked_equals_unchunked_for_several_prompts():
     cams = sample_training_cameras(2, 3, (-10.0, 40.0), (2.0, 2.5), (40.0, 60.0), torch.Generator().manual_seed(4))
     kwargs = dict(scene_radius=1.0, n_proposal=16, n_importance=8, with_normals=True)
     full = render_images(field, cams, 6, 5, generator=torch.Generator().manual_seed(5), **kwargs)
-    chunked = render_images(field, cams, 6, 5, generator=torch.Generator().manual_seed(5), chunk_rays=7, **kwargs)
+    chunked = render_images(field, cams, 6, 5, generator=torch.Generator().manual_seed(5), chunk_rays=14, **kwargs)  # 7 per prompt
     assert full.rgb.shape == (2, 3, 3, 6, 5) and full.opacity.shape == (2, 3, 1, 6, 5)
     for name in ("rgb", "opacity", "depth", "z_variance", "normal"):
         torch.testing.assert_close(getattr(chunked, name), getattr(full, name), atol=1e-5, rtol=0)
-    torch.testing.assert_close(chunked.rays.sdf_grad, full.rays.sdf_grad)
     # The two prompts really differ, so a mix-up along the prompt axis would show.
     assert (full.opacity[0] - full.opacity[1]).abs().max() > 0.1
+
+
+class CountingField(SphereField):
+    """SphereField that records the number of points of every query."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.queries = []
+
+    def sdf(self, points):  # every query goes through here (sdf_and_color too)
+        self.queries.append(points.shape[0] * points.shape[1])
+        return super().sdf(points)
+
+
+def test_chunk_rays_bounds_the_points_of_every_query_over_all_prompts():
+    """The oracle renders 8 prompts (and 16 scenes each for "a cube") at once: a chunk is shared by the prompts."""
+    n_proposal, n_importance, budget = 16, 8, 4096
+    for prompts in (1, 3, 8):
+        field = CountingField([0.5] * prompts, centers=[[0.0, 0.0, 0.0]] * prompts)
+        cams = orbit_cameras(4, 15.0, 2.5, 40.0).reshape(1, 4)[[0] * prompts]
+        with torch.no_grad():
+            render_images(field, cams, 16, 16, scene_radius=1.0, n_proposal=n_proposal, n_importance=n_importance,
+                          chunk_rays=rays_per_chunk(n_proposal, n_importance, budget))
+        assert max(field.queries) <= budget, (prompts, max(field.queries))
+        assert sum(field.queries) >= prompts * 4 * 16 * 16 * (n_proposal + n_importance - 1)  # every sample evaluated
+
+
+MEMORY_PROBE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_rendering import SphereField
+from amortized3d.rendering.cameras import orbit_cameras
+from amortized3d.rendering.volume import rays_per_chunk, render_images
+from amortized3d.training.train import peak_memory_mb, reset_peak_memory
+cpu = torch.device("cpu")
+cams = orbit_cameras(128, 15.0, 2.5, 40.0).reshape(1, 128)
+with torch.no_grad():
+    reset_peak_memory(cpu)
+    start = peak_memory_mb(cpu)
+    out = render_images(SphereField([0.5], centers=[[0.0, 0.0, 0.0]]), cams, 64, 64, scene_radius=1.0, n_proposal=32,
+                        n_importance=16, with_normals=True, chunk_rays=rays_per_chunk(32, 16, 2**15))
+    assert out.rgb.shape == (1, 128, 3, 64, 64) and out.opacity.mean() > 0.1
+    print(peak_memory_mb(cpu) - start)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident high-water mark can be reset only on Linux")
+def test_chunked_rendering_memory_grows_with_rays_not_samples():
+    """Evaluation renders 120 views at the CLIP input size: the per-sample tensors of every ray must not pile up.
+
+    128 views of 64 x 64 in small chunks, in a fresh process (a clean memory baseline): the peak may grow by the
+    per-ray outputs and one chunk's working memory, far less than the per-sample tensors of all rays would take.
+    """
+    import subprocess
+    import sys
+
+    rays, samples = 128 * 64 * 64, 32 + 16 - 1
+    per_sample_mb = rays * samples * 4 * 5 / 2**20  # weights, t_mid, sdf_grad [.., 3]
+    per_ray_mb = rays * 9 * 4 / 2**20  # rgb, opacity, depth, z_variance, normal
+    assert per_sample_mb > 400 and per_ray_mb < 20
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(Path(__file__).parent)], capture_output=True, text=True,
+                           check=True)
+    grown = float(probe.stdout.strip().splitlines()[-1])
+    assert grown < per_sample_mb / 2, f"rendering 128 views grew the peak by {grown:.0f} MB"
 
 
 def test_gradients_reach_field_parameters():

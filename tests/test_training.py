@@ -1,6 +1,7 @@
 """Training end to end on tiny settings: resume, the blow-up guard, learning, generate and evaluate."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +126,15 @@ def test_short_training_improves_oracle_similarity(tmp_path):
     train(cfg, tmp_path / "trained")
     after = evaluate_run(tmp_path / "trained")["summary"]
     assert after["similarity"] > before["similarity"] + 0.05, (before, after)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident high-water mark can be reset only on Linux")
+def test_peak_memory_counts_from_the_reset():
+    """A process that trains twice (amortized3d bench) must not report the first run's peak for the second."""
+    cpu = torch.device("cpu")
+    block = torch.ones(512 * 2**20 // 4)  # 512 MiB, touched
+    del block
+    before = train_module.peak_memory_mb(cpu)
+    train_module.reset_peak_memory(cpu)
+    after = train_module.peak_memory_mb(cpu)
+    assert before - after > 400, (before, after)

@@ -36,10 +36,17 @@ class ClipLoadError(RuntimeError):
     """A CLIP model that cannot be found or loaded, with what to do about it."""
 
 
-def _normalize(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def resize_to_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """images [B, 3, H, W] in [0, 1] -> [B, 3, size, size] float: a bicubic resize with antialiasing, as CLIP's
+    preprocessing does (unchanged when already at size)."""
     x = images.float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    return x
+
+
+def _normalize(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    x = resize_to_input(images, size)
     return (x - mean.view(1, 3, 1, 1).to(x.device)) / std.view(1, 3, 1, 1).to(x.device)
 
 

@@ -13,7 +13,6 @@ Directions are unit vectors, so t is a distance along the ray.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import nerfacc
@@ -51,9 +50,8 @@ class RayRender:
 class ImageRender:
     """Images of P prompts seen from V cameras each, H x W pixels.
 
-    rgb [P, V, 3, H, W]; opacity, depth, z_variance [P, V, 1, H, W]; normal [P, V, 3, H, W] or None;
-    rays: the flat RayRender with R = V * H * W rays per prompt (row-major pixels, view-major),
-    whose sdf_grad [P, R, S, 3] feeds an eikonal loss.
+    rgb [P, V, 3, H, W]; opacity, depth, z_variance [P, V, 1, H, W]; normal [P, V, 3, H, W] or None.
+    The per-sample tensors (weights, t_mid, sdf_grad) are not kept: render_rays returns them.
     """
 
     rgb: torch.Tensor
@@ -61,7 +59,6 @@ class ImageRender:
     depth: torch.Tensor
     z_variance: torch.Tensor
     normal: torch.Tensor | None
-    rays: RayRender
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -254,19 +251,8 @@ def render_rays(
     return _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, jitter, bias, with_normals)
 
 
-def _cat_renders(parts: list[RayRender]) -> RayRender:
-    """Concatenate RayRenders along the ray axis (dim 1)."""
-    if len(parts) == 1:
-        return parts[0]
-    merged = {}
-    for f in dataclasses.fields(RayRender):
-        values = [getattr(p, f.name) for p in parts]
-        merged[f.name] = None if values[0] is None else torch.cat(values, dim=1)
-    return RayRender(**merged)
-
-
 def rays_per_chunk(n_proposal: int, n_importance: int, points: int = 2**18) -> int:
-    """Rays per chunk so that one chunk evaluates about ``points`` field samples (bounded memory)."""
+    """render_images' chunk_rays so that one chunk evaluates about ``points`` field samples (bounded memory)."""
     return max(1, points // (n_proposal + n_importance + 1))
 
 
@@ -286,8 +272,10 @@ def render_images(
 ) -> ImageRender:
     """Render V views of each of P prompts; near/far from the sphere of radius scene_radius.
 
-    The V views of prompt p form its R = V*H*W rays; chunk_rays renders [P, chunk] slices of the
-    ray axis in turn (same random numbers, identical results). cameras [P, V] -> ImageRender.
+    The V views of prompt p form its R = V*H*W rays. chunk_rays bounds the rays rendered at once
+    over all P prompts: [P, max(1, chunk_rays // P)] slices of the ray axis are rendered in turn
+    (same random numbers, identical results), so memory does not grow with P.
+    cameras [P, V] -> ImageRender.
     """
     if cameras.c2w.dim() != 4:
         raise ValueError(f"cameras must have shape [P, V], got {tuple(cameras.shape)}; reshape with cameras.reshape(P, V)")
@@ -299,26 +287,20 @@ def render_images(
     near, far = ray_sphere_near_far(origins, dirs, scene_radius)
     R = origins.shape[1]
     jitter, bias = _draw_noise(generator, P, R, n_proposal, origins.dtype, origins.device)
-    step = R if chunk_rays is None else chunk_rays
-    parts = []
+    step = R if chunk_rays is None else max(1, chunk_rays // P)
+    parts = []  # per chunk, only the per-ray outputs: memory grows with R, not R x S
     for start in range(0, R, step):
         rays = slice(start, start + step)
-        parts.append(
-            _render_rays_with_noise(
-                field, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays], n_proposal, n_importance, inv_std,
-                None if jitter is None else jitter[:, rays], None if bias is None else bias[:, rays], with_normals,
-            )
+        out = _render_rays_with_noise(
+            field, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays], n_proposal, n_importance, inv_std,
+            None if jitter is None else jitter[:, rays], None if bias is None else bias[:, rays], with_normals,
         )
-    flat = _cat_renders(parts)
+        parts.append((out.rgb, out.opacity.unsqueeze(-1), out.depth.unsqueeze(-1), out.z_variance.unsqueeze(-1), out.normal))
 
-    def image(x: torch.Tensor) -> torch.Tensor:  # [P, R, C] -> [P, V, C, H, W]
+    def image(i: int) -> torch.Tensor | None:  # the chunks' i-th output [P, r, C] -> [P, V, C, H, W]
+        if parts[0][i] is None:
+            return None
+        x = torch.cat([part[i] for part in parts], dim=1) if len(parts) > 1 else parts[0][i]
         return x.reshape(P, V, height, width, x.shape[-1]).permute(0, 1, 4, 2, 3)
 
-    return ImageRender(
-        rgb=image(flat.rgb),
-        opacity=image(flat.opacity.unsqueeze(-1)),
-        depth=image(flat.depth.unsqueeze(-1)),
-        z_variance=image(flat.z_variance.unsqueeze(-1)),
-        normal=None if flat.normal is None else image(flat.normal),
-        rays=flat,
-    )
+    return ImageRender(rgb=image(0), opacity=image(1), depth=image(2), z_variance=image(3), normal=image(4))

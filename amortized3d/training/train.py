@@ -178,7 +178,20 @@ def _wandb_run(cfg: ExperimentConfig, run_dir: Path):
     return wandb.init(project="amortized3d", dir=str(run_dir), mode=mode, config=config_to_dict(cfg), name=run_dir.name)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak_memory_mb's count afresh, so that a process that trains more than once (`amortized3d bench`)
+    reports each run's own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the resident high-water mark behind ru_maxrss
+    except OSError:
+        pass  # elsewhere the count runs from the process start
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory on CUDA, else the process's peak resident memory, in MiB, since reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -223,6 +236,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     run_dir = Path(run_dir)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision)
     device = accelerator.device
+    reset_peak_memory(device)
     rank, world = accelerator.process_index, accelerator.num_processes
     if device.type == "cpu" and world == 1:
         # `accelerate launch` without a config sets OMP_NUM_THREADS=1; a lone CPU process should use every core.
