@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,10 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def one(args) -> dict:
+    import torch
+
     from amortized3d.builders import load_run
     from amortized3d.data.corpora import load_corpus
     from amortized3d.data.shapeworld import shapeworld_corpus
     from amortized3d.evaluation import clip_eval
+    from amortized3d.training.train import peak_memory_mb
 
     cfg, _, _ = load_run(args.checkpoint)
     evaluated = load_corpus(cfg.corpus.name, cfg.corpus.dir).test[: args.prompts]
@@ -55,7 +57,7 @@ def one(args) -> dict:
         total = time.perf_counter() - start
     return {"candidates": len(candidates), "prompts": args.prompts, "views": args.views,
             "text_features_s": round(times["text_features_s"], 1), "render_and_score_s": round(total - times["text_features_s"], 1),
-            "r_at_1": round(summary["r_at_1"], 4), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "r_at_1": round(summary["r_at_1"], 4), "peak_rss_mb": round(peak_memory_mb(torch.device("cpu")))}
 
 
 def main():

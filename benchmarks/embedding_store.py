@@ -9,7 +9,7 @@ For each size N (the first N train prompts of shapeworld-120k, written as a JSON
   loader    samples/s for rank 0 of 2 over one epoch, batches of 8, with 0 and 2 data-loader workers
   train     `python train.py --corpus FILE --config configs/shapeworld.yaml train.steps=3` from the built
             store, data.num_workers=0 (everything in the rank's process): seconds from launch until the
-            first step is logged, and the rank's peak resident memory after 3 steps (ru_maxrss)
+            first step is logged, and the rank's peak resident memory over its 3 steps (the logged peak_memory_mb)
 Prints a table and writes JSON with the machine and the ratio of peak memory at the largest vs the
 smallest size. Stores are rebuilt under --root and kept (the 100k store is about 16 GB).
 """

@@ -252,7 +252,8 @@ def render_rays(
 
 
 def rays_per_chunk(n_proposal: int, n_importance: int, points: int = 2**18) -> int:
-    """render_images' chunk_rays so that one chunk evaluates about ``points`` field samples (bounded memory)."""
+    """render_images' chunk_rays so that one chunk evaluates about ``points`` field samples (bounded memory);
+    with normals, the finite-difference gradient queries three times as many on top."""
     return max(1, points // (n_proposal + n_importance + 1))
 
 
@@ -272,10 +273,11 @@ def render_images(
 ) -> ImageRender:
     """Render V views of each of P prompts; near/far from the sphere of radius scene_radius.
 
-    The V views of prompt p form its R = V*H*W rays. chunk_rays bounds the rays rendered at once
-    over all P prompts: [P, max(1, chunk_rays // P)] slices of the ray axis are rendered in turn
-    (same random numbers, identical results), so memory does not grow with P.
-    cameras [P, V] -> ImageRender.
+    The V views of prompt p form its R = V*H*W rays. chunk_rays is the number of rays rendered at
+    once over all P prompts: [P, max(1, chunk_rays // P)] slices of the ray axis are rendered in
+    turn (same random numbers, identical results), so the field's working memory per chunk does
+    not grow with P (at least one ray per prompt). Only the per-ray outputs are kept; under
+    torch.no_grad memory then grows with P x R, not with the samples. cameras [P, V] -> ImageRender.
     """
     if cameras.c2w.dim() != 4:
         raise ValueError(f"cameras must have shape [P, V], got {tuple(cameras.shape)}; reshape with cameras.reshape(P, V)")
@@ -288,7 +290,7 @@ def render_images(
     R = origins.shape[1]
     jitter, bias = _draw_noise(generator, P, R, n_proposal, origins.dtype, origins.device)
     step = R if chunk_rays is None else max(1, chunk_rays // P)
-    parts = []  # per chunk, only the per-ray outputs: memory grows with R, not R x S
+    parts = []  # per chunk, only the per-ray outputs (with no autograd graph, nothing per sample outlives its chunk)
     for start in range(0, R, step):
         rays = slice(start, start + step)
         out = _render_rays_with_noise(

@@ -185,15 +185,24 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the resident high-water mark behind ru_maxrss
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the resident high-water mark, VmHWM
     except OSError:
         pass  # elsewhere the count runs from the process start
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory on CUDA, else the process's peak resident memory, in MiB, since reset_peak_memory."""
+    """Peak allocated GPU memory on CUDA, else the process's peak resident memory, in MiB, since reset_peak_memory.
+
+    On Linux this is VmHWM: ru_maxrss never drops below the memory of the process that started this one.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
