@@ -233,14 +233,16 @@ from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
 from amortized3d.training.train import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
-cams = orbit_cameras(128, 15.0, 2.5, 40.0).reshape(1, 128)
 with torch.no_grad():
-    reset_peak_memory(cpu)
-    start = peak_memory_mb(cpu)
-    out = render_images(SphereField([0.5], centers=[[0.0, 0.0, 0.0]]), cams, 64, 64, scene_radius=1.0, n_proposal=32,
-                        n_importance=16, with_normals=True, chunk_rays=rays_per_chunk(32, 16, 2**15))
-    assert out.rgb.shape == (1, 128, 3, 64, 64) and out.opacity.mean() > 0.1
-    print(peak_memory_mb(cpu) - start)
+    for views in (32, 192):  # the first run warms up: code pages, thread pools, the allocator's own growth
+        cams = orbit_cameras(views, 15.0, 2.5, 40.0).reshape(1, views)
+        reset_peak_memory(cpu)
+        start = peak_memory_mb(cpu)
+        out = render_images(SphereField([0.5], centers=[[0.0, 0.0, 0.0]]), cams, 64, 64, scene_radius=1.0, n_proposal=32,
+                            n_importance=16, with_normals=True, chunk_rays=rays_per_chunk(32, 16, 2**15))
+        assert out.rgb.shape == (1, views, 3, 64, 64) and out.opacity.mean() > 0.1
+        del out
+print(peak_memory_mb(cpu) - start)
 """
 
 
@@ -248,20 +250,21 @@ with torch.no_grad():
 def test_chunked_rendering_memory_grows_with_rays_not_samples():
     """Evaluation renders 120 views at the CLIP input size: the per-sample tensors of every ray must not pile up.
 
-    128 views of 64 x 64 in small chunks, in a fresh process (a clean memory baseline): the peak may grow by the
-    per-ray outputs and one chunk's working memory, far less than the per-sample tensors of all rays would take.
+    192 views of 64 x 64 in small chunks, in a fresh process (a clean memory baseline) after a warm-up render:
+    the peak may grow by the per-ray outputs and one chunk's working memory, far less than the per-sample
+    tensors of all rays would take.
     """
     import subprocess
     import sys
 
-    rays, samples = 128 * 64 * 64, 32 + 16 - 1
+    rays, samples = 192 * 64 * 64, 32 + 16 - 1
     per_sample_mb = rays * samples * 4 * 5 / 2**20  # weights, t_mid, sdf_grad [.., 3]
     per_ray_mb = rays * 9 * 4 / 2**20  # rgb, opacity, depth, z_variance, normal
-    assert per_sample_mb > 400 and per_ray_mb < 20
+    assert per_sample_mb > 700 and per_ray_mb < 30
     probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(Path(__file__).parent)], capture_output=True, text=True,
                            check=True)
     grown = float(probe.stdout.strip().splitlines()[-1])
-    assert grown < per_sample_mb / 2, f"rendering 128 views grew the peak by {grown:.0f} MB"
+    assert grown < per_sample_mb / 2, f"rendering 192 views grew the peak by {grown:.0f} MB"
 
 
 def test_gradients_reach_field_parameters():
