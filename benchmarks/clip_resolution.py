@@ -24,7 +24,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ from amortized3d.builders import build_text_encoder, load_run
 from amortized3d.data.corpora import load_corpus
 from amortized3d.evaluation.clip_eval import DEFAULT_ELEVATION, evaluate_clip
 from amortized3d.evaluation.clip_models import load_clip, resize_to_input
+from amortized3d.evaluation.gallery import clip_scores
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk
@@ -79,14 +79,12 @@ def compare_images(views, model, size: int, prompts: list[str], high: int) -> di
     return out
 
 
-def protocol_scores(checkpoint: str, clip: str, n_prompts: int, n_views: int, resolution: int | None, out: Path) -> tuple[dict, list[dict]]:
-    """One `evaluate_clip` run into out (resolution None: the CLIP input size). -> (its numbers, per-prompt rows)."""
+def protocol_scores(checkpoint: str, clip: str, n_prompts: int, n_views: int, resolution: int | None, out: Path) -> tuple[dict, dict]:
+    """One `evaluate_clip` run into out (resolution None: the CLIP input size). -> (its numbers, per-prompt scores)."""
     start = time.perf_counter()
     summary = evaluate_clip(checkpoint, clip, n_views=n_views, resolution=resolution, out=out, limit=n_prompts, progress=False)
-    with open(out / "scores.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
     return {"render_resolution": summary["render_resolution"], "r_at_1": round(summary["r_at_1"], 4),
-            "similarity": round(summary["similarity"], 5), "seconds": round(time.perf_counter() - start, 1)}, rows
+            "similarity": round(summary["similarity"], 5), "seconds": round(time.perf_counter() - start, 1)}, clip_scores(out / "scores.csv")
 
 
 def main():
@@ -130,8 +128,8 @@ def main():
         with tempfile.TemporaryDirectory() as work:
             direct, direct_rows = protocol_scores(args.checkpoint, args.clip, len(prompts), args.views, None, Path(work) / "direct")
             resized, resized_rows = protocol_scores(args.checkpoint, args.clip, len(prompts), args.views, args.high, Path(work) / "resized")
-        sim_change = sum(abs(float(a["similarity"]) - float(b["similarity"])) for a, b in zip(direct_rows, resized_rows)) / len(prompts)
-        changed = sum(a["r_at_1"] != b["r_at_1"] for a, b in zip(direct_rows, resized_rows))
+        sim_change = sum(abs(direct_rows[p]["CLIP Sim"] - resized_rows[p]["CLIP Sim"]) for p in prompts) / len(prompts)
+        changed = sum(direct_rows[p]["CLIP R@1"] != resized_rows[p]["CLIP R@1"] for p in prompts)
         print(f"\nprotocol ({len(prompts)} prompts x {args.views} views, {args.clip}):")
         print("| render | R@1 | Sim | seconds |")
         for row in (direct, resized):

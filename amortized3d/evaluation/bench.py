@@ -30,8 +30,10 @@ from pathlib import Path
 
 import yaml
 
+from amortized3d.evaluation.clip_eval import DEFAULT_VIEWS
+
 DEFAULTS = {"corpora": None, "methods": None, "generators": {"hyper_ingp": None}, "config": None, "overrides": [],
-            "clip": None, "clip_views": 120, "oracle": "auto", "gallery": 0}
+            "clip": None, "clip_views": DEFAULT_VIEWS, "oracle": "auto", "gallery": 0}
 
 
 def load_matrix(path: str | Path) -> dict:

@@ -34,7 +34,8 @@ from amortized3d.data.shapeworld import parse_prompt, scene_field
 from amortized3d.evaluation.clip_eval import summarize
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
-from amortized3d.rendering.volume import rays_per_chunk, render_images
+from amortized3d.rendering.volume import rays_per_chunk
+from amortized3d.training.train import render_validation
 
 TIE_TOLERANCE = 1e-5  # relative: distances this close to the nearest count as the nearest
 
@@ -94,13 +95,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     render_kwargs = dict(scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
                          n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std,
                          chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
-    renders = []
-    for i in range(0, len(evaluated), 8):
-        batch = evaluated[i : i + 8]
-        text = text_encoder.encode(batch)
-        field = generator(text.pooled, text.tokens)
-        renders.append(render_images(field, cams.reshape(1, V)[[0] * len(batch)], R, R, **render_kwargs).rgb.clamp(0, 1))
-    renders = torch.cat(renders)
+    renders = torch.cat([render_validation(cfg, generator, text_encoder, evaluated[i : i + 8], "cpu", V, R)
+                         for i in range(0, len(evaluated), 8)])  # [P, V, 3, R, R], at the same cameras as cams
     refs, valid = [], []
     for i in range(0, len(prompts), 8):
         batch = prompts[i : i + 8]
