@@ -37,7 +37,7 @@ def test_csv_named_column(tmp_path):
     path = write(tmp_path / "c.csv", 'uid,caption,other\n1,"a red apple, sliced",x\n2,a wooden chair,y\n')
     assert load_corpus(path).train == ["a red apple, sliced", "a wooden chair"]
     assert load_corpus(path + "#other").train == ["x", "y"]
-    with pytest.raises(CorpusError, match="no column 'nope' .*uid, caption, other"):
+    with pytest.raises(CorpusError, match="no column 'nope' .*'uid', 'caption', 'other'"):
         load_corpus(path + "#nope")
     bad = write(tmp_path / "b.csv", "prompt\na frog\n\"\"\na dog\n")
     with pytest.raises(CorpusError, match="line 3, column 'prompt': the prompt is empty"):
@@ -48,7 +48,7 @@ def test_json_errors_name_the_line(tmp_path):
     text = '{\n "train": [\n  "a frog",\n  "  ",\n  "a dog"\n ]\n}\n'
     with pytest.raises(CorpusError, match=r"line 4, train\[1\]: the prompt is empty"):
         load_corpus(write(tmp_path / "j.json", text))
-    with pytest.raises(CorpusError, match="line 3: not valid JSON"):
+    with pytest.raises(CorpusError, match="line 3, column 12: not valid JSON"):
         load_corpus(write(tmp_path / "k.json", '{\n "train": [\n  "a frog",,\n ]\n}'))
 
 

@@ -19,14 +19,14 @@ from amortized3d.rendering.cameras import orbit_cameras
 
 
 def check_prompts(prompts) -> list[str]:
+    """Prompts given on the command line, by the corpus files' rules (amortized3d.data.corpora.check_prompt). -> stripped."""
+    from amortized3d.data.corpora import CorpusError, check_prompt
+
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise ValueError("no prompt given; pass one or more prompts, e.g. generate \"a red cube\" --checkpoint RUN_DIR")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is {p!r}; prompts must be non-empty text such as \"a red cube\"")
-    return [p.strip() for p in prompts]
+        raise CorpusError("no prompt given; pass one or more prompts, e.g. generate \"a red cube\" --checkpoint RUN_DIR")
+    return [check_prompt(p, f"prompt {i + 1} of {len(prompts)}") for i, p in enumerate(prompts)]
 
 
 @torch.no_grad()
