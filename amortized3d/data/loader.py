@@ -15,13 +15,23 @@ data-loader workers:
                   batch from each worker in turn, so the batches arrive in micro-batch order
 
 A rank reads the few consecutive shards its range covers (two of them partly); a worker keeps
-the raw samples of the shards its current batch needs and decodes only that batch.
+the samples of the shards its current batch needs (arrays viewing the shard's bytes, read once)
+and stacks only that batch.
+
+Integrity: the store's manifest is checked when the loader is made (every shard recorded, with
+its recorded size: embedding_store.load_manifest), and each time a worker reads a shard it
+checks the file's size and sha256 against the manifest and parses it fully
+(embedding_store.read_shard: tar structure, members, each key against the sha256 of its own
+text, the shard's keys against the ones the manifest expects, every array's dtype, shape and
+finiteness). A shard that fails is a StoreError naming it and the fix, raised before any of its
+samples is yielded. A worker reads, hashes and checks a shard once when its batches first need
+it, not once per batch: for a 64 MB shard about 0.2 s on one core (0.05 s of it the sha256),
+where reading it without the checks took about 0.15 s.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from amortized3d.data.embedding_store import StoreError, load_manifest, prompt_key, shard_sizes
+from amortized3d.data.embedding_store import StoreError, load_manifest, prompt_key, read_shard, shard_sizes
 from amortized3d.seeding import derived_seed
 from amortized3d.text.hashed_encoder import TextEmbedding
 
@@ -111,10 +121,6 @@ class EpochPlan:
         return out
 
 
-def _array(raw: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(raw), allow_pickle=False)
-
-
 class StoreBatches(IterableDataset):
     """Micro-batches [start, stop) of one rank as PromptBatch objects (see the module docstring)."""
 
@@ -126,21 +132,12 @@ class StoreBatches(IterableDataset):
         self.suffixes = self.manifest["prior_suffixes"]
 
     def _read_shard(self, shard: int) -> list[dict]:
-        import webdataset as wds
-
-        path = self.store / self.manifest["shards"][shard]
-        expected = shard_sizes(self.manifest)[shard]
-        try:
-            samples = list(wds.WebDataset([str(path)], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False))
-        except Exception as err:
-            raise StoreError(f"shard {path} is unreadable ({type(err).__name__}: {err}); delete it and run the store build again to rewrite it") from None
-        if len(samples) != expected:
-            raise StoreError(f"shard {path} holds {len(samples)} samples, the manifest says {expected}; delete it and run the store build again")
-        return samples
+        """The shard's samples, checked (size, sha256, keys, texts, arrays); StoreError naming it if any check fails."""
+        return read_shard(self.store, self.manifest, shard)
 
     def _collate(self, samples: list[dict]) -> PromptBatch:
-        prompts = [s["txt"].decode("utf-8") for s in samples]
-        stack = lambda name, dtype: torch.from_numpy(np.stack([_array(s[name]) for s in samples])).to(dtype)  # noqa: E731
+        prompts = [s["txt"] for s in samples]
+        stack = lambda name, dtype: torch.from_numpy(np.stack([s[name] for s in samples])).to(dtype)  # noqa: E731
         text = TextEmbedding(stack("tokens.npy", torch.float32), stack("pooled.npy", torch.float32), stack("mask.npy", torch.bool))
         prior_texts, prior_text = [], None
         if self.suffixes:
@@ -156,14 +153,35 @@ class StoreBatches(IterableDataset):
         for m in range(self.start + worker, self.stop, workers):
             members = self.plan.batch(self.rank, m)
             needed = {shard for shard, _ in members}
-            cache = {shard: cache[shard] if shard in cache else self._read_shard(shard) for shard in sorted(needed)}
+            try:
+                cache = {shard: cache[shard] if shard in cache else self._read_shard(shard) for shard in sorted(needed)}
+            except StoreError as err:  # handed over as data: PyTorch would re-raise it with the worker's traceback in its text
+                yield StoreFailure(str(err))
+                return
             yield self._collate([cache[shard][k] for shard, k in members])
 
 
+@dataclass
+class StoreFailure:
+    """A StoreError met while reading a batch (in a data-loader worker), re-raised by StoreLoader in the training process."""
+
+    message: str
+
+
+class StoreLoader(DataLoader):
+    """DataLoader over StoreBatches whose iteration raises a worker's StoreError as a plain StoreError (its message only)."""
+
+    def __iter__(self):
+        for item in super().__iter__():
+            if isinstance(item, StoreFailure):
+                raise StoreError(item.message)
+            yield item
+
+
 def batch_loader(store_dir: str | Path, batch_size: int, *, rank: int, world: int, seed: int, start: int, stop: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                 num_workers: int = 0, pin_memory: bool = False) -> StoreLoader:
     """A DataLoader yielding this rank's micro-batches start, start + 1, ..., stop - 1 in order."""
     dataset = StoreBatches(store_dir, batch_size, rank=rank, world=world, seed=seed, start=start, stop=stop)
     workers = max(0, min(num_workers, stop - start))
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if workers else None, persistent_workers=False)
+    return StoreLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                       prefetch_factor=2 if workers else None, persistent_workers=False)
