@@ -163,6 +163,27 @@ def test_evaluate_with_a_tiny_clip_resumes_and_merges_ranks_exactly(tiny_run_and
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2
 
 
+def test_evaluate_without_the_3d_viewer_still_writes_its_summary_and_gallery(tiny_run_and_clip, tmp_path, monkeypatch, capsys):
+    """`npm ci` not run: the default --gallery must not fail the evaluation after scoring; its page shows turntables."""
+    from amortized3d.cli import main
+    from tests.test_gallery import hide_viewer
+
+    hide_viewer(monkeypatch, tmp_path / "empty")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    run, clip = tiny_run_and_clip
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(run), "--clip", str(clip), "--views", "2", "--limit", "2", "--gallery", "1",
+                 "--out", str(out)]) == 0  # in-process: the search for the viewer is hidden above
+    captured = capsys.readouterr()
+    assert json.loads((out / "summary.json").read_text())["n_prompts"] == 2
+    assert json.loads(captured.out)["gallery"] == str(out / "gallery" / "index.html")
+    page = (out / "gallery" / "index.html").read_text()
+    assert page.count('<div class="card">') == 1 and "CLIP R@1" in page and "<model-viewer" not in page and "npm ci" in page
+    assert 'download>mesh (GLB)</a>' in page or "no mesh:" in page
+    assert "has no interactive 3D view" in captured.err
+
+
 # --- the two backends agree on the same weights -------------------------------------------------------------
 
 TINY_OPEN_CLIP = {

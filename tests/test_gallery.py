@@ -1,5 +1,6 @@
 """The HTML gallery: assets, scores and the model-viewer script in place; in headless Chromium (when installed)
-the page renders and its 3D viewer draws the mesh."""
+the page renders and its 3D viewer draws the mesh. Without the viewer (an optional npm package) the page
+falls back to the turntables, links the meshes and says how to turn the 3D view on."""
 
 from __future__ import annotations
 
@@ -14,24 +15,39 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amortized3d.evaluation.gallery import GalleryError, build_gallery, model_viewer_script
+from amortized3d.evaluation import gallery as gallery_module
+from amortized3d.evaluation.gallery import GalleryError, ViewerNotInstalled, build_gallery, model_viewer_script
 
 PROMPTS = ["a large red cube", "a large blue sphere"]
+SMALL = {"mesh_resolution": 32, "frames": 4, "image_size": 32}
+
+
+def hide_viewer(monkeypatch, empty_dir) -> None:
+    """Make an installed model-viewer invisible: no $AMORTIZED3D_MODEL_VIEWER, no checkout node_modules, no global npm root."""
+    monkeypatch.delenv(gallery_module.VIEWER_ENV, raising=False)
+    monkeypatch.setattr(gallery_module, "CHECKOUT", empty_dir)
+    monkeypatch.setattr(gallery_module, "npm_global_root", lambda: None)
+
+
+def links(text: str) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]+)"', text)
 
 
 @pytest.fixture(scope="module")
-def gallery(tmp_path_factory):
-    try:
-        model_viewer_script()
-    except GalleryError as err:
-        pytest.fail(f"{err}")  # `npm ci` is part of the install: a missing viewer is a failure, not a skip
+def run(tmp_path_factory):
     from amortized3d.training.train import train
     from tests.test_training import tiny_config
 
-    root = tmp_path_factory.mktemp("gallery")
-    run = train(tiny_config("train.steps=2", "train.ckpt_every=2"), root / "run")
-    page = build_gallery(run, PROMPTS, mesh_resolution=32, frames=4, image_size=32)
-    return run, page
+    return train(tiny_config("train.steps=2", "train.ckpt_every=2"), tmp_path_factory.mktemp("gallery") / "run")
+
+
+@pytest.fixture(scope="module")
+def gallery(run):
+    try:
+        model_viewer_script()
+    except GalleryError as err:  # CI installs it (`npm ci`); the fallback page is tested without it below
+        pytest.skip(f"needs the 3D viewer: {err}")
+    return run, build_gallery(run, PROMPTS, **SMALL)
 
 
 def test_gallery_page_links_its_assets(gallery):
@@ -39,9 +55,62 @@ def test_gallery_page_links_its_assets(gallery):
     text = page.read_text()
     assert text.count('<div class="card">') == 2 and all(p in text for p in PROMPTS)
     assert (page.parent / "model-viewer.min.js").stat().st_size > 100_000
-    for link in re.findall(r'(?:src)="([^"]+)"', text):
+    assert '<script src="model-viewer.min.js"></script>' in text and "npm ci" not in text
+    for link in links(text):
         assert (page.parent / link).is_file(), link
     assert text.count("<model-viewer") == 2 and "not evaluated" in text  # this run has no evaluation reports
+    assert len(re.findall(r'href="[^"]+\.glb" download', text)) == 2
+
+
+def test_without_the_viewer_the_page_shows_turntables_links_meshes_and_says_how_to_enable_it(run, tmp_path, monkeypatch, capsys):
+    hide_viewer(monkeypatch, tmp_path / "empty")
+    with pytest.raises(ViewerNotInstalled, match="npm ci"):
+        model_viewer_script()
+    page = build_gallery(run, PROMPTS, out=tmp_path / "plain", **SMALL)
+    text = page.read_text()
+    assert text.count('<div class="card">') == 2 and all(p in text for p in PROMPTS)
+    assert "<model-viewer" not in text and "<script" not in text and not (page.parent / "model-viewer.min.js").exists()
+    turntables = re.findall(r'<video src="[^"]+"|<img src="[^"]+\.gif"', text)
+    sheets = re.findall(r'<img src="[^"]+\.png"', text)
+    assert len(turntables) == 2 and len(sheets) == 2
+    glbs = re.findall(r'href="([^"]+\.glb)" download', text)
+    assert len(glbs) == 2
+    for link in links(text):
+        assert (page.parent / link).is_file(), link
+    notice = re.search(r'<p class="notice">(.*?)</p>', text, re.S).group(1)
+    assert "npm ci" in notice and "Node.js 18+" in notice and "AMORTIZED3D_MODEL_VIEWER" in notice
+    err = capsys.readouterr().err
+    note = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "npm ci" in note[0] and str(page) in note[0]
+
+
+def test_a_viewer_path_naming_a_missing_file_is_an_error_unless_lenient(run, tmp_path, monkeypatch, capsys):
+    hide_viewer(monkeypatch, tmp_path / "empty")
+    monkeypatch.setenv("AMORTIZED3D_MODEL_VIEWER", str(tmp_path / "missing.js"))
+    with pytest.raises(GalleryError, match="AMORTIZED3D_MODEL_VIEWER=.*missing.js.* is not a file") as err:
+        build_gallery(run, PROMPTS, out=tmp_path / "strict", **SMALL)  # what `amortized3d gallery` does: stop, say what to fix
+    assert not isinstance(err.value, ViewerNotInstalled) and not (tmp_path / "strict").exists()  # nothing generated
+    page = build_gallery(run, PROMPTS[:1], out=tmp_path / "lenient", lenient=True, **SMALL)  # evaluate --clip, bench
+    text = page.read_text()
+    assert "<model-viewer" not in text and "missing.js" in text and "npm ci" in text and text.count("<video") == 1
+    assert "missing.js" in capsys.readouterr().err
+
+
+def test_the_viewer_is_looked_up_in_the_env_var_then_the_checkout_then_the_global_npm_root(tmp_path, monkeypatch):
+    hide_viewer(monkeypatch, tmp_path / "checkout")
+    script = tmp_path / "global" / "lib" / gallery_module.VIEWER_PACKAGE
+    monkeypatch.setattr(gallery_module, "npm_global_root", lambda: tmp_path / "global" / "lib" / "node_modules")
+    with pytest.raises(ViewerNotInstalled):
+        model_viewer_script()
+    script.parent.mkdir(parents=True)
+    script.write_text("//")
+    assert model_viewer_script() == script
+    local = tmp_path / "checkout" / gallery_module.VIEWER_PACKAGE
+    local.parent.mkdir(parents=True)
+    local.write_text("//")
+    assert model_viewer_script() == local
+    monkeypatch.setenv("AMORTIZED3D_MODEL_VIEWER", str(script))
+    assert model_viewer_script() == script
 
 
 def chromium() -> str | None:
