@@ -87,7 +87,8 @@ def test_asd_gradient_with_the_if_prior(prior):
     t = torch.randint(t_range[0], t_range[1] + 1, (B,), generator=replay)
     noise = torch.randn(x.shape, generator=replay)
     u = torch.rand(B, generator=replay)
-    t_shift = (t + torch.floor(eta * (t - t_range[0]).float() * u).long()).clamp(1, 999)
+    bound = torch.minimum(torch.floor(eta * (t - t_range[0]).double()).long(), t_range[1] - t)  # Alg. 1 with t + dt <= T_max
+    t_shift = t + torch.floor(u.double() * (bound + 1)).long()  # uniform on {0, ..., bound}
     abar = cosine_alphas_cumprod()
 
     def eps(steps, words):

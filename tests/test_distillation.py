@@ -97,24 +97,98 @@ def test_asd_gradient_matches_formula():
     eps_t = recover_noise(prior, x, c["noisy"][:B], t)
     eps_plus = recover_noise(prior, x, c["noisy"][2 * B :], t_plus)
     assert torch.allclose(eps_t, eps_plus, atol=1e-4)
-    # Shift within U[0, eta (t - T_min)].
+    # Shift within U[0, eta (t - T_min)], and t + dt <= T_max.
     shift = t_plus - t
-    assert (shift >= 0).all() and (shift <= torch.floor(eta * (t - t_lo).float()).long()).all()
+    assert (shift >= 0).all() and (shift <= torch.floor(eta * (t - t_lo).float()).long()).all() and (t_plus <= 900).all()
     eps_c, eps_u, eps_shift = c["out"][:B], c["out"][B : 2 * B], c["out"][2 * B :]
     w = (1 - prior.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
     expected = w * (eps_u + 7.5 * (eps_c - eps_u) - eps_shift)
     assert torch.allclose(dx, expected, atol=1e-4)
 
 
-def test_asd_shift_distribution():
-    t = torch.full((20000,), 700)
-    shifted = asd_shifted_timesteps(t, 100, 0.1, torch.Generator().manual_seed(0))
-    shift = (shifted - t).float()
-    # floor(U[0, 60]) is uniform on {0..59}: mean 29.5
-    assert shift.min() == 0 and shift.max() == 59
-    assert abs(shift.mean().item() - 29.5) < 0.5
-    # clamped at 999
-    assert asd_shifted_timesteps(torch.full((100,), 998), 0, 1.0, torch.Generator().manual_seed(0)).max() == 999
+def exact_shift_pmf(rule: str, t: int, t_min: int, t_max: int, eta: float) -> dict[int, float]:
+    """P(dt = k) written out from each rule's definition (ScaleDreamer: Alg. 1 / Sec. 3.2 for "paper", Tables 4-5
+    for "deterministic", Fig. 13's fixed interval eta T for "fixed"; the first published get_t_plus for "reference")."""
+    if rule == "paper":  # U[0, eta (t - T_min)] on the integers, conditioned on dt <= T_max - t
+        k_max = min(math.floor(eta * (t - t_min)), t_max - t)
+        return {k: 1 / (k_max + 1) for k in range(k_max + 1)}
+    if rule == "reference":  # floor(eta u (T_max - t)), u ~ U(0, 1): each integer below L = eta (T_max - t) has mass 1 / L
+        L = eta * (t_max - t)
+        if L == 0:
+            return {0: 1.0}
+        pmf = {k: 1 / L for k in range(math.floor(L))}
+        if L > math.floor(L):
+            pmf[math.floor(L)] = (L - math.floor(L)) / L
+        return pmf
+    if rule == "deterministic":
+        return {math.floor(eta * (t - t_min)): 1.0}
+    return {math.floor(eta * 1000): 1.0}  # fixed
+
+
+def brute_force_ceiling(rule: str, t_min: int, t_max: int, eta: float) -> int:
+    """The largest t whose every possible t + dt stays within T_max (the first timestep's range for the rule)."""
+    return max(t for t in range(t_min, t_max + 1) if t + max(exact_shift_pmf(rule, t, t_min, t_max, eta)) <= t_max)
+
+
+RULES = ["paper", "reference", "deterministic", "fixed"]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("t_range, t", [((500, 980), 900), ((500, 980), 975), ((500, 980), 520), ((20, 500), 333), ((20, 500), 400)])
+def test_asd_shift_follows_its_definition(rule, t_range, t):
+    t = min(t, brute_force_ceiling(rule, *t_range, 0.1))
+    n = 40000
+    steps = torch.full((n,), t)
+    shifted = asd_shifted_timesteps(steps, t_range, 0.1, torch.Generator().manual_seed(0), rule)
+    shift = (shifted - steps).tolist()
+    pmf = exact_shift_pmf(rule, t, *t_range, 0.1)
+    counts = {k: shift.count(k) / n for k in set(shift)}
+    assert set(counts) <= set(pmf)  # no value outside the definition's support
+    for k, p in pmf.items():
+        assert abs(counts.get(k, 0.0) - p) <= 5 * math.sqrt(p * (1 - p) / n) + 1e-12, (k, counts.get(k), p)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("t_range", [(500, 980), (260, 740), (20, 500)])
+def test_asd_second_timesteps_stay_below_t_max_and_pile_nowhere(rule, t_range):
+    """Over the first timesteps ASD draws (t uniform on [T_min, ceiling]): t + dt always lies in [t, T_max], its
+    distribution is the exact one from the rule's definition (computed here by enumeration), and no value holds
+    more than 5 / n of the mass (n the number of first timesteps; clamping t + dt onto 999 used to put 8 / n there,
+    and clamping the deterministic rule onto T_max 44 / n)."""
+    from amortized3d.distillation.score_distillation import asd_timestep_ceiling
+
+    t_min, t_max = t_range
+    ceiling = asd_timestep_ceiling(t_range, 0.1, rule)
+    assert ceiling == brute_force_ceiling(rule, t_min, t_max, 0.1)
+    first = range(t_min, ceiling + 1)
+    exact: dict[int, float] = {}
+    for s in first:
+        for k, p in exact_shift_pmf(rule, s, t_min, t_max, 0.1).items():
+            exact[s + k] = exact.get(s + k, 0.0) + p / len(first)
+    assert max(exact) <= t_max and max(exact.values()) <= 5 / len(first)
+    n = 200000
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randint(t_min, ceiling + 1, (n,), generator=gen)
+    shifted = asd_shifted_timesteps(t, t_range, 0.1, gen, rule)
+    assert (shifted >= t).all() and (shifted <= t_max).all()
+    top = max(exact, key=exact.get)
+    share = (shifted == top).float().mean().item()
+    assert abs(share - exact[top]) < 5 * math.sqrt(exact[top] / n)
+
+
+def test_asd_draws_its_first_timestep_below_the_ceiling_of_its_rule():
+    from amortized3d.distillation.score_distillation import asd_timestep_ceiling
+
+    prior, x = RandomPredictor((3, 4, 4)), torch.randn(64, 3, 4, 4)
+    for rule in RULES:
+        out = score_distillation(prior, x, ["p"] * 64, orbit_cameras(64, 15.0, 1.5, 70.0), method="asd", guidance_scale=7.5,
+                                 t_range=(500, 980), eta=0.1, generator=torch.Generator().manual_seed(2), asd_shift=rule)
+        assert out.timesteps.max() <= asd_timestep_ceiling((500, 980), 0.1, rule) and (out.shifted_timesteps <= 980).all()
+
+
+def test_unknown_asd_shift_rule_is_refused():
+    with pytest.raises(ValueError, match="asd_shift='random'.*paper, reference, deterministic, fixed"):
+        asd_shifted_timesteps(torch.tensor([600]), (500, 980), 0.1, torch.Generator(), "random")
 
 
 def test_distillation_loss_gradient_is_the_given_gradient():

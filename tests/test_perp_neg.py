@@ -10,7 +10,7 @@ import torch
 
 from amortized3d.distillation.score_distillation import perpendicular_component, score_distillation
 from amortized3d.priors.branches import COND, UNCOND
-from amortized3d.priors.diffusers_prior import DiffusionPrior, perp_neg_raw_weights, perp_neg_terms, view_index
+from amortized3d.priors.diffusers_prior import DiffusionPrior, perp_neg_terms, view_index
 from amortized3d.rendering.cameras import look_at_cameras
 from tests.test_stable_diffusion import scaled_linear_alphas_cumprod, tiny_sd  # noqa: F401
 
@@ -25,18 +25,58 @@ def test_view_thresholds():
     assert view_index(elevation, azimuth).tolist() == [c[2] for c in cases]
 
 
-def test_perp_neg_weights_by_hand():
-    e = math.exp(-0.5)
-    azimuth = torch.tensor([0.0, 45.0, 90.0, -180.0, 30.0])
-    elevation = torch.tensor([0.0, 0.0, 0.0, 0.0, 70.0])
-    expected = torch.tensor([
-        [-(4 * e - 2.426), -(4 - 2.426)],                                    # front: r = 1
-        [-(4 * math.exp(-0.25) - 2.426), -(4 * math.exp(-0.25) - 2.426)],  # r = 0.5 both ways
-        [-(e - 0.606), -(e + 0.967)],                                        # side, back half: r = 1
-        [-(1 - 0.606), -(1 + 0.967)],                                        # back: r = 0
-        [0.0, 0.0],                                                          # overhead
-    ])
-    torch.testing.assert_close(perp_neg_raw_weights(elevation, azimuth), expected, atol=1e-6, rtol=0)
+def reference_perp_neg_weights(elevation: torch.Tensor, azimuth: torch.Tensor, guidance_perp_neg: float = -0.5) -> torch.Tensor:
+    """The final weights of the two negatives, step by step as ScaleDreamer's public code computes them
+    (github.com/theEricMa/ScaleDreamer, the MG15 / DF415 / AT2520 / CP100k recipes):
+
+    1. custom/amortized/models/prompt_processors/base.py, get_text_embeddings_perp_neg: guidance_scale_neg is
+       None (get_eps does not pass it), so it is set to -1; per camera, azimuth shifted to (-180, 180); overhead
+       (elevation > overhead_threshold 60) -> [0, 0]; |azi| < 90 -> r = 1 - |azi| / 90,
+       [f_fs(r) * gsn, f_sf(1 - r) * gsn]; else r = 2 - |azi| / 90, [f_sb(r) * gsn, f_fsb(r) * gsn]; with
+       shifted_expotional_decay(a, b, c, r) = a exp(-b r) + c and the Config defaults f_fs = f_sf = (4, 0.5, -2.426),
+       f_sb = (1, 0.5, -0.606), f_fsb = (1, 0.5, 0.967).
+    2. threestudio/models/guidance/stable_diffusion_asd_guidance.py, get_eps:
+       neg_guidance_weights = neg_guidance_weights * -1 * guidenace_scale_perp_neg, with the recipes'
+       guidance_perp_neg: -0.5; then accum_grad += w_i * perpendicular_component(eps_neg_i - eps_u, eps_pos) and
+       noise_pred = (eps_pos + accum_grad) * guidance_scale + eps_u.
+    """
+    def decay(a, b, c, r):
+        return a * math.exp(-b * r) + c
+
+    f_fs = f_sf = (4, 0.5, -2.426)
+    f_sb, f_fsb = (1, 0.5, -0.606), (1, 0.5, 0.967)
+    guidance_scale_neg = -1
+    rows = []
+    for ele, azi in zip(elevation.tolist(), azimuth.tolist()):
+        azi = (azi + 180) % 360 - 180  # shift_azimuth_deg
+        if ele > 60:
+            weights = [0.0, 0.0]
+        elif abs(azi) < 90:
+            r = 1 - abs(azi) / 90
+            weights = [decay(*f_fs, r) * guidance_scale_neg, decay(*f_sf, 1 - r) * guidance_scale_neg]
+        else:
+            r = 2.0 - abs(azi) / 90
+            weights = [decay(*f_sb, r) * guidance_scale_neg, decay(*f_fsb, r) * guidance_scale_neg]
+        rows.append([w * -1 * guidance_perp_neg for w in weights])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_perp_neg_weights_equal_the_reference_computation(tiny_sd):  # noqa: F811
+    azimuth = torch.arange(-180.0, 180.0, 7.5).repeat(6)
+    elevation = torch.tensor([-10.0, 15.0, 45.0, 59.9, 60.1, 85.0]).repeat_interleave(48)
+    cameras = look_at_cameras(elevation, azimuth, torch.full_like(azimuth, 1.5), torch.full_like(azimuth, 60.0))
+    prior = DiffusionPrior(str(tiny_sd), resolution=16, perp_neg=True)  # the default scale is the recipes' -0.5
+    expected = reference_perp_neg_weights(cameras.elevation, cameras.azimuth)
+    torch.testing.assert_close(prior.perp_neg_weights(cameras), expected, atol=1e-5, rtol=0)
+    # Perp-Neg pushes away from the other views: at the front (azimuth 0) the side negative's weight is
+    # -0.5 * (4 - 2.426) = -0.787, subtracting the side view's perpendicular component.
+    front = (cameras.azimuth == 0) & (cameras.elevation < 60)
+    torch.testing.assert_close(prior.perp_neg_weights(cameras)[front][:, 1], torch.full((int(front.sum()),), -0.787), atol=1e-6, rtol=0)
+    assert (prior.perp_neg_weights(cameras)[cameras.elevation > 60] == 0).all()
+    # Another scale scales the weights linearly, as guidance_perp_neg does in the reference.
+    other = DiffusionPrior(str(tiny_sd), resolution=16, perp_neg=True, perp_neg_scale=-2.0)
+    torch.testing.assert_close(other.perp_neg_weights(cameras), reference_perp_neg_weights(cameras.elevation, cameras.azimuth, -2.0),
+                               atol=1e-5, rtol=0)
 
 
 def test_perp_neg_interpolates_the_view_prompts():
@@ -118,7 +158,7 @@ def test_perp_neg_step_is_one_unet_call_and_matches_its_formula(tiny_sd, method)
             return prior.unet(x, steps, encoder_hidden_states=torch.stack(tokens) if isinstance(tokens, list) else tokens).sample
 
     eps_c, eps_u, eps_n1, eps_n2 = unet(x_t, t, pos), unet(x_t, t, null), unet(x_t, t, neg1), unet(x_t, t, neg2)
-    w_neg = -0.5 * perp_neg_raw_weights(el, az)
+    w_neg = reference_perp_neg_weights(el, az)
     e_pos = eps_c - eps_u
 
     def perp(v, y):
@@ -132,7 +172,8 @@ def test_perp_neg_step_is_one_unet_call_and_matches_its_formula(tiny_sd, method)
         expected = w * (eps_cfg - noise)
     else:
         u = torch.rand(B, generator=replay)
-        t_shift = (t + torch.floor(eta * (t - t_range[0]).float() * u).long()).clamp(1, 999)
+        bound = torch.minimum(torch.floor(eta * (t - t_range[0]).double()).long(), t_range[1] - t)  # Alg. 1 with t + dt <= T_max
+        t_shift = t + torch.floor(u.double() * (bound + 1)).long()  # uniform on {0, ..., bound}
         a2 = abar[t_shift].view(-1, 1, 1, 1)
         x_shift = a2.sqrt() * latents.detach() + (1 - a2).sqrt() * noise
         expected = w * (eps_cfg - unet(x_shift, t_shift, pos))

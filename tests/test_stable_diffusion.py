@@ -144,7 +144,7 @@ def test_distillation_gradient_equals_its_formula_for_the_tiny_unet(prior, metho
         handle.remove()
     assert len(calls) == 1  # every branch in one UNet call
 
-    # Independent replay of Table 1: t ~ U{t_min..t_max}, eps ~ N(0, I), ASD shift floor(eta (t - t_min) u).
+    # Independent replay of Table 1: t ~ U{t_min..t_max}, eps ~ N(0, I), ASD shift uniform on {0..min(floor(eta (t - t_min)), t_max - t)}.
     t = torch.randint(t_range[0], t_range[1] + 1, (B,), generator=replay)
     noise = torch.randn(latents.shape, generator=replay)
     abar = scaled_linear_alphas_cumprod()
@@ -165,7 +165,8 @@ def test_distillation_gradient_equals_its_formula_for_the_tiny_unet(prior, metho
         expected = w * (eps_cfg - eps_uncond)
     else:
         u = torch.rand(B, generator=replay)
-        t_shift = (t + torch.floor(eta * (t - t_range[0]).float() * u).long()).clamp(1, 999)
+        bound = torch.minimum(torch.floor(eta * (t - t_range[0]).double()).long(), t_range[1] - t)  # Alg. 1 with t + dt <= T_max
+        t_shift = t + torch.floor(u.double() * (bound + 1)).long()  # uniform on {0, ..., bound}
         assert torch.equal(out.shifted_timesteps, t_shift)
         expected = w * (eps_cfg - eps(latents, t_shift, prompts))
     torch.testing.assert_close(out.grad, expected, atol=1e-4, rtol=1e-4)

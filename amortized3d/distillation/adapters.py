@@ -12,7 +12,8 @@ all prompts of the corpus (the amortized setting), not one per prompt.
                    projections plus a camera MLP (16 -> D -> D on the flattened camera-to-world
                    matrix, added to the timestep embedding); eps_phi'(x_t; t, pi, y), the
                    conditional branch with guidance 1. During training the camera is zeroed
-                   with probability 0.1.
+                   with probability 0.1. The camera MLP's last layer starts at zero (ProlificDreamer's
+                   starts random), so the branch starts as the pretrained conditional one.
     LODSEmbedding  (LODS, Eq. 7-8) a learnable unconditional token embedding alpha [77, C],
                    initialized from the empty prompt's; eps_phi(x_t; alpha, t).
     LODSLoRA       (LODS, Eq. 9-10) LoRA on the UNet, applied at scale 0.5, used for the
@@ -21,7 +22,9 @@ all prompts of the corpus (the amortized setting), not one per prompt.
 LoRA adapters are peft's (through diffusers' ``add_adapter``), rank ``rank`` with alpha = rank,
 on to_q, to_k, to_v and to_out.0 of every attention layer; peft starts them at zero
 (B = 0), so each adapter starts as the pretrained model. Trainable parameters are float32
-even when the UNet is fp16.
+even when the UNet is fp16. Every branch goes through the prior's own prediction path,
+``DiffusionPrior.unet_noise``: v-prediction checkpoints are converted to eps, and DeepFloyd IF's
+variance channels are dropped, exactly as for the pretrained branches.
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ class VSDLoRA(NoisePredictorAdapter):
         self.lora = nn.ParameterList(add_lora(prior, "vsd", rank))
         width = prior.unet.time_embedding.linear_2.out_features
         self.camera = TimestepEmbedding(16, width).to(prior.device)
+        with torch.no_grad():  # the camera's term starts at zero, so the branch starts as the pretrained conditional one
+            self.camera.linear_2.weight.zero_()
+            self.camera.linear_2.bias.zero_()
 
     def training_cameras(self, cameras: Cameras, generator: torch.Generator) -> Cameras:
         keep = (torch.rand(cameras.shape, generator=generator) >= VSD_CAMERA_DROPOUT).to(cameras.c2w.device)
@@ -110,16 +116,14 @@ class VSDLoRA(NoisePredictorAdapter):
 
     def predict_noise(self, noisy, timesteps, prompts, cameras) -> torch.Tensor:
         unet = self.prior.unet
-        tokens = self.prior.text_condition(prompts, torch.full((len(prompts),), COND)).to(self.prior.device, self.prior.dtype)
+        tokens = self.prior.text_condition(prompts, torch.full((len(prompts),), COND))
         labels = cameras.c2w.reshape(-1, 16).to(self.prior.device, torch.float32)
         unet.class_embedding = _CastTo(self.camera, self.prior.dtype)
         try:
             with lora_active(self.prior, "vsd", list(self.lora)):
-                out = unet(noisy.to(self.prior.device, self.prior.dtype), timesteps.to(self.prior.device),
-                           encoder_hidden_states=tokens, class_labels=labels).sample
+                return self.prior.unet_noise(noisy, timesteps, tokens, class_labels=labels)
         finally:
             unet.class_embedding = None
-        return out.float()
 
 
 class LODSEmbedding(NoisePredictorAdapter):
@@ -132,10 +136,8 @@ class LODSEmbedding(NoisePredictorAdapter):
         self.embedding = nn.Parameter(null.clone().float().to(prior.device))
 
     def predict_noise(self, noisy, timesteps, prompts, cameras) -> torch.Tensor:
-        tokens = self.embedding.to(self.prior.dtype).unsqueeze(0).expand(noisy.shape[0], -1, -1)
-        out = self.prior.unet(noisy.to(self.prior.device, self.prior.dtype), timesteps.to(self.prior.device),
-                              encoder_hidden_states=tokens).sample
-        return out.float()
+        tokens = self.embedding.unsqueeze(0).expand(noisy.shape[0], -1, -1)
+        return self.prior.unet_noise(noisy, timesteps, tokens)
 
 
 class LODSLoRA(NoisePredictorAdapter):
@@ -147,11 +149,9 @@ class LODSLoRA(NoisePredictorAdapter):
         self.lora = nn.ParameterList(add_lora(prior, "lods", rank))
 
     def predict_noise(self, noisy, timesteps, prompts, cameras) -> torch.Tensor:
-        tokens = self.prior.text_condition(prompts, torch.full((len(prompts),), UNCOND)).to(self.prior.device, self.prior.dtype)
+        tokens = self.prior.text_condition(prompts, torch.full((len(prompts),), UNCOND))
         with lora_active(self.prior, "lods", list(self.lora), LODS_LORA_SCALE):
-            out = self.prior.unet(noisy.to(self.prior.device, self.prior.dtype), timesteps.to(self.prior.device),
-                                  encoder_hidden_states=tokens).sample
-        return out.float()
+            return self.prior.unet_noise(noisy, timesteps, tokens)
 
 
 class _CastTo(nn.Module):

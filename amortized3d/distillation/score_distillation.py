@@ -6,7 +6,7 @@ to x is, with w(t) = 1 - abar_t and eps_cfg = eps_u + g (eps_c - eps_u):
 
     SDS  w(t) (eps_cfg(x_t, t, y) - eps)
     CSD  w(t) (eps_cfg(x_t, t, y) - eps_u(x_t, t))           (= w(t) g (eps_c - eps_u))
-    ASD  w(t) (eps_cfg(x_t, t, y) - eps_c(x_{t+dt}, t + dt, y)),  dt ~ U[0, eta (t - T_min)]
+    ASD  w(t) (eps_cfg(x_t, t, y) - eps_c(x_{t+dt}, t + dt, y)),  dt ~ U[0, eta (t - T_min)], t + dt <= T_max
     VSD  w(t) (eps_cfg(x_t, t, y) - eps_phi'(x_t, t, pi, y))  with the camera-conditioned LoRA UNet phi'
     LODS w(t) (eps_c(x_t, t, y) + (1 - g) / g * eps_learned(x_t, t) - eps / g)   (LODS Eq. 7 and 9)
 
@@ -32,6 +32,7 @@ d loss_b / d x_b = grad_b.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +66,62 @@ def sample_timesteps(batch: int, t_min: int, t_max: int, generator: torch.Genera
     return torch.randint(t_min, t_max + 1, (batch,), generator=generator).to(device)
 
 
-def asd_shifted_timesteps(t: torch.Tensor, t_min: int, eta: float, generator: torch.Generator) -> torch.Tensor:
-    """t + dt with dt = floor(eta (t - T_min) u), u ~ U(0, 1), clamped to [1, 999]. t long [B] -> long [B]."""
-    u = torch.rand(t.shape, generator=generator).to(t.device)
-    shift = torch.floor(eta * (t - t_min).clamp(min=0).to(torch.float32) * u).to(torch.long)
-    return (t + shift).clamp(1, NUM_TRAIN_TIMESTEPS - 1)
+ASD_SHIFTS = ("paper", "reference", "deterministic", "fixed")
+
+
+def asd_fixed_shift(t_range: tuple[int, int], eta: float) -> int:
+    """The "fixed" rule's dt: floor(eta T), T = 1000 diffusion steps, at most T_max - T_min."""
+    return min(math.floor(eta * NUM_TRAIN_TIMESTEPS), t_range[1] - t_range[0])
+
+
+def asd_timestep_ceiling(t_range: tuple[int, int], eta: float, rule: str = "paper") -> int:
+    """The largest first timestep t that ASD draws under ``rule``: T_max for the random rules (they shrink dt
+    instead); for the deterministic ones the largest t whose t + dt still lies within T_max, so that no t + dt is
+    clamped onto T_max."""
+    t_min, t_max = t_range
+    if rule == "deterministic":  # t + floor(eta (t - T_min)) is non-decreasing in t
+        top = t_max
+        while top > t_min and top + math.floor(eta * (top - t_min)) > t_max:
+            top -= 1
+        return top
+    if rule == "fixed":
+        return t_max - asd_fixed_shift(t_range, eta)
+    return t_max
+
+
+def asd_shifted_timesteps(t: torch.Tensor, t_range: tuple[int, int], eta: float, generator: torch.Generator,
+                          rule: str = "paper") -> torch.Tensor:
+    """ASD's second timestep t + dt, within [t, T_max]. t long [B] in [T_min, asd_timestep_ceiling] -> long [B].
+
+    rule (distill.asd_shift), with (T_min, T_max) the annealed range of this step and u ~ U(0, 1):
+        paper          dt ~ U[0, eta (t - T_min)] (ScaleDreamer Sec. 3.2, Alg. 1), on the integers and conditioned
+                       on t + dt <= T_max (the bound of the paper's Eq. 3): uniform on
+                       {0, ..., floor(min(eta (t - T_min), T_max - t))}. The range shrinks instead of t + dt being
+                       clamped, so no timestep collects the draws that would have fallen beyond T_max.
+        reference      dt = floor(eta u (T_max - t)): the first published version of the paper's code
+                       (``get_t_plus`` with ``plus_random``); it shrinks as t grows, where the paper's grows.
+        deterministic  dt = floor(eta (t - T_min)): the deterministic shift of the paper's Tables 4 and 5.
+        fixed          dt = floor(eta T), T = 1000 (at most T_max - T_min): the fixed interval of the paper's Fig. 13
+                       (there eta T_max with T_max = 980, fixed).
+    For the deterministic rules t is drawn from [T_min, asd_timestep_ceiling(...)], so that t + dt <= T_max holds
+    without clamping (score_distillation does this). The random rules draw one u per image from ``generator``.
+    """
+    t_min, t_max = t_range
+    if rule not in ASD_SHIFTS:
+        raise ValueError(f"distill.asd_shift={rule!r} is not known; choose one of {', '.join(ASD_SHIFTS)}")
+    room = (t_max - t).clamp(min=0)
+    if rule == "paper":
+        u = torch.rand(t.shape, generator=generator).to(t.device)
+        bound = torch.minimum(torch.floor(eta * (t - t_min).clamp(min=0).double()).long(), room)
+        shift = torch.floor(u.double() * (bound + 1).double()).long()  # uniform on {0, ..., bound}
+    elif rule == "reference":
+        u = torch.rand(t.shape, generator=generator).to(t.device)
+        shift = torch.floor(eta * u.double() * room.double()).long()
+    elif rule == "deterministic":
+        shift = torch.floor(eta * (t - t_min).clamp(min=0).double()).long()
+    else:
+        shift = torch.full_like(t, asd_fixed_shift(t_range, eta))
+    return t + torch.minimum(shift, room)  # a no-op for t up to asd_timestep_ceiling
 
 
 def sds_gradient(eps_cfg: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -147,11 +199,13 @@ def score_distillation(
     eta: float,
     generator: torch.Generator,
     adapter=None,
+    asd_shift: str = "paper",
 ) -> DistillationOutput:
     """One score-distillation step on a batch of rendered images.
 
     x [B, C, H, W] in the prior's space (after prior.encode), prompts (B), cameras [B];
-    ``adapter`` is the learned branch of VSD / LODS (amortized3d.distillation.adapters).
+    ``adapter`` is the learned branch of VSD / LODS (amortized3d.distillation.adapters); ``asd_shift`` the rule
+    of ASD's timestep shift (asd_shifted_timesteps).
     All pretrained branches go through one batched prior call; non-finite gradients are
     kept as they are so the training loop's guard can see them.
     """
@@ -161,7 +215,7 @@ def score_distillation(
         raise ValueError(f"distill.method={method!r} {'needs' if adapter is None else 'takes no'} learned branch (adapter)")
     B = x.shape[0]
     t_min, t_max = t_range
-    t = sample_timesteps(B, t_min, t_max, generator, x.device)
+    t = sample_timesteps(B, t_min, asd_timestep_ceiling(t_range, eta, asd_shift) if method == "asd" else t_max, generator, x.device)
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     abar = prior.alphas_cumprod.to(x.device)
     weight = (1 - abar[t]).to(x.dtype)
@@ -183,7 +237,7 @@ def score_distillation(
                 steps += [t, t]
                 branches += [rows(NEGATIVE_1), rows(NEGATIVE_2)]
             if method == "asd":
-                t_shift = asd_shifted_timesteps(t, t_min, eta, generator)
+                t_shift = asd_shifted_timesteps(t, t_range, eta, generator, asd_shift)
                 inputs.append(add_noise(x.detach(), noise, t_shift, abar))
                 steps.append(t_shift)
                 branches.append(rows(COND))

@@ -59,10 +59,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 VIEW_SUFFIXES = (", side view", ", front view", ", back view", ", overhead view")
 SIDE, FRONT, BACK, OVERHEAD = 0, 1, 2, 3
 FRONT_DEGREES, BACK_DEGREES, OVERHEAD_DEGREES = 30.0, 150.0, 60.0
-# Perp-Neg: negative weight -(a exp(-b r) + c) per pair of views; the reference recipe scales them by -0.5.
+# Perp-Neg decays f(r) = a exp(-b r) + c per pair of views (Perp-Neg paper; threestudio's defaults).
 PERP_NEG_FRONT_SIDE = (4.0, 0.5, -2.426)
 PERP_NEG_SIDE_BACK = (1.0, 0.5, -0.606)
 PERP_NEG_FRONT_SIDE_BACK = (1.0, 0.5, 0.967)
+# The final weight of each negative is PERP_NEG_SCALE * f(r). ScaleDreamer's recipes set guidance_perp_neg: -0.5; its
+# prompt processor returns -f(r), which the guidance multiplies by -1 * guidance_perp_neg: (-f)(-1)(-0.5) = -0.5 f.
 PERP_NEG_SCALE = -0.5
 
 
@@ -81,23 +83,30 @@ def _decay(abc: tuple[float, float, float], r: torch.Tensor) -> torch.Tensor:
     return a * torch.exp(-b * r) + c
 
 
-def perp_neg_raw_weights(elevation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
-    """Unscaled Perp-Neg weights [N, 2]: |azimuth| < 90: r = 1 - |az| / 90, negatives (front, side) weighted
-    -(f_fs(r), f_fs(1 - r)); otherwise r = 2 - |az| / 90, negatives (side, front) weighted -(f_sb(r), f_fsb(r));
-    overhead views 0."""
+def perp_neg_decays(elevation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
+    """The decays f [N, 2] of the two negatives, before perp_neg_scale (final weight w_i = scale * f_i):
+
+        |azimuth| < 90:  r = 1 - |az| / 90, negatives (front, side):  f = (f_fs(r), f_fs(1 - r))
+        otherwise:       r = 2 - |az| / 90, negatives (side, front):  f = (f_sb(r), f_fsb(r))
+        overhead (elevation > 60): 0 (its negatives are the empty prompt)
+
+    with f_fs = 4 exp(-r / 2) - 2.426, f_sb = exp(-r / 2) - 0.606, f_fsb = exp(-r / 2) + 0.967. At azimuth 0
+    the side negative has f = 1.574, so with the recipes' scale -0.5 its weight is -0.787: Perp-Neg subtracts
+    the component of (eps_side - eps_u) perpendicular to eps_c - eps_u.
+    """
     r_front = 1.0 - azimuth.abs() / 90.0
     r_back = 2.0 - azimuth.abs() / 90.0
     front_half = azimuth.abs() < 90.0
     first = torch.where(front_half, _decay(PERP_NEG_FRONT_SIDE, r_front), _decay(PERP_NEG_SIDE_BACK, r_back))
     second = torch.where(front_half, _decay(PERP_NEG_FRONT_SIDE, 1.0 - r_front), _decay(PERP_NEG_FRONT_SIDE_BACK, r_back))
-    weights = -torch.stack([first, second], -1)
-    weights[elevation > OVERHEAD_DEGREES] = 0.0
-    return weights
+    decays = torch.stack([first, second], -1)
+    decays[elevation > OVERHEAD_DEGREES] = 0.0
+    return decays
 
 
 def perp_neg_terms(table: torch.Tensor, elevation: torch.Tensor, azimuth: torch.Tensor, null: torch.Tensor):
     """table [N, 4, 77, C] view-prompt embeddings (VIEW_SUFFIXES order), null [77, C] ->
-    (positive [N, 77, C], negatives [N, 2, 77, C]); their weights are perp_neg_raw_weights.
+    (positive [N, 77, C], negatives [N, 2, 77, C]); their weights are perp_neg_scale * perp_neg_decays.
 
     positive: overhead -> the overhead prompt; |az| < 90 -> r front + (1 - r) side, r = 1 - |az| / 90;
     else r side + (1 - r) back, r = 2 - |az| / 90. Negatives: (front, side) in the front half,
@@ -232,8 +241,27 @@ class DiffusionPrior:
         return out
 
     def perp_neg_weights(self, cameras: Cameras) -> torch.Tensor:
-        """Perp-Neg weights [N, 2] of the two negatives for each camera (0 for overhead views), times perp_neg_scale."""
-        return self.perp_neg_scale * perp_neg_raw_weights(cameras.elevation.cpu(), cameras.azimuth.cpu())
+        """The final Perp-Neg weights [N, 2] of the two negatives: perp_neg_scale * perp_neg_decays (0 for overhead views)."""
+        return self.perp_neg_scale * perp_neg_decays(cameras.elevation.cpu(), cameras.azimuth.cpu())
+
+    def unet_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor,
+                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's noise prediction eps(x_t, t, tokens): the one path every branch takes (the pretrained
+        branches through predict_noise, and the learned branches of VSD and LODS with their adapters active).
+
+        noisy [N, C, h, w], timesteps long [N], tokens [N, 77, D] text condition, class_labels [N, K] or None
+        -> eps float32 [N, C, h, w]. Keeps the first C output channels (DeepFloyd IF's UNet also predicts a
+        variance: 2C channels) and converts a v-prediction to eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
+        Differentiable with respect to trainable parameters inside the UNet (adapters); the frozen weights get none.
+        """
+        x = noisy.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+        steps = timesteps.to(self.device)
+        out = self.unet(x, steps, encoder_hidden_states=tokens.to(self.device, self.dtype), class_labels=class_labels).sample
+        out = out.float()[:, : self.channels]
+        if self.prediction_type == "v_prediction":
+            abar = self.alphas_cumprod[steps].view(-1, 1, 1, 1)
+            out = abar.sqrt() * out + (1.0 - abar).sqrt() * noisy.to(self.device).float()
+        return out
 
     @torch.no_grad()
     def predict_noise(
@@ -246,13 +274,7 @@ class DiffusionPrior:
     ) -> torch.Tensor:
         """eps(x_t, t, condition) in one UNet call; noisy [N, 4, h, w], timesteps long [N], prompts (N),
         cameras [N], branch [N] (amortized3d.priors.branches) -> eps float32 [N, 4, h, w]."""
-        condition = self.text_condition(prompts, branch, cameras).to(self.device, self.dtype)
-        x = noisy.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        out = self.unet(x, timesteps.to(self.device), encoder_hidden_states=condition).sample.float()[:, : self.channels]
-        if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod[timesteps.to(self.device)].view(-1, 1, 1, 1)
-            out = abar.sqrt() * out + (1.0 - abar).sqrt() * noisy.to(self.device).float()
-        return out
+        return self.unet_noise(noisy, timesteps, self.text_condition(prompts, branch, cameras))
 
 
 def load_prior_text_encoder(model: str, device="cpu", dtype: str = "auto") -> PretrainedTextEncoder:
