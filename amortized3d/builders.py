@@ -16,7 +16,7 @@ from amortized3d.data.embedding_store import build_store, default_store_dir, loa
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, DiffusionPrior, load_prior_text_encoder
 from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
 from amortized3d.text.hashed_encoder import HashedTextEncoder
-from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint
+from amortized3d.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 
 def build_text_encoder(cfg: ExperimentConfig, device: str | torch.device = "cpu") -> HashedTextEncoder | PretrainedTextEncoder:
@@ -49,13 +49,17 @@ def store_location(cfg: ExperimentConfig, prompts: list[str], text_encoder, prio
 
 
 def prepare_store(cfg: ExperimentConfig, prompts: list[str], text_encoder, prior_encoder=None, *, rank: int = 0, world: int = 1,
-                  barrier=None, progress: bool = True) -> Path:
+                  barrier=None, progress: bool = True, rebuild: bool = False, verify: str = "size") -> Path:
     """The store of store_location, built (split over the ranks) or finished if it is missing or incomplete; every
     rank calls it, and all of them pass the same barriers whatever the store's state (no rank returns early).
-    prior_encoder: the diffusers prior's text encoder (None for the analytic prior)."""
+    prior_encoder: the diffusers prior's text encoder (None for the analytic prior).
+    rebuild: delete the store's files first (rank 0, before a barrier) and build it anew. verify: how each rank checks
+    its finished shards before keeping them: "size" (training start) or "sha256" (`amortized3d store build`); a shard
+    that fails, or a shard file not recorded for this store that does not check out, is rebuilt."""
     folder, expected = store_location(cfg, prompts, text_encoder, prior_encoder)
     build_store(prompts, text_encoder, folder, prior_encoder=prior_encoder, prior_suffixes=expected["prior_suffixes"], corpus=cfg.corpus.name,
-                shard_size=cfg.data.shard_size, batch_size=cfg.data.encode_batch, rank=rank, world=world, barrier=barrier, progress=progress)
+                shard_size=cfg.data.shard_size, batch_size=cfg.data.encode_batch, rank=rank, world=world, barrier=barrier, progress=progress,
+                rebuild=rebuild, verify=verify)
     load_manifest(folder, **expected)
     return folder
 
@@ -103,10 +107,16 @@ def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.de
     )
 
 
+def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, float]:
+    """The learning rates of build_optimizer's parameter groups, in their order: geometry, background."""
+    return cfg.optim.lr_geometry, cfg.optim.lr_background
+
+
 def build_optimizer(cfg: ExperimentConfig, generator) -> torch.optim.Optimizer:
     """Adam or Adan over two groups: geometry (optim.lr_geometry) and background (optim.lr_background)."""
-    groups = [{"params": list(generator.geometry_parameters()), "lr": cfg.optim.lr_geometry},
-              {"params": list(generator.background_parameters()), "lr": cfg.optim.lr_background}]
+    lr_geometry, lr_background = optimizer_learning_rates(cfg)
+    groups = [{"params": list(generator.geometry_parameters()), "lr": lr_geometry},
+              {"params": list(generator.background_parameters()), "lr": lr_background}]
     if cfg.optim.name == "adan":
         from pytorch_optimizer import Adan
 
@@ -130,8 +140,12 @@ def build_adapter(cfg: ExperimentConfig, prior) -> tuple[torch.nn.Module, torch.
         adapter = LODSLoRA(prior, rank=cfg.distill.lora_rank)
     else:
         return None, None
-    lr = cfg.distill.adapter_lr if cfg.distill.adapter_lr is not None else ADAPTER_LR[method]
-    return adapter, torch.optim.AdamW(adapter.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-15)
+    return adapter, torch.optim.AdamW(adapter.parameters(), lr=adapter_lr(cfg), betas=(0.9, 0.99), eps=1e-15)
+
+
+def adapter_lr(cfg: ExperimentConfig) -> float:
+    """distill.adapter_lr, or the method's default learning rate for its learned branch (ADAPTER_LR)."""
+    return cfg.distill.adapter_lr if cfg.distill.adapter_lr is not None else ADAPTER_LR[cfg.distill.method]
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, HyperINGP, dict]:
@@ -141,11 +155,13 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[E
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a training run folder: it has no config.yaml (pass the folder that train wrote)")
+        what = "does not exist" if not run_dir.exists() else "is not a folder" if not run_dir.is_dir() else "has no config.yaml"
+        raise CheckpointError(f"{str(run_dir)!r} is not a training run folder: it {what}. Pass the folder that train wrote "
+                              "(its --output), which holds config.yaml and checkpoints/")
     folder = latest_checkpoint(run_dir)
     if folder is None:
-        raise FileNotFoundError(f"{str(run_dir)!r} has no checkpoint yet (checkpoints/latest is missing); train longer or pass another run")
-    cfg = config_from_dict(load_yaml(run_dir / "config.yaml"))
+        raise CheckpointError(f"{str(run_dir)!r} has no checkpoint yet (no checkpoints/step_* folder); train longer or pass another run")
+    cfg = config_from_dict(load_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
     generator = build_generator(cfg)
     state = load_checkpoint(folder, generator)
     return cfg, generator.to(device).eval(), state

@@ -15,9 +15,53 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
+
+
+DEBUG_ENV = "AMORTIZED3D_DEBUG"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a short usage error: one line naming the argument and the problem, and where the usage is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (hi None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            allowed = f"from {lo} to {hi}" if hi is not None else f"{lo} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use an integer {allowed}")
+        return value
+    return parse
+
+
+def float_in(lo: float, hi: float):
+    """An argparse type: a finite number in [lo, hi]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use a number from {lo:g} to {hi:g}")
+        return value
+    return parse
+
+
+def _add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"on an error, print Python's traceback too (for developers; or set {DEBUG_ENV}=1)")
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +104,7 @@ def run_train(args) -> int:
     output = args.output or cfg.train.output_dir
     if output is None:
         if args.resume:
-            raise SystemExit("--resume needs --output RUN_DIR naming the run to continue")
+            raise UsageError("--resume needs --output RUN_DIR naming the run to continue")
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         output = f"runs/{cfg.corpus.name}-{cfg.distill.method}-{stamp}"
     run_dir = train(cfg, output, resume=args.resume)
@@ -68,9 +112,16 @@ def run_train(args) -> int:
     return 0
 
 
+def _folder_argument(path: str | None, flag: str) -> None:
+    """A folder argument may name a missing folder (it is created) but not a file."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path!r} is a file; pass a folder (it is created if missing)")
+
+
 def run_generate(args) -> int:
     from amortized3d.inference.generate import generate
 
+    _folder_argument(args.out, "--out")
     results = generate(args.prompts, args.checkpoint, args.out, resolution=args.mesh_resolution,
                        video_format=args.video_format, frames=args.frames, image_size=args.image_size, seed=args.seed)
     for r in results:
@@ -80,6 +131,7 @@ def run_generate(args) -> int:
 
 def run_evaluate(args) -> int:
     if args.clip:
+        _folder_argument(args.out, "--out")
         from amortized3d.evaluation.clip_eval import evaluate_clip
 
         candidates = None
@@ -98,11 +150,16 @@ def run_evaluate(args) -> int:
 
             out = Path(summary["output"])
             prompts = list(clip_scores(out / "scores.csv"))[: args.gallery]  # in evaluation order
-            summary["gallery"] = str(build_gallery(args.checkpoint, prompts, out=out / "gallery", score_files=[out / "scores.csv"]))
+            # lenient: without the 3D viewer (or with a bad AMORTIZED3D_MODEL_VIEWER) the page shows turntables, with a note
+            summary["gallery"] = str(build_gallery(args.checkpoint, prompts, out=out / "gallery", score_files=[out / "scores.csv"],
+                                                   lenient=True))
         print(json.dumps(summary, indent=1))
         return 0
     from amortized3d.evaluation.oracle import evaluate_run
 
+    if args.out is not None and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep))):
+        raise UsageError(f"--out {args.out!r} is a folder; the oracle writes one JSON report: pass a file path such as "
+                         f"{str(Path(args.out) / 'eval_test.json')!r}")
     report = evaluate_run(args.checkpoint, split=args.split, out=args.out, limit=args.limit)
     print(json.dumps(report["summary"], indent=1))
     return 0
@@ -116,10 +173,10 @@ def run_corpus(args) -> int:
             print(f"{name:18s} {entry['source']:10s} {entry.get('about', '')}")
         return 0
     if not args.name:
-        raise SystemExit(f"`amortized3d corpus {args.action}` needs a corpus NAME")
+        raise UsageError(f"`amortized3d corpus {args.action}` needs a corpus NAME; pass one, e.g. `amortized3d corpus {args.action} shapeworld-16`")
     if args.action == "build":
         if args.name != "cp100k" or not args.captions:
-            raise SystemExit("usage: amortized3d corpus build cp100k --captions CAP3D_CAPTIONS.csv [--corpus-dir DIR]")
+            raise UsageError("only cp100k is built from a file; use: amortized3d corpus build cp100k --captions CAP3D_CAPTIONS.csv [--corpus-dir DIR]")
         from amortized3d.data.cp100k import build_cp100k
 
         kwargs = {k: v for k, v in (("train_size", args.train_size), ("test_size", args.test_size)) if v is not None}
@@ -152,7 +209,7 @@ def run_corpus(args) -> int:
                 print(f"  {p}")
         return 0
     if not args.out:
-        raise SystemExit("`amortized3d corpus export NAME OUT.json` needs an output path")
+        raise UsageError("`amortized3d corpus export NAME OUT.json` needs an output path; pass one, e.g. prompts.json")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"train": corpus.train, "val": corpus.val, "test": corpus.test}, f, ensure_ascii=False, indent=0)
@@ -162,7 +219,9 @@ def run_corpus(args) -> int:
 
 def run_store(args) -> int:
     """Build (or check) the embedding store a training run with these arguments reads; under `accelerate launch`
-    the ranks split the build."""
+    the ranks split the build. build checks the sha256 of every finished shard (each rank its own) and rebuilds the
+    damaged ones; --rebuild deletes the store first (rank 0, then a barrier) and builds it anew. info checks every
+    shard's size and sha256 against the manifest."""
     from accelerate import Accelerator
 
     from amortized3d.builders import build_text_encoder, prepare_store, prior_store_suffixes, store_location
@@ -180,10 +239,10 @@ def run_store(args) -> int:
         prior_encoder = text_encoder if cfg.text.encoder == "prior" else load_prior_text_encoder(cfg.prior.model, state.device, cfg.prior.dtype)
     if args.action == "info":
         folder, expected = store_location(cfg, prompts, text_encoder, prior_encoder)
-        manifest = load_manifest(folder, **expected)
+        manifest = load_manifest(folder, **expected, verify="sha256")
     else:
         folder = prepare_store(cfg, prompts, text_encoder, prior_encoder, rank=state.process_index, world=state.num_processes,
-                               barrier=state.wait_for_everyone, progress=state.is_local_main_process)
+                               barrier=state.wait_for_everyone, progress=state.is_local_main_process, rebuild=args.rebuild, verify="sha256")
         manifest = load_manifest(folder)
     if state.is_main_process:
         size = sum((folder / name).stat().st_size for name in [*manifest["shards"], "manifest.json"])
@@ -241,15 +300,17 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompts", nargs="+", help="one or more text prompts")
     parser.add_argument("--checkpoint", required=True, help="run folder written by train")
     parser.add_argument("--out", default="outputs", help="output folder")
-    parser.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid size")
+    parser.add_argument("--mesh-resolution", type=int_in(8, 1024), default=128, help="marching-cubes grid size (8 to 1024)")
     parser.add_argument("--video-format", choices=("mp4", "gif"), default="mp4")
-    parser.add_argument("--frames", type=int, default=36, help="turntable frames")
-    parser.add_argument("--image-size", type=int, default=128, help="turntable and contact-sheet image size")
-    parser.add_argument("--seed", type=int, default=None, help="latent z for generators that take one (conv3d); default: its fixed latent")
+    parser.add_argument("--frames", type=int_in(1, 3600), default=36, help="turntable frames (1 to 3600)")
+    parser.add_argument("--image-size", type=int_in(8, 4096), default=128, help="turntable and contact-sheet image size (8 to 4096)")
+    parser.add_argument("--seed", type=int_in(0, 2**63 - 1), default=None,
+                        help="latent z for generators that take one (conv3d); default: its fixed latent")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amortized3d", description="Prompt-amortized text-to-3D by score distillation")
+    parser = Parser(prog="amortized3d", description="Prompt-amortized text-to-3D by score distillation")
+    _add_debug_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a generator on a corpus")
     _add_train_arguments(p)
@@ -263,26 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None, metavar="MODEL",
                    help="CLIP protocol with this model: a transformers hub id or folder (the reference: openai/clip-vit-large-patch14) "
                         "or open_clip:ARCH@TAG (e.g. open_clip:ViT-L-14@openai); without it, the ShapeWorld oracle")
-    p.add_argument("--views", type=int, default=120, help="CLIP: orbit views per prompt")
-    p.add_argument("--elevation", type=float, default=15.0, help="CLIP: orbit elevation in degrees")
-    p.add_argument("--resolution", type=int, default=None, help="CLIP: render size (default: the CLIP input size, e.g. 224)")
+    p.add_argument("--views", type=int_in(1, 3600), default=120, help="CLIP: orbit views per prompt")
+    p.add_argument("--elevation", type=float_in(-90, 90), default=15.0, help="CLIP: orbit elevation in degrees")
+    p.add_argument("--resolution", type=int_in(8, 4096), default=None, help="CLIP: render size (default: the CLIP input size, e.g. 224)")
     p.add_argument("--candidates", default=None, metavar="FILE",
                    help="CLIP: candidate prompts (a corpus file: JSON, .txt or .csv); default: the evaluated split")
     p.add_argument("--save-views", action="store_true", help="CLIP: also write each prompt's views as a PNG sheet")
-    p.add_argument("--gallery", type=int, default=12, metavar="N",
-                   help="CLIP: an HTML gallery of the first N evaluated prompts in OUT/gallery (0: none; needs `npm ci`)")
+    p.add_argument("--gallery", type=int_in(0), default=12, metavar="N",
+                   help="CLIP: an HTML gallery of the first N evaluated prompts in OUT/gallery (0: none); its interactive "
+                        "3D view needs `npm ci` (Node.js 18+), without it the page shows the turntables")
     p.add_argument("--out", default=None, help="report path (oracle: RUN_DIR/eval_<split>.json; CLIP: folder RUN_DIR/eval_clip_<split>)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    p.add_argument("--limit", type=int_in(1), default=None, help="evaluate only the first N prompts (1 or more)")
     p.set_defaults(func=run_evaluate)
     p = sub.add_parser("corpus", help="list, show or export prompt corpora")
     p.add_argument("action", choices=("list", "show", "info", "export", "build"))
     p.add_argument("name", nargs="?")
     p.add_argument("out", nargs="?")
     p.add_argument("--corpus-dir", default=None)
-    p.add_argument("-n", type=int, default=10, help="prompts to show per split")
+    p.add_argument("-n", type=int_in(0), default=10, help="prompts to show per split")
     p.add_argument("--captions", default=None, help="build cp100k: Cap3D's caption CSV (uid, caption)")
-    p.add_argument("--train-size", type=int, default=None, help="build cp100k: train prompts (default 100000)")
-    p.add_argument("--test-size", type=int, default=None, help="build cp100k: test prompts (default 1000)")
+    p.add_argument("--train-size", type=int_in(1), default=None, help="build cp100k: train prompts (default 100000)")
+    p.add_argument("--test-size", type=int_in(1), default=None, help="build cp100k: test prompts (default 1000)")
     p.set_defaults(func=run_corpus)
     p = sub.add_parser("store", help="build or inspect the text-embedding store that training reads")
     store_sub = p.add_subparsers(dest="action", required=True)
@@ -290,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                           ("info", "check that store and print its manifest")):
         q = store_sub.add_parser(action, help=about)
         _add_train_arguments(q)
+        if action == "build":
+            q.add_argument("--rebuild", action="store_true",
+                           help="delete the store's manifest and shards first and build it anew (for a damaged store)")
         q.set_defaults(func=run_store)
     p = sub.add_parser("bench", help="train and evaluate a method x generator x corpus matrix; Markdown and JSON table")
     p.add_argument("matrix", help="matrix YAML file (see benchmarks/matrices/)")
@@ -298,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gallery", help="static HTML page of a run: turntables, interactive 3D meshes and per-prompt scores")
     p.add_argument("run_dir", help="run folder written by train")
     p.add_argument("--prompts", nargs="+", default=None, help="prompts to show (default: the first --limit of --split)")
-    p.add_argument("--limit", type=int, default=12)
+    p.add_argument("--limit", type=int_in(1), default=12)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", default=None, help="gallery folder (default RUN_DIR/gallery)")
     p.set_defaults(func=run_gallery)
@@ -309,10 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="print the resolved config and the generator's size")
     _add_train_arguments(p)
     p.set_defaults(func=run_describe)
+    for command in sub.choices.values():  # --debug after the command works too
+        _add_debug_argument(command)
+    for command in store_sub.choices.values():
+        _add_debug_argument(command)
     return parser
 
 
 def _run(func, args) -> int:
+    """The one place where errors become messages: a user's mistake (a bad value, file or run folder) prints
+    `error: ...` and returns 2; anything else is a bug, reported as one in a line and returns 1. The traceback is
+    printed only with --debug or AMORTIZED3D_DEBUG=1."""
     from amortized3d.config import ConfigError
     from amortized3d.data.corpora import CorpusError
     from amortized3d.data.embedding_store import StoreError
@@ -320,12 +392,59 @@ def _run(func, args) -> int:
     from amortized3d.evaluation.clip_models import ClipLoadError
     from amortized3d.evaluation.gallery import GalleryError
     from amortized3d.priors.pretrained import PretrainedLoadError
+    from amortized3d.training.checkpoint import CheckpointError
+    from amortized3d.training.train import TrainingDiverged
 
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return func(args)
-    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, StoreError, ClipLoadError, GalleryError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, CorpusError, PromptError, PretrainedLoadError, StoreError, ClipLoadError, GalleryError, CheckpointError,
+            TrainingDiverged, UsageError) as err:
+        if debug:
+            raise
+        print(f"error: {bounded(str(err))}", file=sys.stderr)
         return 2
+    except (MemoryError, torch_out_of_memory()) as err:
+        if debug:
+            raise
+        print(f"error: out of memory ({type(err).__name__}). Lower train.prompts_per_step, render.height/width, render.n_proposal/"
+              "n_importance or prior.resolution (or the command's sizes, e.g. --mesh-resolution), or use a device with more memory; "
+              "`amortized3d describe` estimates a training step's tensors", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that is missing, not a folder, not writable; a full disk
+        if debug:
+            raise
+        what = str(err) if err.filename is None else f"{err.strerror}: {err.filename!r}"
+        print(f"error: {what}; check the path, its permissions and the free space, then run the command again", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug:
+            raise
+        print(f"error: internal error ({type(err).__name__}: {err}). This is a bug in amortized3d: run the command again with "
+              f"--debug (or {DEBUG_ENV}=1) for the traceback, and report it", file=sys.stderr)
+        return 1
+
+
+def bounded(message: str, limit: int = 1200) -> str:
+    """A message cut in the middle when a value in it is huge (a prompt or override thousands of characters long);
+    its start names the problem and its end says the fix."""
+    return message if len(message) <= limit else f"{message[: limit - 400]} [... {len(message) - limit:,} characters ...] {message[-400:]}"
+
+
+def torch_out_of_memory() -> type:
+    """torch's out-of-memory error (CUDA and other accelerators), for except clauses."""
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
+class UsageError(ValueError):
+    """A command-line value that the parser's types cannot check alone (e.g. a path that must not be a file)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,12 +453,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="generate", description="prompts -> meshes (GLB, PLY), turntables and contact sheets")
+    parser = Parser(prog="generate", description="prompts -> meshes (GLB, PLY), turntables and contact sheets")
     _add_generate_arguments(parser)
+    _add_debug_argument(parser)
     return _run(run_generate, parser.parse_args(argv))
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description="train a prompt-amortized text-to-3D generator")
+    parser = Parser(prog="train.py", description="train a prompt-amortized text-to-3D generator")
     _add_train_arguments(parser)
+    _add_debug_argument(parser)
     return _run(run_train, parser.parse_intermixed_args(argv))  # overrides may come before and after options

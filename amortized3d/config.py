@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +72,9 @@ class GeneratorConfig:
     per_level_scale: float = 1.4473
     hyper_hidden: int = 64
     mlp_hidden: int = 64
-    spectral_norm: bool = False
+    # spectral norm on the hypernetwork's linear layers; null: on for SDS (ScaleDreamer Sec. 4.2 and ATT3D: training the
+    # hypernetwork with SDS fails without it, its gradients being about 10x ASD's), off otherwise
+    spectral_norm: bool | None = None
     sphere_radius: float = 0.5
     bound: float = 2.0
 
@@ -118,6 +122,10 @@ class DistillConfig:
     method: str = "asd"
     guidance_scale: float | None = None  # None: the method's default (SDS 100, CSD 1, ASD 7.5, VSD 7.5, LODS 1000)
     eta: float = 0.1
+    # ASD's timestep shift dt (amortized3d/distillation/score_distillation.py, asd_shifted_timesteps): "paper"
+    # U[0, eta (t - T_min)] (Alg. 1); "reference" eta u (T_max - t) (the first published code); "deterministic"
+    # eta (t - T_min) (Tables 4-5); "fixed" eta T_max (Fig. 13); always t + dt <= T_max
+    asd_shift: str = "paper"
     # VSD / LODS learned branch (amortized3d/distillation/adapters.py): AdamW learning rate
     # (None: VSD 1e-4, lods-embedding 1e-5, lods-lora 5e-7) and LoRA rank
     adapter_lr: float | None = None
@@ -196,22 +204,54 @@ CHOICES = {
     ("prior", "kind"): ("analytic", "stable_diffusion", "deepfloyd_if"),
     ("prior", "dtype"): ("auto", "fp16", "bf16", "fp32"),
     ("distill", "method"): ("asd", "sds", "csd", "vsd", "lods-embedding", "lods-lora"),
+    ("distill", "asd_shift"): ("paper", "reference", "deterministic", "fixed"),
     ("train", "mixed_precision"): ("no", "fp16", "bf16"),
     ("optim", "name"): ("adam", "adan"),
     ("train", "wandb"): ("auto", "offline", "online", "disabled"),
 }
-POSITIVE = {
-    ("text", "dim"), ("data", "encode_batch"), ("render", "height"), ("render", "width"), ("render", "n_proposal"), ("render", "inv_std"),
-    ("render", "scene_radius"), ("generator", "bound"), ("generator", "n_levels"), ("prior", "std"), ("prior", "uncond_std"),
-    ("train", "steps"), ("train", "prompts_per_step"), ("train", "views_per_prompt"), ("train", "grad_accum"),
-    ("train", "log_every"), ("train", "val_every"), ("train", "ckpt_every"), ("train", "keep_checkpoints"),
-    ("train", "max_bad_steps"), ("optim", "lr_geometry"), ("optim", "lr_background"), ("eval", "n_views"),
-    ("eval", "resolution"), ("eval", "iou_resolution"), ("prior", "n_proposal"), ("prior", "resolution"), ("distill", "lora_rank"), ("generator", "channel_multiplier"),
-}
+# The allowed interval of every number in the config (of each element, for lists), in interval notation:
+# "[a, b]" closed, "(a, b)" open. Every float must also be finite. A test checks that no numeric key is missing.
 RANGES = {
-    ("render", "random_background_prob"): (0.0, 1.0),
-    ("distill", "eta"): (0.0, 1.0),
+    ("data", "shard_size"): "[1, 1000000]", ("data", "encode_batch"): "[1, 65536]", ("data", "num_workers"): "[0, 64]",
+    ("text", "dim"): "[1, 16384]",
+    ("generator", "channel_multiplier"): "[1, 8]", ("generator", "n_levels"): "[1, 32]", ("generator", "n_features_per_level"): "[1, 8]",
+    ("generator", "log2_hashmap_size"): "[4, 26]", ("generator", "base_resolution"): "[1, 4096]", ("generator", "per_level_scale"): "[1, 8]",
+    ("generator", "hyper_hidden"): "[1, 4096]", ("generator", "mlp_hidden"): "[1, 4096]", ("generator", "sphere_radius"): "(0, 100]",
+    ("generator", "bound"): "(0, 100]",
+    ("render", "height"): "[1, 4096]", ("render", "width"): "[1, 4096]", ("render", "n_proposal"): "[1, 4096]",
+    ("render", "n_importance"): "[0, 4096]", ("render", "inv_std"): "(0, 100000]", ("render", "scene_radius"): "(0, 100]",
+    ("render", "random_background_prob"): "[0, 1]", ("render", "eikonal_points"): "[0, 10000000]",
+    ("camera", "elevation_range"): "[-90, 90]", ("camera", "distance_range"): "(0, 100]", ("camera", "fovy_range"): "(0, 180)",
+    ("camera", "eval_elevation"): "[-90, 90]", ("camera", "eval_distance"): "(0, 100]", ("camera", "eval_fovy"): "(0, 180)",
+    ("prior", "resolution"): "[8, 4096]", ("prior", "perp_neg_scale"): "[-10, 0]", ("prior", "std"): "(0, 10]",
+    ("prior", "uncond_mean"): "[0, 1]", ("prior", "uncond_std"): "(0, 100]", ("prior", "n_proposal"): "[1, 4096]",
+    ("prior", "n_importance"): "[0, 4096]",
+    ("distill", "guidance_scale"): "[0, 100000]", ("distill", "eta"): "[0, 1]", ("distill", "adapter_lr"): "(0, 1]",
+    ("distill", "lora_rank"): "[1, 1024]", ("distill", "t_min"): "(0, 1)", ("distill", "t_max"): "(0, 1)",
+    ("regularizers", "sparsity"): "[0, 1000000]", ("regularizers", "opacity_entropy"): "[0, 1000000]",
+    ("regularizers", "eikonal"): "[0, 1000000]",
+    ("optim", "lr_geometry"): "(0, 1]", ("optim", "lr_background"): "(0, 1]", ("optim", "betas"): "[0, 1)", ("optim", "eps"): "(0, 1)",
+    ("train", "steps"): "[1, 1000000000]", ("train", "prompts_per_step"): "[1, 100000]", ("train", "views_per_prompt"): "[1, 64]",
+    ("train", "grad_accum"): "[1, 1024]", ("train", "seed"): "[0, 9223372036854775807]", ("train", "log_every"): "[1, 1000000000]",
+    ("train", "val_every"): "[1, 1000000000]", ("train", "ckpt_every"): "[1, 1000000000]", ("train", "eval_every"): "[0, 1000000000]",
+    ("train", "keep_checkpoints"): "[1, 1000000]", ("train", "max_bad_steps"): "[1, 1000000000]",
+    ("eval", "n_views"): "[1, 4096]", ("eval", "resolution"): "[1, 4096]", ("eval", "iou_resolution"): "[2, 1024]",
 }
+RANGE_HINTS = {
+    ("prior", "perp_neg_scale"): "negative values push away from the other views' prompts (the reference recipes use -0.5); "
+                                 "0 turns the negatives off, and a positive value would pull toward them",
+    ("regularizers", "sparsity"): "each knot is [progress in [0, 1], weight >= 0]",
+    ("distill", "t_min"): "fractions of the 1000 diffusion steps, e.g. [0.5, 0.02]",
+    ("distill", "t_max"): "fractions of the 1000 diffusion steps, e.g. [0.98, 0.5]",
+    ("optim", "eps"): "e.g. 1e-15 (Adam's term added to the denominator)",
+}
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    lo, hi = (float(v) for v in interval[1:-1].split(","))
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
 
 
 def _suggest(name: str, allowed: list[str]) -> str:
@@ -234,19 +274,24 @@ def _check_type(path: str, value, annotation):
         return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}={value!r} must be true or false")
+            raise ConfigError(f"{path}={value!r} must be true or false, e.g. {path}=true")
         return value
     if annotation is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # 1e3 and 1000.0 are 1000
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}={value!r} must be an integer")
+            raise ConfigError(f"{path}={value!r} must be an integer, e.g. {path}=1000")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}={value!r} must be a number")
-        return float(value)
+            raise ConfigError(f"{path}={value!r} must be a number, e.g. {path}=1e-3")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}={value!r} must be a finite number")
+        return value
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}={value!r} must be a string")
+            raise ConfigError(f"{path}={value!r} must be a string, e.g. {path}=\"text\"")
         return value
     return value
 
@@ -262,6 +307,8 @@ def apply_mapping(cfg: ExperimentConfig, mapping: dict, source: str) -> None:
                 f"{source}: unknown config section {section!r}; allowed sections: {', '.join(sections)}.{_suggest(str(section), sections)}"
             )
         sub = getattr(cfg, section)
+        if values is None:  # an empty section
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping of keys to values")
         hints = typing.get_type_hints(type(sub))
@@ -271,21 +318,50 @@ def apply_mapping(cfg: ExperimentConfig, mapping: dict, source: str) -> None:
                 raise ConfigError(
                     f"{source}: unknown key {section}.{key}; allowed keys in {section}: {', '.join(keys)}.{_suggest(str(key), keys)}"
                 )
-            setattr(sub, key, _check_type(f"{section}.{key}", value, hints[key]))
+            try:
+                setattr(sub, key, _check_type(f"{section}.{key}", value, hints[key]))
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, plus exponent floats without a dot (1e-3, 5E4), which YAML 1.1 reads as strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str, source: str):
+    """YAML text -> Python value (see _YamlLoader); ConfigError naming ``source`` for anything that is not YAML."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}:{where} not valid YAML ({problem}); fix the syntax, e.g. `key: value` under `section:`") from None
+    except (ValueError, OverflowError) as err:  # e.g. an integer of thousands of digits (Python's conversion limit)
+        raise ConfigError(f"{source}: a value cannot be read ({err}); write numbers with at most a few dozen digits") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config; write it as sections of `key: value` lines, "
+                          "e.g. `train:` then `  steps: 100`") from None
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """repr of ``text`` for a message, cut to ``limit`` characters (a value can be a whole file's worth)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text):,} characters)"
 
 
 def parse_override(text: str) -> dict:
     """'train.steps=200' -> {'train': {'steps': 200}} (the value is parsed as YAML)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.steps=200")
+        raise ConfigError(f"override {shown(text)} must look like section.key=value, e.g. train.steps=200")
     path, raw = text.split("=", 1)
     parts = path.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. distill.method=sds")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: cannot parse value {raw!r} ({err})") from err
+        raise ConfigError(f"override {shown(text)}: the key must be section.key, e.g. distill.method=sds")
+    value = parse_yaml(raw, f"override {shown(text)}") if raw.strip() else None
     return {parts[0]: {parts[1]: value}}
 
 
@@ -300,22 +376,27 @@ def validate(cfg: ExperimentConfig) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{section}.{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
-    for section, key in POSITIVE:
+    for (section, key), interval in RANGES.items():
         value = getattr(getattr(cfg, section), key)
-        if value is None or value <= 0:
-            raise ConfigError(f"{section}.{key}={value!r} must be positive")
-    for (section, key), (lo, hi) in RANGES.items():
-        value = getattr(getattr(cfg, section), key)
-        if not lo <= value <= hi:
-            raise ConfigError(f"{section}.{key}={value!r} must lie in [{lo}, {hi}]")
+        numbers = [] if value is None else [value] if not isinstance(value, list) else value
+        if section == "regularizers":  # [[progress, weight], ...]
+            numbers = [k[1] for k in value if isinstance(k, list) and len(k) == 2]
+            if any(not _in_interval(k[0], "[0, 1]") for k in value if isinstance(k, list) and len(k) == 2):
+                raise ConfigError(f"{section}.{key}={value!r}: each knot's progress must lie in [0, 1] (the fraction of train.steps)")
+        for number in numbers:
+            if not (math.isfinite(number) and _in_interval(number, interval)):
+                what = "each value" if isinstance(value, list) else "the value"
+                hint = f" ({RANGE_HINTS[section, key]})" if (section, key) in RANGE_HINTS else ""
+                raise ConfigError(f"{section}.{key}={value!r}: {what} must be a finite number in {interval}{hint}; "
+                                  f"set {section}.{key} to such a value")
     for name in ("elevation_range", "distance_range", "fovy_range"):
         lo_hi = getattr(cfg.camera, name)
         if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
             raise ConfigError(f"camera.{name}={lo_hi!r} must be [low, high] with low <= high")
     for name in ("t_min", "t_max"):
         pair = getattr(cfg.distill, name)
-        if len(pair) != 2 or not all(0.0 < v < 1.0 for v in pair):
-            raise ConfigError(f"distill.{name}={pair!r} must be [start, end], fractions of 1000 steps in (0, 1)")
+        if len(pair) != 2:
+            raise ConfigError(f"distill.{name}={pair!r} must be [start, end], fractions of 1000 steps in (0, 1), e.g. [0.5, 0.02]")
     for name in ("sparsity", "opacity_entropy", "eikonal"):
         knots = getattr(cfg.regularizers, name)
         if any(len(k) != 2 for k in knots) or [k[0] for k in knots] != sorted(k[0] for k in knots):
@@ -335,24 +416,25 @@ def validate(cfg: ExperimentConfig) -> None:
             "prior.view_dependent and prior.perp_neg change the text of a text-to-image prior; the analytic prior's "
             "conditionals are exact per camera already. Set them to false, or use prior.kind=stable_diffusion or deepfloyd_if"
         )
-    if cfg.train.eval_every < 0 or (cfg.train.eval_every and cfg.train.eval_every % cfg.train.ckpt_every):
+    if cfg.train.eval_every % cfg.train.ckpt_every:
         raise ConfigError(f"train.eval_every={cfg.train.eval_every} must be 0 (off) or a multiple of train.ckpt_every={cfg.train.ckpt_every}: "
                           "it evaluates the checkpoint written at that step")
     if cfg.train.eval_every and cfg.prior.kind != "analytic":
         raise ConfigError("train.eval_every runs the ShapeWorld oracle, which needs the analytic prior's ShapeWorld corpora; "
                           "evaluate other runs' checkpoints with `amortized3d evaluate --checkpoint RUN_DIR --clip MODEL`")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0 (0 loads batches in the training process)")
-    if cfg.data.shard_size is not None and cfg.data.shard_size < 1:
-        raise ConfigError(f"data.shard_size={cfg.data.shard_size} must be positive (or null for about 64 MB per shard)")
-    if cfg.distill.adapter_lr is not None and cfg.distill.adapter_lr <= 0:
-        raise ConfigError(f"distill.adapter_lr={cfg.distill.adapter_lr} must be positive (or null for the method's default)")
+    if any(lo > hi for lo, hi in zip(cfg.distill.t_min, cfg.distill.t_max)):
+        raise ConfigError(f"distill.t_min={cfg.distill.t_min!r} and distill.t_max={cfg.distill.t_max!r}: at the start and at the end of "
+                          "training T_min must not exceed T_max; e.g. distill.t_min=[0.5,0.02] distill.t_max=[0.98,0.5]")
+    if cfg.generator.spectral_norm and cfg.generator.kind != "hyper_ingp":
+        raise ConfigError(f"generator.spectral_norm=true applies to the Hyper-iNGP hypernetwork, not generator.kind={cfg.generator.kind!r}; "
+                          "set generator.spectral_norm=false (or null)")
+    if cfg.generator.sphere_radius >= cfg.generator.bound:
+        raise ConfigError(f"generator.sphere_radius={cfg.generator.sphere_radius} must be smaller than generator.bound={cfg.generator.bound}: "
+                          "the initial sphere must fit in the generator's box")
     n_betas = 3 if cfg.optim.name == "adan" else 2
-    if len(cfg.optim.betas) != n_betas or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+    if len(cfg.optim.betas) != n_betas:
         raise ConfigError(f"optim.betas={cfg.optim.betas!r}: {cfg.optim.name} takes {n_betas} betas in [0, 1), e.g. "
                           + ("[0.98, 0.92, 0.99]" if n_betas == 3 else "[0.9, 0.99]"))
-    if cfg.distill.guidance_scale is not None and cfg.distill.guidance_scale < 0:
-        raise ConfigError(f"distill.guidance_scale={cfg.distill.guidance_scale} must be >= 0 (or null for the method's default)")
 
 
 def recipe_path(recipe: str) -> Path:
@@ -364,12 +446,30 @@ def recipe_path(recipe: str) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A config file's mapping of sections; ConfigError naming the file when it is missing, unreadable or not YAML."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        raise ConfigError(f"config file {str(path)!r} does not exist (or is not a file); pass the path of a YAML file, e.g. configs/mg15.yaml")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({err.strerror or err}); check its permissions") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} holds a {type(data).__name__}, not a mapping of sections (e.g. `train:` then `  steps: 100`)")
     return data
+
+
+def resolve_defaults(cfg: ExperimentConfig) -> None:
+    """Fill the keys whose default depends on others (null in a recipe): prior.model, generator.spectral_norm."""
+    if cfg.prior.model is None:
+        cfg.prior.model = DEFAULT_PRIOR_MODELS.get(cfg.prior.kind, DEFAULT_PRIOR_MODELS["stable_diffusion"])
+    if cfg.generator.spectral_norm is None:
+        cfg.generator.spectral_norm = cfg.generator.kind == "hyper_ingp" and cfg.distill.method == "sds"
 
 
 def load_config(corpus: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
@@ -396,10 +496,9 @@ def load_config(corpus: str | None = None, config_file: str | None = None, overr
     if config_file:
         apply_mapping(cfg, user, str(config_file))
     for text, m in zip(overrides, override_maps):
-        apply_mapping(cfg, m, f"override {text!r}")
+        apply_mapping(cfg, m, f"override {shown(text)}")
     cfg.corpus.name = name
-    if cfg.prior.model is None:
-        cfg.prior.model = DEFAULT_PRIOR_MODELS.get(cfg.prior.kind, DEFAULT_PRIOR_MODELS["stable_diffusion"])
+    resolve_defaults(cfg)
     validate(cfg)
     return cfg
 
@@ -408,10 +507,15 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict) -> ExperimentConfig:
+def config_from_dict(data: dict, source: str = "saved config") -> ExperimentConfig:
+    """A config from its saved form (config_to_dict, a run's config.yaml), validated; errors name ``source``."""
     cfg = ExperimentConfig()
-    apply_mapping(cfg, data, "saved config")
-    validate(cfg)
+    apply_mapping(cfg, data, source)
+    resolve_defaults(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     return cfg
 
 

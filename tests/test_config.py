@@ -27,8 +27,20 @@ def test_round_trip_through_dict():
         ("trian.steps=3", ["trian", "train"]),
         ("distill.method=vsdx", ["vsdx", "asd", "sds", "csd"]),
         ("train.steps=abc", ["train.steps", "integer"]),
-        ("train.steps=-5", ["train.steps", "positive"]),
-        ("render.random_background_prob=1.5", ["random_background_prob", "[0.0, 1.0]"]),
+        ("train.steps=-5", ["train.steps", "[1, 1000000000]"]),
+        ("render.random_background_prob=1.5", ["random_background_prob", "[0, 1]"]),
+        ("optim.lr_geometry=.nan", ["optim.lr_geometry", "finite"]),
+        ("optim.lr_geometry=-.inf", ["optim.lr_geometry", "finite"]),
+        ("camera.fovy_range=[30,.inf]", ["camera.fovy_range", "finite"]),
+        ("regularizers.eikonal=[[0.0,.nan]]", ["regularizers.eikonal", "finite"]),
+        ("optim.eps=-1", ["optim.eps", "(0, 1)"]),
+        ("optim.lr_geometry=2", ["optim.lr_geometry", "(0, 1]"]),
+        ("prior.perp_neg_scale=0.5", ["prior.perp_neg_scale", "[-10, 0]", "-0.5"]),
+        ("distill.asd_shift=random", ["distill.asd_shift", "paper", "reference", "deterministic", "fixed"]),
+        ("distill.t_min=[0.99,0.02]", ["distill.t_min", "T_min must not exceed T_max"]),
+        ("train.seed=-1", ["train.seed", "[0, "]),
+        ("generator.sphere_radius=1.0", ["generator.sphere_radius", "generator.bound=1.0"]),
+        ("train.steps=2.5", ["train.steps", "integer"]),
         ("camera.distance_range=[2,1]", ["distance_range", "low <= high"]),
         ("trainsteps", ["section.key=value"]),
     ],
@@ -96,3 +108,40 @@ def test_config_file_errors(tmp_path):
     assert "render.heigth" in str(err.value) and "height" in str(err.value)
     with pytest.raises(ConfigError):
         load_config("shapeworld-16", config_file=str(tmp_path / "missing.yaml"))
+
+
+def test_exponent_numbers_read_as_numbers():
+    """YAML 1.1 reads 1e-3 (no dot) as a string; the README writes learning rates that way, so they must be numbers."""
+    cfg = load_config("shapeworld-16", overrides=["optim.lr_geometry=1e-3", "optim.eps=1E-15", "train.steps=5e2"])
+    assert cfg.optim.lr_geometry == 0.001 and cfg.optim.eps == 1e-15 and cfg.train.steps == 500
+
+
+def test_every_number_in_the_config_has_a_range():
+    """A property of the config tree: every int or float field (or list of them) is range-checked."""
+    import dataclasses
+    import typing
+
+    from amortized3d.config import RANGES, ExperimentConfig
+
+    numeric = set()
+    sections = typing.get_type_hints(ExperimentConfig)
+    for section in dataclasses.fields(ExperimentConfig):
+        kind = sections[section.name]
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            if any(t in (int, float) for t in {hints[f.name], *typing.get_args(hints[f.name]),
+                                                 *(a for arg in typing.get_args(hints[f.name]) for a in typing.get_args(arg))}):
+                numeric.add((section.name, f.name))
+    assert numeric and numeric <= set(RANGES), sorted(numeric - set(RANGES))
+
+
+def test_config_files_that_are_not_yaml_name_the_file(tmp_path):
+    for name, data in [("tabs.yaml", b"train:\n\tsteps: 3\n"), ("list.yaml", b"- 1\n- 2\n"), ("latin1.yaml", b"train:\n  wandb: \xe9\n"),
+                       ("deep.yaml", b"[" * 20000 + b"]" * 20000)]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ConfigError) as err:
+            load_config("shapeworld-16", config_file=str(path))
+        assert str(path) in str(err.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("shapeworld-16", config_file=str(tmp_path))

@@ -72,10 +72,52 @@ def test_a_crashed_rank_ends_the_run_with_a_message(tmp_path):
     assert all(shard != damaged for m in range(4) for shard, _ in plan.batch(0, m))
     assert all(shard != damaged for m in range(2) for shard, _ in plan.batch(1, m))
     path = store / manifest["shards"][damaged]
-    path.write_bytes(path.read_bytes()[:1000])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, so training starts; the rank that reads the shard finds it by its sha256
+    path.write_bytes(bytes(data))
     start = time.monotonic()
     proc = subprocess.run(launch(str(REPO / "train.py"), "--corpus", "shapeworld-16", "--output", str(tmp_path / "run"), *settings),
                           capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
     assert proc.returncode != 0 and time.monotonic() - start < 240
     assert "[rank 1 of 2] training stopped at step 2: StoreError" in proc.stderr, proc.stderr[-3000:]
     assert manifest["shards"][damaged] in proc.stderr
+
+
+NAN_ON_RANK_1 = """
+import sys
+import torch
+from amortized3d.cli import train_main
+from amortized3d.training import train as train_module
+from tests.test_training import NaNAfter
+
+original = train_module.build_prior
+
+
+class NaNOnRank1AtSecondStep(NaNAfter):
+    # The analytic prior, except that rank 1's second step predicts NaN noise (its loss is NaN; rank 0's is not).
+    def predict_noise(self, *args):
+        self.calls += 1
+        eps = self.prior.predict_noise(*args)
+        return eps * float("nan") if torch.distributed.get_rank() == 1 and self.calls == 2 else eps
+
+
+train_module.build_prior = lambda cfg, *args, **kwargs: NaNOnRank1AtSecondStep(original(cfg), good_calls=0)
+sys.exit(train_main(sys.argv[1:]))
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    # A rank with a NaN loss must not skip its backward alone (the other rank's gradient all-reduce would wait for it
+    # forever): every rank skips that step, counts it, and the ranks end with identical parameters.
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    run = tmp_path / "run"
+    proc = subprocess.run(launch(str(script), "--corpus", "shapeworld-16", "--output", str(run), *TINY, "train.steps=4",
+                                 "train.prompts_per_step=2", "train.record_prompts=true", "data.num_workers=0"),
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    digests = {rank: json.loads((run / "prompts" / f"rank{rank}.jsonl").read_text().splitlines()[-1])["parameters_sha256"]
+               for rank in (0, 1)}
+    assert digests[0] == digests[1]

@@ -28,8 +28,6 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 from amortized3d.evaluation.clip_eval import DEFAULT_VIEWS
 
 DEFAULTS = {"corpora": None, "methods": None, "generators": {"hyper_ingp": None}, "config": None, "overrides": [],
@@ -38,9 +36,9 @@ DEFAULTS = {"corpora": None, "methods": None, "generators": {"hyper_ingp": None}
 
 def load_matrix(path: str | Path) -> dict:
     """The matrix file with defaults filled in; unknown keys and missing lists are errors naming the key."""
-    from amortized3d.config import ConfigError
+    from amortized3d.config import ConfigError, load_yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml(path)
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(DEFAULTS)}")
@@ -66,6 +64,7 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
     from amortized3d.config import config_to_dict, load_config
     from amortized3d.evaluation.clip_eval import evaluate_clip
     from amortized3d.evaluation.oracle import evaluate_run
+    from amortized3d.training.checkpoint import latest_checkpoint
     from amortized3d.training.train import train
 
     run = out / "runs" / cell_name(corpus, method, generator)
@@ -74,7 +73,7 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
     overrides = [f"distill.method={method}", f"generator.kind={generator}", *matrix["overrides"]]
     cfg = load_config(corpus, generator_config or matrix["config"], overrides)
     start = time.perf_counter()
-    train(cfg, run, resume=(run / "checkpoints" / "latest").exists())
+    train(cfg, run, resume=latest_checkpoint(run) is not None)
     train_s = time.perf_counter() - start
     accelerator = Accelerator()  # after train's, which set up the process group and precision
     world = accelerator.num_processes
@@ -93,7 +92,8 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
     if matrix["gallery"] and accelerator.is_main_process:
         from amortized3d.evaluation.gallery import build_gallery
 
-        result["gallery"] = str(build_gallery(run, limit=int(matrix["gallery"])).relative_to(out))
+        # lenient: a missing or misconfigured 3D viewer gives a page without it (and a note), never a failed cell
+        result["gallery"] = str(build_gallery(run, limit=int(matrix["gallery"]), lenient=True).relative_to(out))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (run / "results.json").write_text(json.dumps(result, indent=1))

@@ -22,6 +22,7 @@ import torch
 import trimesh
 
 from amortized3d.fields import Field
+from amortized3d.files import atomic_path
 from amortized3d.inference.baked import BakedField, bake_field, field_device
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -91,8 +92,10 @@ def save_mesh(mesh: trimesh.Trimesh, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     glb_path = stem.parent / f"{stem.name}.glb"
     ply_path = stem.parent / f"{stem.name}.ply"
-    mesh.export(glb_path, file_type="glb")
-    mesh.export(ply_path, file_type="ply", encoding="binary")
+    with atomic_path(glb_path) as tmp:
+        mesh.export(tmp, file_type="glb")
+    with atomic_path(ply_path) as tmp:
+        mesh.export(tmp, file_type="ply", encoding="binary")
     return [glb_path, ply_path]
 
 
@@ -155,15 +158,16 @@ def write_video(frames: np.ndarray, path: Path, fps: int = 24) -> Path:
         gif_path = path.with_suffix(".gif")
         warnings.warn(f"ffmpeg is not available (install imageio-ffmpeg); writing {gif_path} instead of {path}.", stacklevel=2)
         path, suffix = gif_path, ".gif"
-    if suffix == ".mp4":
-        even = pad_to_even(frames)
-        with imageio.get_writer(
-            path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1
-        ) as writer:
-            for frame in even:
-                writer.append_data(frame)
-    else:
-        imageio.mimsave(path, list(frames), format="GIF", duration=1000.0 / fps, loop=0)
+    with atomic_path(path) as tmp:
+        if suffix == ".mp4":
+            even = pad_to_even(frames)
+            with imageio.get_writer(
+                tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1
+            ) as writer:
+                for frame in even:
+                    writer.append_data(frame)
+        else:
+            imageio.mimsave(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)
     return path
 
 
@@ -190,8 +194,8 @@ def contact_sheet(images: np.ndarray, path: Path, ncols: int | None = None, pad:
         row, col = divmod(index, ncols)
         top, left = pad + row * (height + pad), pad + col * (width + pad)
         sheet[top : top + height, left : left + width] = image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.imwrite(path, sheet, format="PNG")
+    with atomic_path(path) as tmp:
+        imageio.imwrite(tmp, sheet, format="PNG")
     return path
 
 

@@ -5,22 +5,37 @@ Layout of RUN_DIR/checkpoints/step_00001000/:
     optimizer.safetensors  optimizer tensors, keyed "state.<param index>.<name>"
     adapter.safetensors, adapter_optimizer.safetensors
                            the learned guidance branch of VSD / LODS and its optimizer, when there is one
-    state.json             step, optimizer param groups, generator config, counters
+    state.json             step, optimizer param groups, counters, and "files": the sha256 of each file above
 
 A checkpoint is written into a temporary folder and renamed into place, then the
 ``latest`` pointer file is replaced atomically, so an interrupted write never
-leaves a half checkpoint that ``--resume`` would pick up.
+leaves a half checkpoint that ``--resume`` would pick up. Step folders are ordered by their
+step number (not by name), and ``latest`` may only name a step folder inside checkpoints/.
+
+Loading checks every file against its sha256 in state.json, and turns any unreadable,
+damaged or mismatching checkpoint into a ``CheckpointError`` that names the folder, what is wrong,
+and the intact checkpoints to fall back to. Checkpoints written before the digests existed load
+without the digest check.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from amortized3d.files import sha256_file, write_text_atomic
+
+STEP_FOLDER = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or does not fit the model; the message says how to recover."""
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -46,11 +61,21 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def step_folders(run_dir: Path) -> list[Path]:
+    """RUN_DIR/checkpoints/step_N folders, oldest first by N."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_FOLDER.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def save_checkpoint(
     run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2,
     adapter: torch.nn.Module | None = None, adapter_optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
-    """Write RUN_DIR/checkpoints/step_XXXXXXXX atomically and point ``latest`` at it. -> its folder."""
+    """Write RUN_DIR/checkpoints/step_XXXXXXXX atomically and point ``latest`` at it; keep the newest ``keep``.
+    -> its folder."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -67,43 +92,107 @@ def save_checkpoint(
         save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(tmp / "adapter.safetensors"))
         adapter_tensors, meta["adapter_optimizer"] = _optimizer_tensors(adapter_optimizer)
         save_file(adapter_tensors, str(tmp / "adapter_optimizer.safetensors"))
+    meta["files"] = {p.name: sha256_file(p)[0] for p in sorted(tmp.glob("*.safetensors"))}
     with open(tmp / "state.json", "w") as f:
         json.dump(meta, f, indent=1)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(final.name)
-    os.replace(pointer_tmp, root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
+    write_text_atomic(root / "latest", final.name)
+    for old in step_folders(run_dir)[:-keep]:
+        if old != final:
+            shutil.rmtree(old)
     return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder named by RUN_DIR/checkpoints/latest, or None if there is none."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    return folder if folder.is_dir() else None
+    """The step folder named by RUN_DIR/checkpoints/latest, else the newest step folder, else None.
+
+    The pointer must name a step_N folder directly inside checkpoints/ (a path such as ../../other_run is ignored).
+    """
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    try:
+        name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if STEP_FOLDER.match(name) and (root / name).is_dir():
+        return root / name
+    folders = step_folders(run_dir)
+    return folders[-1] if folders else None
+
+
+def _recovery(folder: Path) -> str:
+    others = [p.name for p in step_folders(folder.parent.parent) if p != folder]
+    if not others:
+        return "No other checkpoint of this run is left: train it again (without --resume), into a new --output folder."
+    return (f"Other checkpoints of this run: {', '.join(others)}. To fall back to {others[-1]}, move the damaged folder out of "
+            f"checkpoints/ (e.g. mv {folder} {folder.parent.parent / ('damaged_' + folder.name)}); --resume, generate and evaluate "
+            "then use the newest remaining checkpoint.")
+
+
+def _read_state(folder: Path) -> dict:
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("it has no integer 'step'")
+        if not isinstance(state.get("files", {}), dict):
+            raise ValueError("its 'files' is not a mapping of file names to sha256 digests")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} has no state.json: it is incomplete. {_recovery(folder)}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"checkpoint {folder}: state.json is damaged ({type(err).__name__}: {err}). {_recovery(folder)}") from None
+    return state
+
+
+def _load_tensors(folder: Path, name: str, state: dict) -> dict[str, torch.Tensor]:
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {name}: it is incomplete. {_recovery(folder)}")
+    expected = state.get("files", {}).get(name)
+    if expected is not None and sha256_file(path)[0] != expected:
+        raise CheckpointError(f"checkpoint {folder}: {name} does not match its sha256 in state.json (the file was damaged or "
+                              f"replaced after it was written). {_recovery(folder)}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError for damaged files
+        raise CheckpointError(f"checkpoint {folder}: {name} cannot be read ({type(err).__name__}: {err}). {_recovery(folder)}") from None
+
+
+def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], folder: Path, what: str) -> None:
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
+        raise CheckpointError(
+            f"checkpoint {folder} does not fit this {what}: {detail}. The run's config (architecture sizes, generator.kind, "
+            "text encoder width) changed since the checkpoint was written. Resume with the run's own config.yaml "
+            "(drop the overrides that change the architecture), or train the new architecture into a new --output folder."
+        ) from None
 
 
 def load_checkpoint(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     adapter: torch.nn.Module | None = None, adapter_optimizer: torch.optim.Optimizer | None = None,
 ) -> dict:
-    """Load model (and optimizer, adapter) state from a checkpoint folder. -> the JSON state."""
+    """Load model (and optimizer, adapter) state from a checkpoint folder, checking every file. -> the JSON state."""
     folder = Path(folder)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    with open(folder / "state.json") as f:
-        state = json.load(f)
-    if optimizer is not None:
-        _restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
-    if adapter is not None:
-        if not (folder / "adapter.safetensors").is_file():
-            raise FileNotFoundError(f"{str(folder)!r} has no adapter.safetensors: it was not written by a VSD or LODS run")
-        adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
-        if adapter_optimizer is not None:
-            _restore_optimizer(adapter_optimizer, load_file(str(folder / "adapter_optimizer.safetensors")), state["adapter_optimizer"])
+    state = _read_state(folder)
+    _load_into(model, _load_tensors(folder, "model.safetensors", state), folder, "generator")
+    try:
+        if optimizer is not None:
+            _restore_optimizer(optimizer, _load_tensors(folder, "optimizer.safetensors", state), state["optimizer"])
+        if adapter is not None:
+            if not (folder / "adapter.safetensors").is_file():
+                raise CheckpointError(f"{str(folder)!r} has no adapter.safetensors: it was not written by a VSD or LODS run; "
+                                      "resume with the run's own distill.method")
+            _load_into(adapter, _load_tensors(folder, "adapter.safetensors", state), folder, "learned branch")
+            if adapter_optimizer is not None:
+                _restore_optimizer(adapter_optimizer, _load_tensors(folder, "adapter_optimizer.safetensors", state), state["adapter_optimizer"])
+    except (KeyError, ValueError, TypeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint {folder}: the optimizer state does not fit this run ({type(err).__name__}: {err}); "
+                              "optim.name or the parameter groups changed. Resume with the run's own config.yaml.") from None
     return state

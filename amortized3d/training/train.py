@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from amortized3d.builders import build_adapter, build_generator, build_optimizer, build_prior, build_text_encoder, prepare_store
+from amortized3d.builders import adapter_lr, build_adapter, optimizer_learning_rates, build_generator, build_optimizer, build_prior, build_text_encoder, prepare_store
 from amortized3d.config import ExperimentConfig, config_to_dict, save_config
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.loader import PromptBatch, batch_loader, check_corpus_fits_a_step
@@ -39,7 +39,8 @@ from amortized3d.rendering.cameras import orbit_cameras, sample_training_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
 from amortized3d.seeding import derived_seed
 from amortized3d.text.hashed_encoder import TextEmbedding
-from amortized3d.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from amortized3d.files import write_text_atomic
+from amortized3d.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -133,6 +134,7 @@ def distillation_step(cfg: ExperimentConfig, generator, prior, batch: PromptBatc
     out = score_distillation(
         prior, images, flat_prompts, flat_cameras,
         method=cfg.distill.method, guidance_scale=guidance, t_range=t_range, eta=cfg.distill.eta, generator=rng, adapter=adapter,
+        asd_shift=cfg.distill.asd_shift,
     )
     loss_sd = out.loss.mean()
     total = loss_sd
@@ -236,6 +238,95 @@ def write_validation(cfg, generator, text_encoder, prompts, run_dir: Path, step:
     write_video(to_uint8(turn[0]), folder / f"step_{step:08d}.mp4", fps=12)
 
 
+def keep_log_rows(path: Path, keep) -> None:
+    """Rewrite the JSON-lines file ``path`` (atomically) with only the rows for which ``keep(row)`` holds; lines that are
+    not JSON objects (a line cut short when a run was killed) go too. A missing file stays missing."""
+    if not path.is_file():
+        return
+    kept, changed = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and keep(row)
+        except (ValueError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line)
+        changed = changed or not ok
+    if changed:
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def all_finite(tensors) -> bool:
+    """Whether every value of every tensor in the list is finite (one norm per tensor, one check)."""
+    tensors = [t.detach() for t in tensors]
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+
+
+def all_ranks_agree(accelerator, ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (one all-reduce); every rank must call it at the same point."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
+
+
+def guarded_optimizer_step(accelerator, generator, optimizer, adapter, adapter_optimizer, losses_finite: bool) -> str:
+    """One optimizer step of the generator (and of the learned branch of VSD / LODS), unless something is not finite.
+
+    losses_finite: whether every rank's losses of this step were finite (agreed before the backward pass, which
+    the trainer skips on all ranks when they were not). -> "stepped"; "bad" (skipped: a non-finite loss or, without a
+    gradient scaler, gradient); or "overflow" (skipped by fp16's gradient scaler, accelerator.scaler, at a scale
+    above 1). Both optimizers step or neither does.
+    Without a scaler every rank checks its gradients (under DeepSpeed, which keeps them itself, only the losses are
+    checked here) and all skip together. With the scaler, optimizer.step() runs once the losses are finite: the scaler
+    skips a step whose gradients overflowed and halves its scale, which is how it finds its range; an overflow at a
+    scale <= 1 means the gradients are not finite even unscaled ("bad"). The learned branch is not wrapped for data
+    parallelism: its gradients are averaged over ranks here, and unscaled through the same scaler, whose scale an
+    overflow there lowers too.
+    """
+    adapter_params = [] if adapter is None else [p for p in adapter.parameters() if p.grad is not None]
+    if adapter_params and accelerator.num_processes > 1:
+        for p in adapter_params:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+
+    def skip(outcome: str) -> str:
+        optimizer.zero_grad(set_to_none=True)
+        if adapter_optimizer is not None:
+            adapter_optimizer.zero_grad(set_to_none=True)
+        return outcome
+
+    if not losses_finite:
+        return skip("bad")
+    scaler = accelerator.scaler
+    if scaler is None:
+        grads = [p.grad for p in generator.parameters() if p.grad is not None] + [p.grad for p in adapter_params]
+        if not all_ranks_agree(accelerator, all_finite(grads)):
+            return skip("bad")
+        optimizer.step()
+        if adapter_optimizer is not None:
+            adapter_optimizer.step()
+        return skip("stepped")
+    scale = scaler.get_scale()
+    if adapter_params:
+        scaler.unscale_(adapter_optimizer)  # the same on every rank (averaged above)
+        if not all_finite([p.grad for p in adapter_params]):
+            scaler.update(scale * scaler.get_backoff_factor())  # what the scaler does for an overflow
+            return skip("overflow" if scale > 1.0 else "bad")
+    optimizer.step()  # scaler.step + scaler.update: skipped, and the scale halved, when the gradients overflowed
+    if accelerator.optimizer_step_was_skipped:
+        return skip("overflow" if scale > 1.0 else "bad")
+    if adapter_optimizer is not None:
+        adapter_optimizer.step()  # its gradients were unscaled above
+    return skip("stepped")
+
+
+def diverged(run_dir: Path, what: str, fix: str) -> TrainingDiverged:
+    """The error that stops a diverging run: what happened, the last good checkpoint, and how to continue."""
+    last = latest_checkpoint(run_dir)
+    return TrainingDiverged(f"{what}; training stopped. The last good checkpoint is "
+                            f"{str(last) if last else 'none (no checkpoint was written yet)'}. {fix}, and continue from it with --resume "
+                            "(a resumed run takes the config's learning rates).")
+
+
 def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_steps: int | None = None) -> Path:
     """Train a generator on cfg.corpus; writes config, metrics, checkpoints and validation renders to run_dir.
 
@@ -243,8 +334,19 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     spans cfg.train.steps), which is how an interrupted run is simulated in tests.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"the run folder {str(run_dir)!r} is a file; pass a folder with --output (it is created if missing)")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise CheckpointError(f"--resume: {str(run_dir)!r} has no checkpoint to continue from (no checkpoints/step_* folder); "
+                              "train it without --resume, or pass the run folder that holds the checkpoints")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise CheckpointError(f"{str(run_dir)!r} already holds a run with checkpoints; continue it with --resume, or train into a new "
+                              "--output folder (nothing was changed)")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision)
     device = accelerator.device
+    if cfg.train.mixed_precision == "fp16" and device.type == "cpu" and accelerator.is_main_process:
+        print(f"warning: train.mixed_precision=fp16 has no effect on {device.type} (Accelerate runs fp16 autocast with its gradient "
+              "scaler on GPUs only); this run trains in float32. Use bf16 for mixed precision here.", file=sys.stderr, flush=True)
     reset_peak_memory(device)
     rank, world = accelerator.process_index, accelerator.num_processes
     if device.type == "cpu" and world == 1:
@@ -270,8 +372,6 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     start_step, bad_total = 0, 0
     if resume:
         folder = latest_checkpoint(run_dir)
-        if folder is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {str(run_dir)!r} (checkpoints/latest is missing)")
         state = load_checkpoint(folder, generator, optimizer, adapter, adapter_optimizer)
         before = (state.get("world_size", world), state.get("prompts_per_step", cfg.train.prompts_per_step))
         if before != (world, cfg.train.prompts_per_step) and accelerator.is_main_process:
@@ -279,11 +379,25 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                   f"{world} x {cfg.train.prompts_per_step}: from here the prompt order differs from the original run's "
                   "(within the current epoch some prompts may repeat or be left out)", file=sys.stderr, flush=True)
         start_step, bad_total = state["step"], state.get("skipped_steps", 0)
+        # The config's learning rates, not the checkpoint's: lowering optim.lr_* is how a diverged run is continued.
+        groups = list(zip(optimizer.param_groups, optimizer_learning_rates(cfg)))
+        if adapter_optimizer is not None:
+            groups += [(group, adapter_lr(cfg)) for group in adapter_optimizer.param_groups]
+        changed = [(group["lr"], lr) for group, lr in groups if group["lr"] != lr]
+        if changed and accelerator.is_main_process:
+            print("note: resuming with the config's learning rates " + ", ".join(f"{new:g} (checkpoint: {old:g})" for old, new in changed),
+                  file=sys.stderr, flush=True)
+        for group, lr in groups:
+            group["lr"] = lr
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        # rows past the checkpoint were logged by the interrupted run, which this one repeats
+        keep_log_rows(run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= start_step)
     generator, optimizer = accelerator.prepare(generator, optimizer)
     model = accelerator.unwrap_model(generator)
+    if resume and accelerator.scaler is not None and "grad_scaler" in state:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
 
     wandb_run = _wandb_run(cfg, run_dir) if accelerator.is_main_process else None
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
@@ -294,6 +408,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     prompt_record = None
     if cfg.train.record_prompts:
         (run_dir / "prompts").mkdir(parents=True, exist_ok=True)
+        keep_log_rows(run_dir / "prompts" / f"rank{rank}.jsonl", lambda row: row.get("step", start_step) < start_step)
         prompt_record = open(run_dir / "prompts" / f"rank{rank}.jsonl", "a")
     samples_per_step = cfg.train.prompts_per_step * cfg.train.views_per_prompt * cfg.train.grad_accum * world
     loader = batch_loader(store, cfg.train.prompts_per_step, rank=rank, world=world, seed=cfg.train.seed,
@@ -306,7 +421,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         for step in bar:
             progress = step / max(total_steps - 1, 1)
             step_metrics: dict[str, float] = {"epoch": step * cfg.train.grad_accum / batches_per_epoch}
-            finite = True
+            losses_finite = True
             for micro in range(cfg.train.grad_accum):
                 rng = torch.Generator().manual_seed(derived_seed(cfg.train.seed, rank, step, micro))
                 batch = next(batches)
@@ -315,41 +430,25 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                 with accelerator.accumulate(generator):
                     with accelerator.autocast():
                         result = distillation_step(cfg, generator, prior, batch, progress, rng, device, adapter)
-                    finite = finite and bool(torch.isfinite(result.loss))
+                    # all ranks back-propagate, or none (their gradient all-reduce must not wait for a rank that skipped)
+                    finite = all_ranks_agree(accelerator, bool(torch.isfinite(result.loss)))
+                    losses_finite = losses_finite and finite
                     if finite:
                         accelerator.backward(result.loss)
                     for k, v in result.metrics.items():
                         step_metrics[k] = step_metrics.get(k, 0.0) + v / cfg.train.grad_accum
                     step_metrics["loss"] = step_metrics.get("loss", 0.0) + result.loss.item() / cfg.train.grad_accum
-            adapter_params = [] if adapter is None else [p for p in adapter.parameters() if p.grad is not None]
-            if adapter_params and world > 1:  # the adapter is not wrapped for data parallelism: average its gradients here
-                for p in adapter_params:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            grads = [p.grad for p in generator.parameters() if p.grad is not None] + [p.grad for p in adapter_params]
-            if finite and grads:
-                finite = bool(torch.isfinite(torch.stack([g.norm() for g in grads])).all())
-            flag = torch.tensor([0.0 if finite else 1.0], device=device)
-            any_bad = accelerator.reduce(flag, reduction="sum").item() > 0
-            if any_bad:
-                optimizer.zero_grad(set_to_none=True)
-                if adapter_optimizer is not None:
-                    adapter_optimizer.zero_grad(set_to_none=True)
-                consecutive_bad += 1
-                bad_total += 1
-                if consecutive_bad >= cfg.train.max_bad_steps:
-                    last = latest_checkpoint(run_dir)
-                    raise TrainingDiverged(
-                        f"{consecutive_bad} consecutive steps had non-finite loss or gradients (step {step}); training stopped. "
-                        f"The last good checkpoint is {str(last) if last else 'none (no checkpoint was written yet)'}. "
-                        "Lower optim.lr_geometry or distill.guidance_scale, or raise train.max_bad_steps."
-                    )
-            else:
+            outcome = guarded_optimizer_step(accelerator, generator, optimizer, adapter, adapter_optimizer, losses_finite)
+            if accelerator.scaler is not None:
+                step_metrics["grad_scale"] = accelerator.scaler.get_scale()
+            if outcome == "stepped":
                 consecutive_bad = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if adapter_optimizer is not None:
-                    adapter_optimizer.step()
-                    adapter_optimizer.zero_grad(set_to_none=True)
+            else:
+                bad_total += 1
+                consecutive_bad += outcome == "bad"
+                if consecutive_bad >= cfg.train.max_bad_steps:
+                    raise diverged(run_dir, f"{consecutive_bad} consecutive steps had non-finite loss or gradients (step {step})",
+                                   "Lower optim.lr_geometry or distill.guidance_scale, or raise train.max_bad_steps")
             done = step + 1
             if done % cfg.train.log_every == 0 or done == end_step:
                 now = time.perf_counter()
@@ -365,10 +464,18 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                         wandb_run.log(step_metrics, step=done)
                     bar.set_postfix(loss=f"{step_metrics['loss']:.4g}", it_s=f"{step_metrics['steps_per_s']:.2f}",
                                     mem=f"{step_metrics['peak_memory_mb']:.0f}MB", skipped=bad_total)
-            if accelerator.is_main_process and consecutive_bad == 0 and (done % cfg.train.ckpt_every == 0 or done == end_step):
-                save_checkpoint(run_dir, done, model, optimizer, {"skipped_steps": bad_total, "generator_config": model.config,
-                                                                "world_size": world, "prompts_per_step": cfg.train.prompts_per_step},
-                                keep=cfg.train.keep_checkpoints, adapter=adapter, adapter_optimizer=adapter_optimizer)
+            checkpoint_now = consecutive_bad == 0 and (done % cfg.train.ckpt_every == 0 or done == end_step)
+            parameters = list(model.parameters()) + ([] if adapter is None else list(adapter.parameters()))
+            if checkpoint_now and not all_finite(parameters):
+                raise diverged(run_dir, f"the parameters are not finite after step {done} (its loss and gradients were), so no "
+                               "checkpoint was written", "Lower optim.lr_geometry (or optim.lr_background, distill.adapter_lr)")
+            if accelerator.is_main_process and checkpoint_now:
+                extra = {"skipped_steps": bad_total, "generator_config": model.config, "world_size": world,
+                         "prompts_per_step": cfg.train.prompts_per_step}
+                if accelerator.scaler is not None:  # so that a resumed fp16 run continues with the scale it had
+                    extra["grad_scaler"] = accelerator.scaler.state_dict()
+                save_checkpoint(run_dir, done, model, optimizer, extra, keep=cfg.train.keep_checkpoints, adapter=adapter,
+                                adapter_optimizer=adapter_optimizer)
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0:
                     from amortized3d.evaluation.oracle import evaluate_run
 
@@ -382,11 +489,15 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         print(f"[rank {rank} of {world}] training stopped at step {step}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
     bar.close()
+    final_views = run_dir / "validation" / f"step_{total_steps:08d}"
+    if accelerator.is_main_process and end_step == total_steps and not (
+            final_views.with_suffix(".png").is_file() and (final_views.with_suffix(".mp4").is_file() or final_views.with_suffix(".gif").is_file())):
+        write_validation(cfg, model.eval(), text_encoder, val_prompts, run_dir, total_steps, device)  # a resumed run killed while writing them
     if prompt_record is not None:
         digest = hashlib.sha256()
         for name, tensor in sorted(model.state_dict().items()):
             digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        prompt_record.write(json.dumps({"final_step": step + 1, "parameters_sha256": digest.hexdigest()}) + "\n")
+        prompt_record.write(json.dumps({"final_step": end_step, "parameters_sha256": digest.hexdigest()}) + "\n")
         prompt_record.close()
     if metrics_file is not None:
         metrics_file.close()
