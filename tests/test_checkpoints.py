@@ -99,6 +99,8 @@ def test_resume_with_another_architecture_is_refused(trained_run, tmp_path):
     with pytest.raises(CheckpointError) as err:
         train(tiny_config("train.steps=6", "generator.mlp_hidden=16"), run, resume=True)
     assert "does not fit" in str(err.value) and "config.yaml" in str(err.value)
+    with pytest.raises(CheckpointError, match="generator.spectral_norm"):  # a run from before spectral norm became automatic
+        train(tiny_config("train.steps=6", "generator.spectral_norm=true"), run, resume=True)
 
 
 def test_a_run_folder_with_checkpoints_is_not_trained_over(trained_run, tmp_path):

@@ -344,3 +344,35 @@ def test_store_build_command_repairs_and_rebuilds_a_damaged_store(tmp_path, caps
     assert main(["store", "build", "--rebuild", *args]) == 0
     assert_recorded_as_built(store, prompts, 4)
     assert main(["store", "info", *args]) == 0
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_npy_members_read_exactly_as_numpy_reads_them(version):
+    """Reference: numpy.lib.format.read_array on the bytes numpy.lib.format.write_array wrote, for the dtypes and
+    shapes a store holds and the corner shapes (0-d, 1-d, a zero-length axis, axes past 2**16); any other header
+    form, dtype or data length is refused with ValueError."""
+    import io
+
+    import numpy as np
+
+    from amortized3d.data.embedding_store import _npy_view
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal((77, 16)).astype(np.float16), rng.standard_normal(16).astype(np.float32),
+             rng.random(77) > 0.5, np.float16(3.5).reshape(()), np.zeros((0, 4), np.float16),
+             np.arange(70_000, dtype=np.int64), rng.standard_normal((2, 77, 8)).astype(">f4")]
+    for array in cases:
+        out = io.BytesIO()
+        np.lib.format.write_array(out, array, version=version)
+        data = out.getvalue()
+        want = np.lib.format.read_array(io.BytesIO(data))
+        got = _npy_view(memoryview(data))
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+        for bad in (data[:-1], data + b"\0", data.replace(b"'fortran_order': False", b"'fortran_order': True "),
+                    data.replace(b"'descr'", b"'DESCR'"), b"\x93NUMPX" + data[6:], data[:9]):
+            with pytest.raises(ValueError):
+                _npy_view(memoryview(bad))
+    objects = io.BytesIO()
+    np.lib.format.write_array(objects, np.array([{}, 1], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        _npy_view(memoryview(objects.getvalue()))

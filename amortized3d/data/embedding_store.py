@@ -429,19 +429,37 @@ def _check_finite(emb, texts: list[str], what: str) -> None:
         raise StoreError(f"the {what} gave embeddings beyond float16's range (65504); they cannot be stored as fp16")
 
 
+# The header numpy.lib.format writes (versions 1.0 and 2.0): a dict literal with these three keys in this order,
+# padded with spaces to a multiple of 64 bytes and ended by a newline. numpy reads it with ast.literal_eval, which
+# on CPython before 3.11.8 can fail spuriously ("AST constructor recursion depth mismatch") when a garbage-collector
+# callback parses Python source during the call; an exact pattern has no such failure and rejects any other form.
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=][a-z]\d+)', 'fortran_order': (False|True), "
+                         r"'shape': \(((?:\d+, )*(?:\d+,?)?)\), \} *\n")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _npy_view(buf: memoryview) -> np.ndarray:
-    """A .npy member as an array viewing ``buf`` (no copy); ValueError if it is not exactly one well-formed array."""
-    head = io.BytesIO(bytes(buf[:4096]))  # our headers are 128 bytes; numpy's own limit is 10000
-    version = np.lib.format.read_magic(head)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
-    else:
-        raise ValueError(f"unsupported .npy version {version}")
-    if fortran or dtype.hasobject:
+    """A .npy member as an array viewing ``buf`` (no copy); ValueError if it is not exactly one well-formed array
+    of a plain numeric or bool dtype in C order."""
+    if bytes(buf[:6]) != _NPY_MAGIC or len(buf) < 10:
+        raise ValueError("no .npy magic string")
+    major = buf[6]
+    if major not in (1, 2):
+        raise ValueError(f"unsupported .npy version {major}.{buf[7]}")
+    size_bytes = 2 if major == 1 else 4
+    start = 8 + size_bytes
+    offset = start + int.from_bytes(buf[8:start], "little")
+    if offset > len(buf):
+        raise ValueError(f"the header claims {offset - start} bytes, the member has {len(buf) - start}")
+    match = _NPY_HEADER.fullmatch(bytes(buf[start:offset]).decode("latin-1"))
+    if match is None:
+        raise ValueError(f"malformed header {bytes(buf[start:min(offset, start + 100)])!r}")
+    descr, fortran, dims = match.groups()
+    dtype = np.dtype(descr)
+    if fortran == "True" or dtype.kind not in "biuf":
         raise ValueError(f"unexpected .npy layout (fortran_order={fortran}, dtype {dtype})")
-    count, offset = math.prod(shape), head.tell()
+    shape = tuple(int(d) for d in dims.replace(" ", "").split(",") if d)
+    count = math.prod(shape)
     if offset + count * dtype.itemsize != len(buf):
         raise ValueError(f"{len(buf) - offset} data bytes for an array of shape {shape} and dtype {dtype}")
     return np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
@@ -516,7 +534,7 @@ def parse_shard(data: bytes, path: Path, manifest: dict, index: int) -> list[dic
         for name, spec in arrays.items():
             try:
                 array = _npy_view(sample[name])
-            except Exception as err:  # numpy's header parsing: ValueError, SyntaxError, TypeError, ...
+            except (ValueError, TypeError) as err:  # TypeError: np.dtype of an unknown descr
                 raise damaged(f"{name} of sample {key} is not a valid .npy array ({type(err).__name__}: {err})") from None
             if array.dtype != np.dtype(spec["dtype"]) or list(array.shape) != spec["shape"]:
                 raise damaged(f"{name} of sample {key} is {array.dtype} {list(array.shape)}, the manifest says {spec['dtype']} {spec['shape']}")

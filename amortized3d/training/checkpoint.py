@@ -165,6 +165,9 @@ def _load_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], folder
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
+        if "parametrizations" in str(err):  # spectral norm's parametrized weights on one side only
+            detail += (". The checkpoint and this config differ in generator.spectral_norm (its default is on for SDS with "
+                       "Hyper-iNGP since spectral norm became automatic): set generator.spectral_norm to the run's value")
         raise CheckpointError(
             f"checkpoint {folder} does not fit this {what}: {detail}. The run's config (architecture sizes, generator.kind, "
             "text encoder width) changed since the checkpoint was written. Resume with the run's own config.yaml "
