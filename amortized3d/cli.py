@@ -99,6 +99,7 @@ def check_pretrained_weights(cfg) -> None:
 def run_train(args) -> int:
     cfg = _resolve_config(args)
     check_pretrained_weights(cfg)
+    from amortized3d.evaluation.oracle import eval_every_hook
     from amortized3d.training.train import train
 
     output = args.output or cfg.train.output_dir
@@ -107,7 +108,7 @@ def run_train(args) -> int:
             raise UsageError("--resume needs --output RUN_DIR naming the run to continue")
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         output = f"runs/{cfg.corpus.name}-{cfg.distill.method}-{stamp}"
-    run_dir = train(cfg, output, resume=args.resume)
+    run_dir = train(cfg, output, resume=args.resume, hooks=eval_every_hook(cfg))
     print(f"run folder: {run_dir}")
     return 0
 

@@ -34,7 +34,7 @@ def one(args) -> dict:
     from amortized3d.data.corpora import load_corpus
     from amortized3d.data.shapeworld import shapeworld_corpus
     from amortized3d.evaluation import clip_eval
-    from amortized3d.training.train import peak_memory_mb
+    from amortized3d.training.monitor import peak_memory_mb
 
     cfg, _, _ = load_run(args.checkpoint)
     evaluated = load_corpus(cfg.corpus.name, cfg.corpus.dir).test[: args.prompts]

@@ -41,7 +41,7 @@ from amortized3d.evaluation.gallery import clip_scores
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk
-from amortized3d.training.train import render_validation
+from amortized3d.training.previews import render_validation
 
 DIFFERENT = 8 / 255  # a pixel whose largest channel difference is above this counts as visibly different
 

@@ -20,7 +20,7 @@ from amortized3d.builders import build_generator, build_prior, build_text_encode
 from amortized3d.config import load_config
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.loader import PromptBatch
-from amortized3d.training.train import distillation_step
+from amortized3d.training.step import distillation_step
 
 
 def sync(device):

@@ -10,6 +10,7 @@ from amortized3d.distillation.adapters import LODS_LORA_SCALE, LODSEmbedding, LO
 from amortized3d.distillation.score_distillation import score_distillation
 from amortized3d.priors.diffusers_prior import DiffusionPrior
 from amortized3d.rendering.cameras import orbit_cameras
+from amortized3d.interfaces import Conditioning
 from tests.test_stable_diffusion import REPO, SD_TINY, scaled_linear_alphas_cumprod, tiny_sd  # noqa: F401
 
 B = 2
@@ -57,7 +58,7 @@ def test_gradient_equals_formula_and_two_unet_calls(tiny_sd, method):  # noqa: F
     t, noise = replay(gen, t_range)
     calls, handle = count_unet_calls(prior)
     try:
-        out = score_distillation(prior, latents, PROMPTS, cameras, method=method, guidance_scale=guidance,
+        out = score_distillation(prior, latents, Conditioning(PROMPTS, cameras), method=method, guidance_scale=guidance,
                                  t_range=t_range, eta=0.1, generator=gen, adapter=adapter)
     finally:
         handle.remove()
@@ -70,7 +71,7 @@ def test_gradient_equals_formula_and_two_unet_calls(tiny_sd, method):  # noqa: F
             return prior.unet(x_t, t, encoder_hidden_states=prior.text_encoder.encode(words).tokens).sample
 
         eps_c, eps_u = base(PROMPTS), base(["", ""])
-        learned = adapter.predict_noise(x_t, t, PROMPTS, cameras)
+        learned = adapter.predict_noise(x_t, t, Conditioning(PROMPTS, cameras))
     w = 1 - a
     if method == "vsd":
         expected = w * (eps_u + guidance * (eps_c - eps_u) - learned)
@@ -108,7 +109,7 @@ def test_lora_branches_match_peft_merged_weights(tiny_sd):  # noqa: F811
     prior = fresh_prior(tiny_sd)
     vsd = VSDLoRA(prior)
     perturb_lora(vsd)
-    got = vsd.predict_noise(x, t, PROMPTS, cameras)
+    got = vsd.predict_noise(x, t, Conditioning(PROMPTS, cameras))
     unet = merged_unet(tiny_sd, prior, "vsd")
     unet.class_embedding = vsd.camera
     with torch.no_grad():
@@ -119,7 +120,7 @@ def test_lora_branches_match_peft_merged_weights(tiny_sd):  # noqa: F811
     prior = fresh_prior(tiny_sd)
     lods = LODSLoRA(prior)
     perturb_lora(lods, seed=1)
-    got = lods.predict_noise(x, t, PROMPTS, cameras)
+    got = lods.predict_noise(x, t, Conditioning(PROMPTS, cameras))
     unet = merged_unet(tiny_sd, prior, "lods", LODS_LORA_SCALE)
     with torch.no_grad():
         want = unet(x, t, encoder_hidden_states=prior.text_encoder.encode(["", ""]).tokens).sample
@@ -127,7 +128,7 @@ def test_lora_branches_match_peft_merged_weights(tiny_sd):  # noqa: F811
     # The pretrained branch still sees the plain UNet.
     plain = fresh_prior(tiny_sd)
     uncond = torch.ones(B, dtype=torch.bool)
-    torch.testing.assert_close(prior.predict_noise(x, t, PROMPTS, cameras, uncond), plain.predict_noise(x, t, PROMPTS, cameras, uncond))
+    torch.testing.assert_close(prior.predict_noise(x, t, Conditioning(PROMPTS, cameras), uncond), plain.predict_noise(x, t, Conditioning(PROMPTS, cameras), uncond))
 
 
 @pytest.mark.parametrize("kind", [LODSEmbedding, LODSLoRA, VSDLoRA])
@@ -139,11 +140,11 @@ def test_alignment_loss_trains_only_the_adapter(tiny_sd, kind):  # noqa: F811
     optimizer = torch.optim.Adam(adapter.parameters(), lr=1e-2)
     losses = []
     calls, handle = count_unet_calls(prior)
-    adapter.alignment_loss(latents, PROMPTS, cameras, torch.Generator().manual_seed(6))
+    adapter.alignment_loss(latents, Conditioning(PROMPTS, cameras), torch.Generator().manual_seed(6))
     handle.remove()
     assert len(calls) == 1  # the adapter update is one UNet call
     for _ in range(15):
-        loss = adapter.alignment_loss(latents, PROMPTS, cameras, torch.Generator().manual_seed(6))  # same t and eps each time
+        loss = adapter.alignment_loss(latents, Conditioning(PROMPTS, cameras), torch.Generator().manual_seed(6))  # same t and eps each time
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -5,6 +5,7 @@ import math
 import torch
 
 from amortized3d.priors.analytic import gaussian_noise_prediction, mixture_noise_prediction
+from amortized3d.interfaces import Conditioning
 
 
 def monte_carlo_eps(x_t, alphabar, means, std, n=400_000, seed=0):
@@ -88,7 +89,7 @@ def test_prior_on_shapeworld_prompts_uses_the_exact_render():
     t = torch.tensor([300, 700])
     a = prior.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     x_t = torch.randn(2, 3, 16, 16)
-    eps = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), prompts * 2, cams.reshape(2)[[0, 1, 0, 1]],
+    eps = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning(prompts * 2, cams.reshape(2)[[0, 1, 0, 1]]),
                               torch.tensor([False, False, True, True]))
     expected_c = (1 - a).sqrt() * (x_t - a.sqrt() * mu[:, 0, 0]) / (a * 0.05**2 + 1 - a)
     expected_u = (1 - a).sqrt() * (x_t - a.sqrt() * 0.5) / (a * 0.25 + 1 - a)
@@ -109,6 +110,6 @@ def test_underspecified_prompt_is_a_mixture_over_its_scenes():
     a = prior.alphas_cumprod[t].reshape(1, 1, 1, 1)
     eps = torch.randn(1, 3, 12, 12)
     x_t = a.sqrt() * mu[0, 5, 0].unsqueeze(0) + (1 - a).sqrt() * eps
-    got = prior.predict_noise(x_t, t, ["a cube"], cams.reshape(1), torch.tensor([False]))
+    got = prior.predict_noise(x_t, t, Conditioning(["a cube"], cams.reshape(1)), torch.tensor([False]))
     single = (1 - a).sqrt() * (x_t - a.sqrt() * mu[0, 5, 0]) / (a * 0.05**2 + 1 - a)
     assert torch.allclose(got, single, atol=1e-4)

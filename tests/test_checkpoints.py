@@ -212,7 +212,7 @@ class InfiniteGradient(torch.autograd.Function):
 class InfiniteGradientPrior:
     def __init__(self, prior):
         self.prior = prior
-        self.alphas_cumprod = prior.alphas_cumprod
+        self.alphas_cumprod, self.perp_neg, self.text_encoder = prior.alphas_cumprod, prior.perp_neg, prior.text_encoder
 
     def encode(self, x, generator=None):
         return InfiniteGradient.apply(self.prior.encode(x, generator))

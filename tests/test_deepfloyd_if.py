@@ -17,6 +17,7 @@ from amortized3d.distillation.score_distillation import score_distillation
 from amortized3d.priors.diffusers_prior import DiffusionPrior
 from amortized3d.priors.tiny import IF_TEXT_DIM, make_tiny_deepfloyd_if
 from amortized3d.rendering.cameras import orbit_cameras
+from amortized3d.interfaces import Conditioning
 from tests.test_stable_diffusion import REPO, SD_TINY
 
 
@@ -60,7 +61,7 @@ def test_encode_is_the_resized_image_in_minus_one_one_and_decode_inverts_it(prio
 def test_noise_is_the_first_three_of_six_output_channels(prior):
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([30, 600])
-    eps = prior.predict_noise(x, t, ["a frog", "a dog"], orbit_cameras(2, 15.0, 1.5, 70.0), torch.tensor([0, 1]))
+    eps = prior.predict_noise(x, t, Conditioning(["a frog", "a dog"], orbit_cameras(2, 15.0, 1.5, 70.0)), torch.tensor([0, 1]))
     tokens = prior.text_encoder.encode(["a frog", ""]).tokens
     with torch.no_grad():
         full = prior.unet(x, t, encoder_hidden_states=tokens).sample
@@ -82,7 +83,7 @@ def test_asd_gradient_with_the_if_prior(prior):
     x = torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
     gen = torch.Generator().manual_seed(2)
     replay = torch.Generator().set_state(gen.get_state())
-    out = score_distillation(prior, x, ["a frog", "a log"], orbit_cameras(B, 15.0, 1.5, 70.0), method="asd",
+    out = score_distillation(prior, x, Conditioning(["a frog", "a log"], orbit_cameras(B, 15.0, 1.5, 70.0)), method="asd",
                              guidance_scale=g, t_range=t_range, eta=eta, generator=gen)
     t = torch.randint(t_range[0], t_range[1] + 1, (B,), generator=replay)
     noise = torch.randn(x.shape, generator=replay)

@@ -14,6 +14,7 @@ from amortized3d.distillation.score_distillation import (
     timestep_range,
 )
 from amortized3d.priors.schedule import add_noise, stable_diffusion_alphas_cumprod
+from amortized3d.interfaces import Conditioning
 from amortized3d.rendering.cameras import orbit_cameras
 
 
@@ -28,11 +29,13 @@ class RandomPredictor:
         self.bt = torch.randn(1000, d, generator=g) * 0.3
         self.bc = torch.randn(2, d, generator=g) * 0.5
         self.calls = []
+        self.perp_neg, self.text_encoder = False, None
 
     def encode(self, x):
         return x
 
-    def predict_noise(self, noisy, timesteps, prompts, cameras, unconditional):
+    def predict_noise(self, noisy, timesteps, cond, unconditional):
+        prompts = cond.prompts
         flat = noisy.flatten(1)
         out = torch.tanh(flat @ self.A.T + self.bt[timesteps] + self.bc[unconditional.long()]).reshape(noisy.shape)
         self.calls.append(dict(noisy=noisy.clone(), t=timesteps.clone(), uncond=unconditional.clone(), out=out.clone(), prompts=list(prompts)))
@@ -43,7 +46,7 @@ def run(method, guidance, B=3, shape=(3, 4, 4), t_range=(200, 900), eta=0.1, see
     prior = RandomPredictor(shape)
     x = torch.rand(B, *shape, requires_grad=True)
     cams = orbit_cameras(B, 15.0, 2.0, 50.0)
-    out = score_distillation(prior, x, [f"p{i}" for i in range(B)], cams, method=method, guidance_scale=guidance,
+    out = score_distillation(prior, x, Conditioning([f"p{i}" for i in range(B)], cams), method=method, guidance_scale=guidance,
                              t_range=t_range, eta=eta, generator=torch.Generator().manual_seed(seed))
     (dx,) = torch.autograd.grad(out.loss.sum(), x)
     return prior, x.detach(), out, dx
@@ -181,7 +184,7 @@ def test_asd_draws_its_first_timestep_below_the_ceiling_of_its_rule():
 
     prior, x = RandomPredictor((3, 4, 4)), torch.randn(64, 3, 4, 4)
     for rule in RULES:
-        out = score_distillation(prior, x, ["p"] * 64, orbit_cameras(64, 15.0, 1.5, 70.0), method="asd", guidance_scale=7.5,
+        out = score_distillation(prior, x, Conditioning(["p"] * 64, orbit_cameras(64, 15.0, 1.5, 70.0)), method="asd", guidance_scale=7.5,
                                  t_range=(500, 980), eta=0.1, generator=torch.Generator().manual_seed(2), asd_shift=rule)
         assert out.timesteps.max() <= asd_timestep_ceiling((500, 980), 0.1, rule) and (out.shifted_timesteps <= 980).all()
 

@@ -25,6 +25,7 @@ from amortized3d.distillation.adapters import LODSEmbedding, LODSLoRA, VSDLoRA
 from amortized3d.priors.diffusers_prior import DiffusionPrior
 from amortized3d.priors.tiny import make_tiny_deepfloyd_if, make_tiny_stable_diffusion
 from amortized3d.rendering.cameras import orbit_cameras
+from amortized3d.interfaces import Conditioning
 from tests.test_deepfloyd_if import cosine_alphas_cumprod
 from tests.test_stable_diffusion import REPO, SD_TINY, scaled_linear_alphas_cumprod
 
@@ -76,7 +77,7 @@ def test_learned_branch_starts_as_the_pretrained_branch(prior_folders, name, met
     t = torch.tensor([150, 820])
     cameras = orbit_cameras(2, 15.0, 1.5, 70.0)
     with torch.no_grad():
-        learned = adapter.predict_noise(x_t, t, PROMPTS, cameras)
+        learned = adapter.predict_noise(x_t, t, Conditioning(PROMPTS, cameras))
     words = PROMPTS if method == "vsd" else ["", ""]
     expected = pretrained_eps_by_hand(prior, name, x_t, t, words)
     assert learned.shape == expected.shape == (2, channels, size, size)

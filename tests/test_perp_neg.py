@@ -12,6 +12,7 @@ from amortized3d.distillation.score_distillation import perpendicular_component,
 from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.diffusers_prior import DiffusionPrior, perp_neg_terms, view_index
 from amortized3d.rendering.cameras import look_at_cameras
+from amortized3d.interfaces import Conditioning
 from tests.test_stable_diffusion import scaled_linear_alphas_cumprod, tiny_sd  # noqa: F401
 
 SIDE, FRONT, BACK, OVERHEAD = 0, 1, 2, 3
@@ -108,7 +109,7 @@ def test_view_dependent_prompts_take_the_camera_suffix(tiny_sd):  # noqa: F811
     prior = DiffusionPrior(str(tiny_sd), resolution=16, view_dependent=True)
     cameras = look_at_cameras(torch.tensor([0.0, 0.0, 0.0, 70.0, 0.0]), torch.tensor([5.0, 100.0, 170.0, 0.0, 0.0]),
                               torch.full((5,), 1.5), torch.full((5,), 60.0))
-    tokens = prior.text_condition(["a frog"] * 5, torch.tensor([COND] * 4 + [UNCOND]), cameras)
+    tokens = prior.text_condition(Conditioning(["a frog"] * 5, cameras), torch.tensor([COND] * 4 + [UNCOND]))
     texts = ["a frog, front view", "a frog, side view", "a frog, back view", "a frog, overhead view", ""]
     torch.testing.assert_close(tokens, prior.text_encoder.encode(texts).tokens)
 
@@ -126,7 +127,7 @@ def test_perp_neg_step_is_one_unet_call_and_matches_its_formula(tiny_sd, method)
     rows = []
     handle = prior.unet.register_forward_hook(lambda module, args, kwargs=None: rows.append(args[0].shape[0]))
     try:
-        out = score_distillation(prior, latents, prompts, cameras, method=method, guidance_scale=g, t_range=t_range, eta=eta, generator=gen)
+        out = score_distillation(prior, latents, Conditioning(prompts, cameras), method=method, guidance_scale=g, t_range=t_range, eta=eta, generator=gen)
     finally:
         handle.remove()
     assert rows == [B * (5 if method == "asd" else 4)]  # [cond, uncond, neg1, neg2 (, cond(t + dt))] in one call

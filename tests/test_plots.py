@@ -33,7 +33,10 @@ def test_periodic_oracle_evaluation_gives_points_over_steps(tmp_path):
     from amortized3d.training.train import train
     from tests.test_training import tiny_config
 
-    run = train(tiny_config("train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "eval.n_views=2"), tmp_path / "run")
+    from amortized3d.evaluation.oracle import eval_every_hook
+
+    cfg = tiny_config("train.steps=4", "train.ckpt_every=2", "train.eval_every=2", "eval.n_views=2")
+    run = train(cfg, tmp_path / "run", hooks=eval_every_hook(cfg))
     reports = sorted((run / "evals").glob("step_*.json"))
     assert [p.name for p in reports] == ["step_00000002.json", "step_00000004.json"]
     assert [json.loads(p.read_text())["summary"]["step"] for p in reports] == [2, 4]

@@ -231,7 +231,7 @@ sys.path.insert(0, sys.argv[1])
 from test_rendering import SphereField
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
-from amortized3d.training.train import peak_memory_mb, reset_peak_memory
+from amortized3d.training.monitor import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
 with torch.no_grad():
     for views in (32, 192):  # the first run warms up: code pages, thread pools, the allocator's own growth

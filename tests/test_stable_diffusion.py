@@ -19,6 +19,8 @@ from amortized3d.priors.pretrained import PretrainedLoadError
 from amortized3d.priors.diffusers_prior import DiffusionPrior
 from amortized3d.priors.tiny import TEXT_DIM, make_tiny_stable_diffusion
 from amortized3d.rendering.cameras import orbit_cameras
+from amortized3d.interfaces import Conditioning
+from amortized3d.priors.branches import COND, UNCOND
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +100,7 @@ def test_prediction_is_one_batched_unet_call_with_the_right_conditions(prior):
         t = torch.tensor([10, 500, 10, 900])
         prompts = ["a frog", "a dog", "a frog", "a dog"]
         uncond = torch.tensor([False, False, True, True])
-        eps = prior.predict_noise(noisy, t, prompts, orbit_cameras(4, 15.0, 1.5, 70.0), uncond)
+        eps = prior.predict_noise(noisy, t, Conditioning(prompts, orbit_cameras(4, 15.0, 1.5, 70.0)), uncond)
         assert len(calls) == 1
         for i in range(4):
             words = "" if uncond[i] else prompts[i]
@@ -124,7 +126,7 @@ def test_v_prediction_output_becomes_the_true_noise(prior, monkeypatch):
 
     monkeypatch.setattr(prior, "prediction_type", "v_prediction")
     monkeypatch.setattr(prior, "unet", lambda *args, **kwargs: Out())
-    eps = prior.predict_noise(x_t, t, ["a frog"] * 3, orbit_cameras(3, 15.0, 1.5, 70.0), torch.zeros(3, dtype=torch.bool))
+    eps = prior.predict_noise(x_t, t, Conditioning(["a frog"] * 3, orbit_cameras(3, 15.0, 1.5, 70.0)), torch.zeros(3, dtype=torch.bool))
     torch.testing.assert_close(eps, noise, atol=1e-5, rtol=1e-5)
 
 
@@ -138,7 +140,7 @@ def test_distillation_gradient_equals_its_formula_for_the_tiny_unet(prior, metho
     calls = []
     handle = prior.unet.register_forward_hook(lambda *args: calls.append(1))
     try:
-        out = score_distillation(prior, latents, prompts, orbit_cameras(B, 15.0, 1.5, 70.0),
+        out = score_distillation(prior, latents, Conditioning(prompts, orbit_cameras(B, 15.0, 1.5, 70.0)),
                                  method=method, guidance_scale=guidance, t_range=t_range, eta=eta, generator=gen)
     finally:
         handle.remove()
@@ -274,15 +276,15 @@ def test_half_precision_weights_predict_close_to_fp32_and_train_fp32_adapters(ti
     assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
     cameras, branch = orbit_cameras(2, 15.0, 1.5, 70.0), torch.tensor([0, 1])
-    full = prior.predict_noise(x, t, ["a frog", "a dog"], cameras, branch)
-    low = half.predict_noise(x, t, ["a frog", "a dog"], cameras, branch)
+    full = prior.predict_noise(x, t, Conditioning(["a frog", "a dog"], cameras), branch)
+    low = half.predict_noise(x, t, Conditioning(["a frog", "a dog"], cameras), branch)
     assert low.dtype == torch.float32 and (low - full).abs().max() < 0.1 * full.abs().mean()
     images = torch.rand(2, 3, 8, 8, requires_grad=True)
     latents = half.encode(images, torch.Generator().manual_seed(0))
     latents.sum().backward()
     assert latents.dtype == torch.float32 and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     adapter = VSDLoRA(half)
-    adapter.alignment_loss(latents.detach(), ["a frog", "a dog"], cameras, torch.Generator().manual_seed(1)).backward()
+    adapter.alignment_loss(latents.detach(), Conditioning(["a frog", "a dog"], cameras), torch.Generator().manual_seed(1)).backward()
     assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all() for p in adapter.parameters())
 
 
@@ -308,8 +310,7 @@ def test_training_reads_the_view_prompts_from_the_store(tiny_sd, tmp_path, monke
 
 
 def test_text_cache_stays_correct_when_full(prior, monkeypatch):
-    # Stored encodings are used for their batch and never evicted by the cache; a cache overflow in the middle
-    # of an encode() keeps every row it needs.
+    # A cache overflow in the middle of an encode() keeps every row it needs.
     from amortized3d.text import pretrained_encoder
 
     encoder = prior.text_encoder
@@ -320,10 +321,17 @@ def test_text_cache_stays_correct_when_full(prior, monkeypatch):
     out = encoder.encode(["a frog", "a cat", "a dog", "a chair", ""])  # two cached, three new: the cache overflows
     for row, i in zip(range(5), (0, 3, 4, 1, 2)):
         torch.testing.assert_close(out.tokens[row], reference[0][i])
-    stored = encoder.encode(["a frog"])
-    stored.tokens += 1.0  # a recognizably different "stored" encoding
-    encoder.use_stored(["a frog"], stored)
-    encoder._cache.clear()
-    torch.testing.assert_close(encoder.encode(["", "a frog", "x", "y", "z"]).tokens[1], stored.tokens[0])
-    encoder.use_stored([], None)
-    torch.testing.assert_close(encoder.encode(["a frog"]).tokens[0], reference[0][0])
+
+
+def test_stored_embeddings_reach_the_prior_as_data(prior):
+    """A condition that carries the prior's token embeddings (as read from the embedding store) is what the prior
+    conditions on, row by row; without them the prior encodes the prompts itself. Reference: the encoder's own
+    output, and a recognizably different "stored" embedding (+1)."""
+    cameras = orbit_cameras(3, 15.0, 1.5, 70.0)
+    own = prior.text_encoder.encode(["a frog", "a chair", ""]).tokens
+    stored = own[:2] + 1.0
+    branch = torch.tensor([COND, UNCOND, COND])
+    with_tokens = prior.text_condition(Conditioning(["a frog", "a chair", "a chair"], cameras, tokens=stored[[0, 1, 1]]), branch)
+    torch.testing.assert_close(with_tokens, torch.stack([stored[0], own[2], stored[1]]))
+    without = prior.text_condition(Conditioning(["a frog", "a chair", "a chair"], cameras), branch)
+    torch.testing.assert_close(without, torch.stack([own[0], own[2], own[1]]))

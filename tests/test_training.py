@@ -67,7 +67,7 @@ class NaNAfter:
 
     def __init__(self, prior, good_calls):
         self.prior, self.good_calls, self.calls = prior, good_calls, 0
-        self.alphas_cumprod = prior.alphas_cumprod
+        self.alphas_cumprod, self.perp_neg, self.text_encoder = prior.alphas_cumprod, prior.perp_neg, prior.text_encoder
 
     def encode(self, x, generator=None):
         return self.prior.encode(x, generator)
@@ -130,7 +130,7 @@ def test_short_training_improves_oracle_similarity(tmp_path):
 
 PEAK_PROBE = """
 import torch
-from amortized3d.training.train import peak_memory_mb, reset_peak_memory
+from amortized3d.training.monitor import peak_memory_mb, reset_peak_memory
 cpu = torch.device("cpu")
 block = torch.ones(512 * 2**20 // 4)  # 512 MiB, touched
 del block

@@ -1,8 +1,8 @@
 """The learned branches of VSD and LODS: small trainable parts beside the frozen Stable Diffusion prior.
 
-Each adapter answers one noise prediction for a batch, ``predict_noise(x_t, t, prompts, cameras)``
+Each adapter answers one noise prediction for a batch, ``predict_noise(x_t, t, cond)``
 (one UNet call, with gradient to the adapter's own parameters), and trains itself with
-``alignment_loss(x, prompts, cameras, generator)`` on detached renders: a fresh t ~ U{0, ..., 999}
+``alignment_loss(x, cond, generator)`` on detached renders: a fresh t ~ U{0, ..., 999}
 and fresh noise eps, loss = mean ||eps_adapter(x_t, t) - eps||^2. The generator update uses the
 adapter's prediction without gradient (score_distillation), the adapter update uses this loss;
 the trainer takes one step of each per iteration. One set of adapter parameters is shared by
@@ -30,11 +30,13 @@ variance channels are dropped, exactly as for the pretrained branches.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amortized3d.interfaces import Conditioning
 from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from amortized3d.priors.diffusers_prior import DiffusionPrior
@@ -79,17 +81,18 @@ class NoisePredictorAdapter(nn.Module):
 
     prior: DiffusionPrior
 
-    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompts: list[str], cameras: Cameras) -> torch.Tensor:
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """noisy [N, C, h, w], timesteps long [N], cond of N rows -> eps [N, C, h, w], with gradient to the adapter."""
         raise NotImplementedError
 
-    def alignment_loss(self, x: torch.Tensor, prompts: list[str], cameras: Cameras, generator: torch.Generator) -> torch.Tensor:
+    def alignment_loss(self, x: torch.Tensor, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
         """mean ||eps_adapter(x_t, t) - eps||^2 with t ~ U{0..999} and fresh eps; x [B, 4, h, w] is detached here."""
         x = x.detach()
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x.shape[0],), generator=generator).to(x.device)
         noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
         x_t = add_noise(x, noise, t, self.prior.alphas_cumprod)
-        cameras = self.training_cameras(cameras, generator)
-        return F.mse_loss(self.predict_noise(x_t, t, prompts, cameras), noise)
+        cond = replace(cond, cameras=self.training_cameras(cond.cameras, generator))
+        return F.mse_loss(self.predict_noise(x_t, t, cond), noise)
 
     def training_cameras(self, cameras: Cameras, generator: torch.Generator) -> Cameras:
         return cameras
@@ -114,10 +117,10 @@ class VSDLoRA(NoisePredictorAdapter):
         keep = (torch.rand(cameras.shape, generator=generator) >= VSD_CAMERA_DROPOUT).to(cameras.c2w.device)
         return Cameras(cameras.c2w * keep.view(-1, 1, 1), cameras.fovy, cameras.elevation, cameras.azimuth, cameras.distance)
 
-    def predict_noise(self, noisy, timesteps, prompts, cameras) -> torch.Tensor:
+    def predict_noise(self, noisy, timesteps, cond) -> torch.Tensor:
         unet = self.prior.unet
-        tokens = self.prior.text_condition(prompts, torch.full((len(prompts),), COND))
-        labels = cameras.c2w.reshape(-1, 16).to(self.prior.device, torch.float32)
+        tokens = self.prior.text_condition(cond, torch.full((len(cond),), COND), views=False)
+        labels = cond.cameras.c2w.reshape(-1, 16).to(self.prior.device, torch.float32)
         unet.class_embedding = _CastTo(self.camera, self.prior.dtype)
         try:
             with lora_active(self.prior, "vsd", list(self.lora)):
@@ -135,7 +138,7 @@ class LODSEmbedding(NoisePredictorAdapter):
         null = prior.text_encoder.encode([""]).tokens[0]  # [77, C]
         self.embedding = nn.Parameter(null.clone().float().to(prior.device))
 
-    def predict_noise(self, noisy, timesteps, prompts, cameras) -> torch.Tensor:
+    def predict_noise(self, noisy, timesteps, cond) -> torch.Tensor:
         tokens = self.embedding.unsqueeze(0).expand(noisy.shape[0], -1, -1)
         return self.prior.unet_noise(noisy, timesteps, tokens)
 
@@ -148,8 +151,8 @@ class LODSLoRA(NoisePredictorAdapter):
         self.prior = prior
         self.lora = nn.ParameterList(add_lora(prior, "lods", rank))
 
-    def predict_noise(self, noisy, timesteps, prompts, cameras) -> torch.Tensor:
-        tokens = self.prior.text_condition(prompts, torch.full((len(prompts),), UNCOND))
+    def predict_noise(self, noisy, timesteps, cond) -> torch.Tensor:
+        tokens = self.prior.text_condition(cond, torch.full((len(cond),), UNCOND))
         with lora_active(self.prior, "lods", list(self.lora), LODS_LORA_SCALE):
             return self.prior.unet_noise(noisy, timesteps, tokens)
 

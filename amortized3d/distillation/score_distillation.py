@@ -39,7 +39,7 @@ import torch
 
 from amortized3d.priors.branches import COND, NEGATIVE_1, NEGATIVE_2, UNCOND
 from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise
-from amortized3d.rendering.cameras import Cameras
+from amortized3d.interfaces import Conditioning
 
 METHODS = ("asd", "sds", "csd", "vsd", "lods-embedding", "lods-lora")
 ADAPTER_METHODS = ("vsd", "lods-embedding", "lods-lora")  # methods with a learned branch (need a neural prior)
@@ -190,8 +190,7 @@ class DistillationOutput:
 def score_distillation(
     prior,
     x: torch.Tensor,
-    prompts: list[str],
-    cameras: Cameras,
+    cond: Conditioning,
     *,
     method: str,
     guidance_scale: float,
@@ -203,7 +202,7 @@ def score_distillation(
 ) -> DistillationOutput:
     """One score-distillation step on a batch of rendered images.
 
-    x [B, C, H, W] in the prior's space (after prior.encode), prompts (B), cameras [B];
+    x [B, C, H, W] in the prior's space (after prior.encode), cond of B rows (amortized3d.interfaces.Conditioning);
     ``adapter`` is the learned branch of VSD / LODS (amortized3d.distillation.adapters); ``asd_shift`` the rule
     of ASD's timestep shift (asd_shifted_timesteps).
     All pretrained branches go through one batched prior call; non-finite gradients are
@@ -219,7 +218,6 @@ def score_distillation(
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     abar = prior.alphas_cumprod.to(x.device)
     weight = (1 - abar[t]).to(x.dtype)
-    prompts = list(prompts)
     t_shift = None
     with torch.no_grad():
         x_t = add_noise(x.detach(), noise, t, abar)
@@ -227,10 +225,10 @@ def score_distillation(
             return torch.full((B,), code, dtype=torch.long)
 
         if method in ("lods-embedding", "lods-lora"):
-            eps_cond = prior.predict_noise(x_t, t, prompts, cameras, rows(COND))
-            grad = lods_gradient(eps_cond, adapter.predict_noise(x_t, t, prompts, cameras), noise, guidance_scale, weight)
+            eps_cond = prior.predict_noise(x_t, t, cond, rows(COND))
+            grad = lods_gradient(eps_cond, adapter.predict_noise(x_t, t, cond), noise, guidance_scale, weight)
         else:
-            perp_neg = getattr(prior, "perp_neg", False)
+            perp_neg = prior.perp_neg
             inputs, steps, branches = [x_t, x_t], [t, t], [rows(COND), rows(UNCOND)]
             if perp_neg:
                 inputs += [x_t, x_t]
@@ -242,12 +240,11 @@ def score_distillation(
                 steps.append(t_shift)
                 branches.append(rows(COND))
             n_branches = len(inputs)
-            eps = prior.predict_noise(torch.cat(inputs), torch.cat(steps), prompts * n_branches, Cameras.cat([cameras] * n_branches),
-                                      torch.cat(branches))
+            eps = prior.predict_noise(torch.cat(inputs), torch.cat(steps), cond.repeat(n_branches), torch.cat(branches))
             eps_branches = eps.chunk(n_branches)
             eps_cond, eps_uncond = eps_branches[0], eps_branches[1]
             if perp_neg:
-                negative_weights = prior.perp_neg_weights(cameras).to(x.device, x.dtype)
+                negative_weights = prior.perp_neg_weights(cond.cameras).to(x.device, x.dtype)
                 eps_cfg = perp_neg_guidance(eps_cond, eps_uncond, eps_branches[2:4], negative_weights, guidance_scale)
             else:
                 eps_cfg = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -256,7 +253,7 @@ def score_distillation(
             elif method == "csd":
                 grad = csd_gradient(eps_cfg, eps_uncond, weight)
             elif method == "vsd":
-                grad = vsd_gradient(eps_cfg, adapter.predict_noise(x_t, t, prompts, cameras), weight)
+                grad = vsd_gradient(eps_cfg, adapter.predict_noise(x_t, t, cond), weight)
             else:
                 grad = asd_gradient(eps_cfg, eps_branches[-1], weight)
     return DistillationOutput(distillation_loss(x, grad), grad, t, t_shift)

@@ -63,7 +63,7 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
 
     from amortized3d.config import config_to_dict, load_config
     from amortized3d.evaluation.clip_eval import evaluate_clip
-    from amortized3d.evaluation.oracle import evaluate_run
+    from amortized3d.evaluation.oracle import eval_every_hook, evaluate_run
     from amortized3d.training.checkpoint import latest_checkpoint
     from amortized3d.training.train import train
 
@@ -73,7 +73,7 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
     overrides = [f"distill.method={method}", f"generator.kind={generator}", *matrix["overrides"]]
     cfg = load_config(corpus, generator_config or matrix["config"], overrides)
     start = time.perf_counter()
-    train(cfg, run, resume=latest_checkpoint(run) is not None)
+    train(cfg, run, resume=latest_checkpoint(run) is not None, hooks=eval_every_hook(cfg))
     train_s = time.perf_counter() - start
     accelerator = Accelerator()  # after train's, which set up the process group and precision
     world = accelerator.num_processes

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amortized3d.run_dir import RunDir
 
 TEXT_BLOCK = 4096
 DEFAULT_VIEWS = 120
@@ -129,7 +130,7 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", candid
     from amortized3d.builders import build_text_encoder, load_run
     from amortized3d.data.corpora import load_corpus
     from amortized3d.evaluation.clip_models import load_clip
-    from amortized3d.training.train import render_validation
+    from amortized3d.training.previews import render_validation
 
     start_time = time.perf_counter()
     accelerator = Accelerator()
@@ -148,7 +149,7 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", candid
         raise ValueError(f"{len(missing)} evaluated prompts are not among the candidates (first: {missing[0]!r}); add them")
     model = load_clip(clip, device)
     R = resolution or model.image_size
-    out = Path(out) if out else run_dir / f"eval_clip_{split}"
+    out = Path(out) if out else RunDir(run_dir).clip_eval(split)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     settings = {"checkpoint_step": state["step"], "corpus": cfg.corpus.name, "split": split, "method": cfg.distill.method,
                 "generator": cfg.generator.kind, "clip": clip, "clip_identity": model.identity, "n_prompts": len(evaluated),

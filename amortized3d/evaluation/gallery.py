@@ -40,6 +40,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from amortized3d.run_dir import RunDir
+
 VIEWER_ENV = "AMORTIZED3D_MODEL_VIEWER"
 VIEWER_FILE = "model-viewer-umd.min.js"
 VIEWER_PACKAGE = Path("node_modules") / "@google" / "model-viewer" / "dist" / VIEWER_FILE
@@ -98,10 +100,12 @@ def clip_scores(path: Path) -> dict[str, dict[str, float]]:
 def run_scores(run_dir: Path, extra: list[Path] = ()) -> dict[str, dict[str, float]]:
     """{prompt: {metric: value}} from the run's CLIP and oracle reports (and the CLIP scores.csv files in ``extra``)."""
     scores: dict[str, dict[str, float]] = {}
-    for path in [*sorted(run_dir.glob("eval_clip_*/scores.csv")), *extra]:
+    run = RunDir(run_dir)
+    clip_files = [folder / "scores.csv" for _, folder in run.clip_evals() if (folder / "scores.csv").is_file()]
+    for path in [*clip_files, *extra]:
         for prompt, values in clip_scores(path).items():
             scores.setdefault(prompt, {}).update(values)
-    for path in sorted(run_dir.glob("eval_*.json")):
+    for _, path in run.oracle_reports():
         for row in json.loads(path.read_text()).get("per_prompt", []):
             scores.setdefault(row["prompt"], {}).update({"oracle R@1": row["r_at_1"], "IoU": row["iou"]})
     return scores

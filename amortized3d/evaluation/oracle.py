@@ -35,7 +35,8 @@ from amortized3d.evaluation.clip_eval import summarize
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk
-from amortized3d.training.train import render_validation
+from amortized3d.run_dir import RunDir
+from amortized3d.training.previews import render_validation
 
 TIE_TOLERANCE = 1e-5  # relative: distances this close to the nearest count as the nearest
 
@@ -130,7 +131,19 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
                **summarize(per_prompt, ("r_at_1", "similarity", "psnr", "iou"))}
     summary["seconds"] = time.perf_counter() - start
     report = {"summary": summary, "per_prompt": per_prompt}
-    out = Path(out) if out else run_dir / f"eval_{split}.json"
+    out = Path(out) if out else RunDir(run_dir).oracle_report(split)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     return report
+
+
+def eval_every_hook(cfg) -> list:
+    """The training hooks of train.eval_every: after every checkpoint at a multiple of it, the oracle report of the
+    test split into RUN/evals/step_<step>.json (amortized3d.run_dir). [] when train.eval_every is 0."""
+    every = cfg.train.eval_every
+
+    def evaluate_checkpoint(run_dir: Path, step: int) -> None:
+        if step % every == 0:
+            evaluate_run(run_dir, out=RunDir(run_dir).step_eval(step))
+
+    return [evaluate_checkpoint] if every else []

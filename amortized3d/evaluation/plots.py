@@ -22,6 +22,8 @@ import json
 import math
 from pathlib import Path
 
+from amortized3d.run_dir import RunDir
+
 PANELS = {
     "losses": ("loss", "loss_sd", "adapter_loss"),
     "regularizers": ("sparsity", "opacity_entropy", "eikonal", "opacity"),
@@ -44,9 +46,11 @@ def read_metrics(path: Path) -> list[dict]:
 def evaluation_points(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """{'oracle r_at_1': [(step, value)], 'clip similarity': [...], ...} from the run's evaluation reports."""
     points: dict[str, list[tuple[int, float]]] = {}
-    reports = [(f"oracle {p.stem.removeprefix('eval_')}", json.loads(p.read_text()).get("summary", {})) for p in sorted(run_dir.glob("eval_*.json"))]
-    reports += [("oracle test", json.loads(p.read_text()).get("summary", {})) for p in sorted(run_dir.glob("evals/step_*.json"))]
-    reports += [(f"clip {p.parent.name.removeprefix('eval_clip_')}", json.loads(p.read_text())) for p in sorted(run_dir.glob("eval_clip_*/summary.json"))]
+    run = RunDir(run_dir)
+    reports = [(f"oracle {split}", json.loads(p.read_text()).get("summary", {})) for split, p in run.oracle_reports()]
+    reports += [("oracle test", json.loads(p.read_text()).get("summary", {})) for p in run.step_evals()]
+    reports += [(f"clip {split}", json.loads((folder / "summary.json").read_text())) for split, folder in run.clip_evals()
+                if (folder / "summary.json").is_file()]
     for name, summary in reports:
         step = summary.get("step", summary.get("checkpoint_step"))
         for key in ("r_at_1", "similarity"):
@@ -63,7 +67,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics
     if not metrics.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl; pass a run folder written by train")
     rows = read_metrics(metrics)

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from amortized3d.rendering.volume import SDFRepresentation
+
 
 class EnvironmentMap(nn.Module):
     """Unit directions [P, R, 3] -> rgb [P, R, 3] in [0, 1]."""
@@ -32,7 +34,7 @@ class EnvironmentMap(nn.Module):
         return torch.sigmoid(self.mlp(encoded.to(self.mlp[0].weight.dtype)).float())
 
 
-class DecodedField:
+class DecodedField(SDFRepresentation):
     """Field of P prompts: subclasses give features(points [P, N, 3]) -> [P, N, F]; ``model`` has
     sdf_mlp, color_mlp, sphere_radius and background."""
 

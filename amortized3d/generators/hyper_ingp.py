@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as add_spectral_norm
 
 from amortized3d.generators.hash_grid import HashGrid
+from amortized3d.rendering.volume import SDFRepresentation
 
 
 def silu_second_moment() -> float:
@@ -141,7 +142,7 @@ class HyperINGP(nn.Module):
             background_hidden=background_hidden,
             background_hyper_hidden=background_hyper_hidden,
         )
-        self.text_dim = text_dim
+        self.text_dim, self.z_dim = text_dim, 0  # no latent: one asset per prompt
         self.mlp_hidden = mlp_hidden
         self.sphere_radius = float(sphere_radius)
         self.grid = HashGrid(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale, bound)
@@ -195,7 +196,7 @@ def block_diagonal_out(sdf_out: torch.Tensor, color_out: torch.Tensor) -> torch.
     return torch.cat([torch.cat([sdf_out, zeros_sdf], -1), torch.cat([zeros_color, color_out], -1)], 1)
 
 
-class HyperINGPField:
+class HyperINGPField(SDFRepresentation):
     """The Field of P prompts: shared grids, per-prompt MLP weights (prompt p only sees row p)."""
 
     def __init__(

@@ -88,6 +88,7 @@ class TriplaneTransformer(nn.Module):
                            activation_checkpointing=activation_checkpointing, **sizes)
         self.side, self.width, self.channels = size["tokens_side"], size["width"], size["plane_channels"]
         self.text_dim, self.sphere_radius, self.bound = text_dim, float(sphere_radius), float(bound)
+        self.z_dim = 0  # no latent: one asset per prompt
         self.activation_checkpointing = activation_checkpointing
         self.queries = nn.Parameter(torch.randn(3 * self.side**2, self.width) / self.width**0.5)
         self.blocks = nn.ModuleList(Block(self.width, size["heads"], text_dim) for _ in range(size["depth"]))

@@ -52,7 +52,7 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
     for prompt, name in zip(prompts, names):
         start = time.perf_counter()
         text = text_encoder.encode([prompt])
-        z_dim = getattr(generator, "z_dim", None)
+        z_dim = generator.z_dim
         z = torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) if z_dim and seed is not None else None
         baked = bake_field(generator(text.pooled, text.tokens, z=z), resolution, bound)
         result = {"prompt": prompt}

@@ -34,6 +34,7 @@ import torch
 from amortized3d.data.shapeworld import parse_prompt, scene_field
 from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.schedule import stable_diffusion_alphas_cumprod
+from amortized3d.interfaces import Conditioning
 from amortized3d.rendering.cameras import Cameras
 from amortized3d.rendering.volume import render_images
 
@@ -136,20 +137,20 @@ class AnalyticPrior:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
-    def predict_noise(
-        self,
-        noisy: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompts: list[str],
-        cameras: Cameras,
-        branch: torch.Tensor,
-    ) -> torch.Tensor:
+    perp_neg = False  # its conditionals are exact per camera; Perp-Neg changes the text of text-to-image priors
+    text_encoder = None  # it reads the prompts as text
+
+    def perp_neg_weights(self, cameras: Cameras) -> torch.Tensor:
+        raise ValueError("the analytic prior has no Perp-Neg negatives (prior.perp_neg needs a text-to-image prior)")
+
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, branch: torch.Tensor) -> torch.Tensor:
         """eps*(x_t, t, condition) for a batch mixing conditional and unconditional rows.
 
-        noisy [N, 3, H, W], timesteps long [N], prompts (N), cameras [N], branch [N] (COND or UNCOND,
-        amortized3d.priors.branches) -> eps [N, 3, H, W]. Rows sharing a prompt and camera share
+        noisy [N, 3, H, W], timesteps long [N], cond of N rows (its prompts and cameras), branch [N] (COND or
+        UNCOND, amortized3d.priors.branches) -> eps [N, 3, H, W]. Rows sharing a prompt and camera share
         one ground-truth render.
         """
+        prompts, cameras = cond.prompts, cond.cameras
         if ((branch != COND) & (branch != UNCOND)).any():
             raise ValueError("the analytic prior answers COND and UNCOND rows only (Perp-Neg negatives need prior.kind=stable_diffusion)")
         N, _, H, W = noisy.shape

@@ -15,7 +15,7 @@ The prior implements the same interface as the analytic prior:
         downsampling factor (8 for SD), so r = 512 gives 64 x 64 latents.
     decode(latents) -> images [B, 3, r, r] in [0, 1]
         (deepfloyd_if: encode resizes to the UNet's sample size and maps to [-1, 1]; decode maps back)
-    predict_noise(x_t, t, prompts, cameras, branch) -> eps [N, 4, h, w]
+    predict_noise(x_t, t, cond, branch) -> eps [N, 4, h, w]
         one UNet call for the whole batch: conditional rows see their prompt's token
         embeddings, unconditional rows the empty prompt's, Perp-Neg rows their negative view
         prompt's (amortized3d.priors.branches). A v-prediction checkpoint's output is converted
@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from amortized3d.interfaces import Conditioning
 from amortized3d.priors.branches import COND, NEGATIVE_1, UNCOND
 from amortized3d.rendering.cameras import Cameras
 from amortized3d.text.pretrained_encoder import TEXT_SUBFOLDERS, PretrainedTextEncoder
@@ -211,25 +212,34 @@ class DiffusionPrior:
     def _embed(self, texts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(texts).tokens  # [N, 77, C]
 
-    def text_condition(self, prompts: list[str], branch: torch.Tensor, cameras: Cameras | None = None) -> torch.Tensor:
-        """Token embeddings [N, 77, C] for each row's branch (amortized3d.priors.branches):
+    def text_condition(self, cond: Conditioning, branch: torch.Tensor, views: bool = True) -> torch.Tensor:
+        """Token embeddings [N, 77, C] for each row's branch (amortized3d.priors.branches), from the condition's
+        stored tokens where it carries them, else from the prior's text encoder on its prompts:
 
-        COND: the prompt; with view_dependent, the prompt plus its view suffix; with perp_neg, the
+        COND: the prompt; with view_dependent (and ``views``), the prompt plus its view suffix; with perp_neg, the
         interpolation between view prompts (see perp_neg_terms). UNCOND: the empty prompt.
         NEGATIVE_1 / NEGATIVE_2: Perp-Neg's two negative view prompts.
         """
         branch = torch.as_tensor(branch).long().cpu()
-        if not (self.view_dependent or self.perp_neg) or cameras is None:
+        uncond = (branch == UNCOND).tolist()
+        null = self._embed([""])[0]
+        if not (views and (self.view_dependent or self.perp_neg)):
             if (branch > UNCOND).any():
-                raise ValueError("Perp-Neg rows need prior.perp_neg and cameras")
-            return self._embed(["" if int(b) == UNCOND else p for p, b in zip(prompts, branch)])
-        out = self._embed([""] * len(prompts)).clone()
+                raise ValueError("Perp-Neg rows need prior.perp_neg")
+            if cond.tokens is None:
+                return self._embed(["" if u else p for p, u in zip(cond.prompts, uncond)])
+            tokens = cond.tokens.to(null.device)
+            return torch.stack([null if u else tokens[i] for i, u in enumerate(uncond)])
+        out = null.expand(len(cond), *null.shape).clone()
         rows = (branch != UNCOND).nonzero()[:, 0]
         if rows.numel() == 0:
             return out
-        views = [[f"{prompts[i]}{suffix}" for suffix in VIEW_SUFFIXES] for i in rows.tolist()]
-        table = self._embed([v for row in views for v in row]).view(len(views), len(VIEW_SUFFIXES), *out.shape[1:])
-        sub = cameras[rows.to(cameras.c2w.device)]
+        if cond.view_tokens is not None:
+            table = cond.view_tokens[rows.to(cond.view_tokens.device)].to(out.device)
+        else:
+            views_text = [f"{cond.prompts[i]}{suffix}" for i in rows.tolist() for suffix in VIEW_SUFFIXES]
+            table = self._embed(views_text).view(len(rows), len(VIEW_SUFFIXES), *out.shape[1:])
+        sub = cond.cameras[rows.to(cond.cameras.c2w.device)]
         if self.perp_neg:
             positive, negatives = perp_neg_terms(table, sub.elevation.cpu(), sub.azimuth.cpu(), out[0])
             for j, i in enumerate(rows.tolist()):
@@ -237,7 +247,7 @@ class DiffusionPrior:
                 out[i] = positive[j] if b == COND else negatives[j, b - NEGATIVE_1]
         else:
             index = view_index(sub.elevation.cpu(), sub.azimuth.cpu())
-            out[rows] = table[torch.arange(len(views)), index]
+            out[rows] = table[torch.arange(len(rows)), index]
         return out
 
     def perp_neg_weights(self, cameras: Cameras) -> torch.Tensor:
@@ -264,17 +274,10 @@ class DiffusionPrior:
         return out
 
     @torch.no_grad()
-    def predict_noise(
-        self,
-        noisy: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompts: list[str],
-        cameras: Cameras,
-        branch: torch.Tensor,
-    ) -> torch.Tensor:
-        """eps(x_t, t, condition) in one UNet call; noisy [N, 4, h, w], timesteps long [N], prompts (N),
-        cameras [N], branch [N] (amortized3d.priors.branches) -> eps float32 [N, 4, h, w]."""
-        return self.unet_noise(noisy, timesteps, self.text_condition(prompts, branch, cameras))
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, branch: torch.Tensor) -> torch.Tensor:
+        """eps(x_t, t, condition) in one UNet call; noisy [N, 4, h, w], timesteps long [N], cond of N rows,
+        branch [N] (amortized3d.priors.branches) -> eps float32 [N, 4, h, w]."""
+        return self.unet_noise(noisy, timesteps, self.text_condition(cond, branch))
 
 
 def load_prior_text_encoder(model: str, device="cpu", dtype: str = "auto") -> PretrainedTextEncoder:

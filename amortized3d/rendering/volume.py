@@ -306,3 +306,45 @@ def render_images(
         return x.reshape(P, V, height, width, x.shape[-1]).permute(0, 1, 4, 2, 3)
 
     return ImageRender(rgb=image(0), opacity=image(1), depth=image(2), z_variance=image(3), normal=image(4))
+
+
+class SolidBackground:
+    """A field whose background is a solid color for the prompts in ``mask``.
+
+    field: Field for P prompts; colors [P, 3]; mask bool [P].
+    """
+
+    def __init__(self, field: Field, colors: torch.Tensor, mask: torch.Tensor):
+        self.field, self.colors, self.mask = field, colors, mask
+
+    def sdf(self, points):
+        return self.field.sdf(points)
+
+    def sdf_and_color(self, points):
+        return self.field.sdf_and_color(points)
+
+    def background(self, directions):
+        learned = self.field.background(directions)
+        solid = self.colors.unsqueeze(1).expand_as(learned).to(learned.dtype)
+        return torch.where(self.mask.reshape(-1, 1, 1), solid, learned)
+
+
+class SDFRepresentation:
+    """A signed-distance Field (sdf, sdf_and_color, background) as an amortized3d.interfaces.Representation:
+    drawn by this module's volume renderer, regularized by the eikonal term. The generators' field classes
+    take it as their base."""
+
+    def render(self, cameras: Cameras, height: int, width: int, settings, *, generator: torch.Generator | None = None,
+               background: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rays: int | None = None) -> ImageRender:
+        """render_images of this field with the renderer settings of ``settings`` (the config's render section:
+        scene_radius, n_proposal, n_importance, inv_std); background (colors [P, 3], mask bool [P]): a solid
+        color for the masked prompts (SolidBackground)."""
+        field = self if background is None else SolidBackground(self, *background)
+        return render_images(field, cameras, height, width, scene_radius=settings.scene_radius, n_proposal=settings.n_proposal,
+                             n_importance=settings.n_importance, inv_std=settings.inv_std, generator=generator, chunk_rays=chunk_rays)
+
+    def regularizers(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """points [P, N, 3] -> {"eikonal": mean (|grad sdf| - 1)^2} (amortized3d.distillation.regularizers)."""
+        from amortized3d.distillation.regularizers import eikonal_loss
+
+        return {"eikonal": eikonal_loss(finite_difference_gradient(self, points, self.sdf(points)))}

@@ -10,8 +10,9 @@ CLIP (Stable Diffusion 1.x / 2.x) or T5 (DeepFloyd IF), chosen by text_encoder/c
 Prompts longer than 77 tokens are truncated with the end token kept (the tokenizer truncates
 the words, then adds the special tokens), and a warning names the prompt. A tokenizer whose
 vocabulary is implausibly small is refused: offline, transformers can return a 2-token
-tokenizer that maps every word to the unknown token. Encodings are cached per prompt string (up to CACHE_SIZE); in training, each batch's encodings come from
-the embedding store (use_stored).
+tokenizer that maps every word to the unknown token. Encodings are cached per prompt string (up to CACHE_SIZE); in
+training, the prompts' encodings come from the embedding store with the batch (amortized3d.interfaces.Conditioning)
+and only the empty prompt is encoded here.
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ class PretrainedTextEncoder:
         self.max_length = MAX_LENGTH  # SD's CLIP reads 77 tokens; IF's pipeline cuts T5 prompts at 77 too
         self.dim = self.model.config.hidden_size if self.kind == "clip" else self.model.config.d_model
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._stored: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # what an embedding store built with it is bound to: the model, its files, the precision it runs in
         self.identity = f"{model}@{folder_fingerprint(Path(folder), tuple(TEXT_SUBFOLDERS))}:{str(dtype).removeprefix('torch.')}"
 
@@ -104,16 +104,11 @@ class PretrainedTextEncoder:
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return tokens.cpu(), pooled.cpu(), mask.cpu()
 
-    def use_stored(self, prompts: list[str], embedding: TextEmbedding | None) -> None:
-        """Encodings of ``prompts`` read from the embedding store, used by encode() until the next call (one batch's
-        worth: it replaces the previous batch's, and is never evicted mid-batch). None forgets them."""
-        self._stored = {} if embedding is None else {p: (embedding.tokens[i], embedding.pooled[i], embedding.mask[i]) for i, p in enumerate(prompts)}
-
     def encode(self, prompts: list[str]) -> TextEmbedding:
         """prompts (length P) -> TextEmbedding with tokens [P, 77, C], pooled [P, C], mask [P, 77] (on CPU)."""
         if isinstance(prompts, str):
             raise TypeError("encode() takes a list of prompts; wrap a single prompt as [prompt]")
-        found = {p: self._stored.get(p) or self._cache.get(p) for p in dict.fromkeys(prompts)}
+        found = {p: self._cache.get(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, row in found.items() if row is None]
         if missing:
             tokens, pooled, mask = self._encode_uncached(missing)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from amortized3d.run_dir import RunDir
 from amortized3d.files import sha256_file, write_text_atomic
 
 STEP_FOLDER = re.compile(r"^step_(\d+)$")
@@ -63,7 +64,7 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 def step_folders(run_dir: Path) -> list[Path]:
     """RUN_DIR/checkpoints/step_N folders, oldest first by N."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_FOLDER.match(p.name))]
@@ -76,10 +77,10 @@ def save_checkpoint(
 ) -> Path:
     """Write RUN_DIR/checkpoints/step_XXXXXXXX atomically and point ``latest`` at it; keep the newest ``keep``.
     -> its folder."""
-    root = Path(run_dir) / "checkpoints"
+    final = RunDir(run_dir).checkpoint(step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
+    tmp = root / f".tmp_{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -110,7 +111,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
     The pointer must name a step_N folder directly inside checkpoints/ (a path such as ../../other_run is ignored).
     """
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     pointer = root / "latest"
     try:
         name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""

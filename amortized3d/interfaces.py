@@ -1,0 +1,124 @@
+"""The four interfaces the training data path plugs into, side by side:
+
+    prompt -> text embedding -> Generator -> Representation -> render -> Prior (with a Conditioning) -> loss
+
+    Generator        text embedding (+ optional latent z) -> a Representation of each prompt
+    Representation   a batch of P 3D assets that renders images for P x V cameras (today: signed-distance
+                     fields drawn by the volume renderer, amortized3d.rendering.volume.SDFRepresentation)
+    Conditioning     what a prior conditions each noisy image on: prompt, camera, and the prior's own text
+                     embeddings when they were read from the embedding store; plain data, passed explicitly
+    Prior            a frozen diffusion model: images <-> its space, and one batched noise prediction
+
+Implementations: generators in amortized3d/generators/ (hyper_ingp.py, conv3d.py, triplane.py),
+representations in amortized3d/rendering/volume.py (SDFRepresentation) and the generators' field classes, priors in
+amortized3d/priors/ (analytic.py, diffusers_prior.py). Every attribute named here exists on every
+implementation (no probing with getattr); a new implementation is one file that provides them,
+plus one line where amortized3d/builders.py picks it from the config.
+
+Shapes: P prompts, V views per prompt, N rows of a batched prior call, C channels of the prior's space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from amortized3d.rendering.cameras import Cameras
+from amortized3d.rendering.volume import ImageRender
+
+
+class Representation(Protocol):
+    """P 3D assets (one per prompt) that render images."""
+
+    def render(self, cameras: Cameras, height: int, width: int, settings, *, generator: torch.Generator | None = None,
+               background: tuple[torch.Tensor, torch.Tensor] | None = None) -> ImageRender:
+        """cameras [P, V] -> ImageRender with rgb [P, V, 3, H, W] in [0, 1] and opacity [P, V, 1, H, W].
+
+        settings: the render section of the config (amortized3d.config.RenderConfig); generator: the random
+        stream of the renderer's stratified sampling (None: deterministic); background (colors [P, 3],
+        mask bool [P]): a solid background color for the masked prompts."""
+
+    def regularizers(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The representation's own regularization terms by name (e.g. {"eikonal": scalar}) at points [P, N, 3]
+        (random points in the scene, one set per prompt); the config's regularizers section weights them by name."""
+
+
+class Generator(Protocol):
+    """A torch.nn.Module mapping text embeddings to representations.
+
+    z_dim: the width of the latent z it also takes (0: none); ``config``: the constructor arguments it was
+    built with (what builders.build_generator passes; saved with checkpoints)."""
+
+    z_dim: int
+
+    def __call__(self, text_pooled: torch.Tensor, text_tokens: torch.Tensor | None = None,
+                 z: torch.Tensor | None = None) -> Representation:
+        """text_pooled [P, D], text_tokens [P, T, D], z [P, z_dim] or None -> a Representation of the P prompts."""
+
+    def geometry_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of shape and color (optimizer group at optim.lr_geometry)."""
+
+    def background_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of the background (optimizer group at optim.lr_background)."""
+
+
+@dataclass
+class Conditioning:
+    """What a prior conditions N noisy images on, row by row.
+
+    prompts (N): the prompt texts. cameras [N]: each image's camera.
+    tokens [N, 77, C] or None: the prior's own text encoder on each prompt, when the batch carries it (read
+    from the embedding store); None: the prior encodes ``prompts`` itself (the analytic prior reads the text).
+    view_tokens [N, 4, 77, C] or None: the same on prompt + each of the prior's view suffixes
+    (amortized3d.priors.diffusers_prior.VIEW_SUFFIXES), for view-dependent prompting and Perp-Neg.
+    """
+
+    prompts: list[str]
+    cameras: Cameras
+    tokens: torch.Tensor | None = None
+    view_tokens: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def repeat(self, n: int) -> "Conditioning":
+        """The N rows n times over (n N rows): the condition of n branches batched into one prior call."""
+        tile = lambda x: None if x is None else torch.cat([x] * n)  # noqa: E731
+        return Conditioning(self.prompts * n, Cameras.cat([self.cameras] * n), tile(self.tokens), tile(self.view_tokens))
+
+    def __getitem__(self, rows: torch.Tensor) -> "Conditioning":
+        """The rows ``rows`` (long [M]) as a Conditioning of M rows."""
+        index = rows.tolist()
+        pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
+        return Conditioning([self.prompts[i] for i in index], self.cameras[rows.to(self.cameras.c2w.device)], pick(self.tokens),
+                            pick(self.view_tokens))
+
+
+class Prior(Protocol):
+    """A frozen text-to-image diffusion model used as a score-distillation prior.
+
+    alphas_cumprod [T]: its noise schedule. perp_neg: whether its guidance uses Perp-Neg's negative views
+    (then predict_noise also answers the NEGATIVE_1 / NEGATIVE_2 branches and perp_neg_weights gives their
+    weights). text_encoder: its own text encoder (what the embedding store encodes for it), or None when it
+    reads prompts as text.
+    """
+
+    alphas_cumprod: torch.Tensor
+    perp_neg: bool
+    text_encoder: object | None
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1] -> x [B, C, h, w] in the prior's space, differentiable."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, h, w] -> images [B, 3, H', W'] in [0, 1]."""
+
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                      branch: torch.Tensor) -> torch.Tensor:
+        """eps(x_t, t, condition) for N rows at once: noisy [N, C, h, w], timesteps long [N], cond of N rows,
+        branch long [N] (amortized3d.priors.branches: COND, UNCOND, NEGATIVE_1, NEGATIVE_2) -> eps [N, C, h, w]."""
+
+    def perp_neg_weights(self, cameras: Cameras) -> torch.Tensor:
+        """Perp-Neg's weights of the two negative views per camera: cameras [N] -> [N, 2]."""
