@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 
 from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
-from amortized3d.generators.conv3d import Conv3DGenerator
-from amortized3d.generators.hyper_ingp import HyperINGP
-from amortized3d.generators.triplane import TriplaneTransformer
-from amortized3d.priors.analytic import AnalyticPrior
+from amortized3d.data.corpora import load_corpus
 from amortized3d.data.embedding_store import build_store, default_store_dir, load_manifest, prompts_digest
-from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, DiffusionPrior, load_prior_text_encoder
-from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
+from amortized3d.generators.conv3d import Conv3DConfig, Conv3DGenerator
+from amortized3d.generators.hyper_ingp import HyperINGP, HyperINGPConfig
+from amortized3d.generators.triplane import TriplaneConfig, TriplaneTransformer
+from amortized3d.priors.analytic import AnalyticPrior, AnalyticPriorConfig
+from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, DiffusionPrior, DiffusionPriorConfig, load_prior_text_encoder
 from amortized3d.text.hashed_encoder import HashedTextEncoder
+from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
 from amortized3d.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 
@@ -64,27 +65,45 @@ def prepare_store(cfg: ExperimentConfig, prompts: list[str], text_encoder, prior
     return folder
 
 
+def build_prior_text_encoder(cfg: ExperimentConfig, text_encoder, device: str | torch.device = "cpu"):
+    """The text encoder the embedding store encodes for the prior (its own, loaded without the UNet): None for the
+    analytic prior; the generator's ``text_encoder`` when it is the prior's (text.encoder=prior)."""
+    if not prior_store_suffixes(cfg):
+        return None
+    return text_encoder if cfg.text.encoder == "prior" else load_prior_text_encoder(cfg.prior.model, device, cfg.prior.dtype)
+
+
+def store_report(cfg: ExperimentConfig, action: str, *, rebuild: bool = False, rank: int = 0, world: int = 1, barrier=None,
+                 progress: bool = True, device: str | torch.device = "cpu") -> dict:
+    """`amortized3d store build|info`: the embedding store a training run with ``cfg`` reads.
+
+    build: prepare_store with verify="sha256" (every finished shard hashed, each rank its own; damaged ones rebuilt;
+    ``rebuild`` deletes the store first); info: load_manifest with verify="sha256" (every shard's size and sha256).
+    Every rank calls it. -> {"store": folder, corpus, split, n_prompts, shard_size, encoder ids, prior_suffixes,
+    "shards": count, "bytes": total size}."""
+    prompts = load_corpus(cfg.corpus.name, cfg.corpus.dir).train
+    text_encoder = build_text_encoder(cfg, device)
+    prior_encoder = build_prior_text_encoder(cfg, text_encoder, device)
+    if action == "info":
+        folder, expected = store_location(cfg, prompts, text_encoder, prior_encoder)
+        manifest = load_manifest(folder, **expected, verify="sha256")
+    else:
+        folder = prepare_store(cfg, prompts, text_encoder, prior_encoder, rank=rank, world=world, barrier=barrier, progress=progress,
+                               rebuild=rebuild, verify="sha256")
+        manifest = load_manifest(folder)
+    size = sum((folder / name).stat().st_size for name in [*manifest["shards"], "manifest.json"])
+    summary = {key: manifest[key] for key in ("corpus", "split", "n_prompts", "shard_size", "encoder_id", "prior_encoder_id", "prior_suffixes")}
+    return {"store": str(folder), **summary, "shards": len(manifest["shards"]), "bytes": size}
+
+
 def build_generator(cfg: ExperimentConfig) -> HyperINGP | Conv3DGenerator | TriplaneTransformer:
+    """The generator of generator.kind, from its own config (the fields of the generator section it has) and text.dim."""
     g = cfg.generator
     if g.kind == "conv3d":
-        return Conv3DGenerator(text_dim=cfg.text.dim, preset=g.preset, channel_multiplier=g.channel_multiplier,
-                               sphere_radius=g.sphere_radius, bound=g.bound, activation_checkpointing=g.activation_checkpointing)
+        return Conv3DGenerator(cfg.text.dim, g.part(Conv3DConfig))
     if g.kind == "triplane":
-        return TriplaneTransformer(text_dim=cfg.text.dim, preset=g.preset, sphere_radius=g.sphere_radius, bound=g.bound,
-                                   activation_checkpointing=g.activation_checkpointing)
-    return HyperINGP(
-        text_dim=cfg.text.dim,
-        n_levels=g.n_levels,
-        n_features_per_level=g.n_features_per_level,
-        log2_hashmap_size=g.log2_hashmap_size,
-        base_resolution=g.base_resolution,
-        per_level_scale=g.per_level_scale,
-        hyper_hidden=g.hyper_hidden,
-        mlp_hidden=g.mlp_hidden,
-        spectral_norm=g.spectral_norm,
-        sphere_radius=g.sphere_radius,
-        bound=g.bound,
-    )
+        return TriplaneTransformer(cfg.text.dim, g.part(TriplaneConfig))
+    return HyperINGP(cfg.text.dim, g.part(HyperINGPConfig))
 
 
 def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.device = "cpu") -> AnalyticPrior | DiffusionPrior:
@@ -92,19 +111,8 @@ def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.de
     that model's own); prior.kind=analytic builds the closed-form ShapeWorld prior."""
     if cfg.prior.kind in ("stable_diffusion", "deepfloyd_if"):
         shared = text_encoder if isinstance(text_encoder, PretrainedTextEncoder) and cfg.text.encoder == "prior" else None
-        return DiffusionPrior(
-            cfg.prior.model, kind=cfg.prior.kind, text_encoder=shared, resolution=cfg.prior.resolution, dtype=cfg.prior.dtype, device=device,
-            view_dependent=cfg.prior.view_dependent, perp_neg=cfg.prior.perp_neg, perp_neg_scale=cfg.prior.perp_neg_scale,
-        )
-    return AnalyticPrior(
-        std=cfg.prior.std,
-        uncond_mean=cfg.prior.uncond_mean,
-        uncond_std=cfg.prior.uncond_std,
-        scene_radius=cfg.render.scene_radius,
-        n_proposal=cfg.prior.n_proposal,
-        n_importance=cfg.prior.n_importance,
-        inv_std=cfg.render.inv_std,
-    )
+        return DiffusionPrior(cfg.prior.part(DiffusionPriorConfig), kind=cfg.prior.kind, text_encoder=shared, device=device)
+    return AnalyticPrior(cfg.prior.part(AnalyticPriorConfig), scene_radius=cfg.render.scene_radius, inv_std=cfg.render.inv_std)
 
 
 def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, float]:
@@ -189,17 +197,9 @@ def describe_generator(generator: torch.nn.Module, cfg: ExperimentConfig | None 
         P = cfg.train.prompts_per_step
         rays = P * cfg.train.views_per_prompt * cfg.render.height * cfg.render.width
         samples = rays * (cfg.render.n_proposal + cfg.render.n_importance)  # samples rendered with gradient
-        if isinstance(generator, Conv3DGenerator):
-            volumes = [generator.const.numel()] + [b.conv1.weight.shape[0] * b.noise.numel() * 3 for b in generator.blocks]
-            activations = P * (sum(volumes) + generator.blocks[-1].to_feature.weight.shape[0] * generator.blocks[-1].noise.numel())
-            per_sample = 3 + generator.blocks[-1].to_feature.weight.shape[0] + 2 * generator.sdf_mlp[0].weight.shape[0] + 4
-        elif isinstance(generator, TriplaneTransformer):
-            tokens = 3 * generator.side**2
-            activations = P * len(generator.blocks) * tokens * generator.width * 10 + P * generator.planes_numel()
-            per_sample = 3 + 2 * 3 * generator.channels + 4 * generator.sdf_mlp[0].weight.shape[0] + 4
-        else:
-            activations = P * generator.hypernet.n_weights
-            per_sample = 3 + generator.grid.output_dim * 9 + 2 * generator.mlp_hidden + 4
+        sizes = generator.describe()
+        activations = P * sizes["activations_per_prompt"]
+        per_sample = sizes["values_per_sample"]
         report["training_step_memory_mb (estimate)"] = {
             "parameters + gradients + Adam moments": round(4 * total * mb, 1),
             "generator activations": round(activations * mb, 1),

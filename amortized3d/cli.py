@@ -225,30 +225,14 @@ def run_store(args) -> int:
     shard's size and sha256 against the manifest."""
     from accelerate import Accelerator
 
-    from amortized3d.builders import build_text_encoder, prepare_store, prior_store_suffixes, store_location
-    from amortized3d.data.corpora import load_corpus
-    from amortized3d.data.embedding_store import load_manifest
+    from amortized3d.builders import store_report
 
     cfg = _resolve_config(args)
     state = Accelerator()  # as in training: the process group from `accelerate launch` (CPU processes included)
-    prompts = load_corpus(cfg.corpus.name, cfg.corpus.dir).train
-    text_encoder = build_text_encoder(cfg, state.device)
-    prior_encoder = None
-    if prior_store_suffixes(cfg):
-        from amortized3d.priors.diffusers_prior import load_prior_text_encoder
-
-        prior_encoder = text_encoder if cfg.text.encoder == "prior" else load_prior_text_encoder(cfg.prior.model, state.device, cfg.prior.dtype)
-    if args.action == "info":
-        folder, expected = store_location(cfg, prompts, text_encoder, prior_encoder)
-        manifest = load_manifest(folder, **expected, verify="sha256")
-    else:
-        folder = prepare_store(cfg, prompts, text_encoder, prior_encoder, rank=state.process_index, world=state.num_processes,
-                               barrier=state.wait_for_everyone, progress=state.is_local_main_process, rebuild=args.rebuild, verify="sha256")
-        manifest = load_manifest(folder)
+    report = store_report(cfg, args.action, rebuild=args.action == "build" and args.rebuild, rank=state.process_index, world=state.num_processes,
+                          barrier=state.wait_for_everyone, progress=state.is_local_main_process, device=state.device)
     if state.is_main_process:
-        size = sum((folder / name).stat().st_size for name in [*manifest["shards"], "manifest.json"])
-        summary = {key: manifest[key] for key in ("corpus", "split", "n_prompts", "shard_size", "encoder_id", "prior_encoder_id", "prior_suffixes")}
-        print(json.dumps({"store": str(folder), **summary, "shards": len(manifest["shards"]), "bytes": size}, indent=1))
+        print(json.dumps(report, indent=1))
     return 0
 
 

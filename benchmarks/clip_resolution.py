@@ -50,8 +50,7 @@ def exact_views(cfg, prompt: str, n_views: int, resolution: int, inv_std: float)
     """The exact ShapeWorld scene of prompt (its first, for an under-specified one) at the protocol's orbit views,
     its surfaces as sharp as inv_std makes them. -> [n_views, 3, R, R]."""
     cams = orbit_cameras(n_views, DEFAULT_ELEVATION, cfg.camera.eval_distance, cfg.camera.eval_fovy).reshape(1, n_views)
-    rgb, _ = render_prompt_scenes([prompt], cams, resolution, resolution, scene_radius=cfg.render.scene_radius,
-                                  n_proposal=cfg.render.n_proposal, n_importance=cfg.render.n_importance, inv_std=inv_std,
+    rgb, _ = render_prompt_scenes([prompt], cams, resolution, resolution, **dict(cfg.render.volume_kwargs(), inv_std=inv_std),
                                   chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
     return rgb[0, 0]
 

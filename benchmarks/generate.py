@@ -46,9 +46,8 @@ def main():
     device = next(generator.parameters()).device
     encoder = build_text_encoder(cfg)
     cameras = orbit_cameras(args.frames, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy).to(device)
-    render = dict(scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
-                  n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std)
-    bound = min(cfg.render.scene_radius, cfg.generator.bound)
+    render = cfg.render.volume_kwargs()
+    bound = cfg.sampling_radius()
     rows = []
     for prompt in args.prompts:
         stamps = [time.perf_counter()]

@@ -8,7 +8,7 @@ import torch
 
 from amortized3d.distillation.adapters import LODS_LORA_SCALE, LODSEmbedding, LODSLoRA, VSDLoRA
 from amortized3d.distillation.score_distillation import score_distillation
-from amortized3d.priors.diffusers_prior import DiffusionPrior
+from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.interfaces import Conditioning
 from tests.test_stable_diffusion import REPO, SD_TINY, scaled_linear_alphas_cumprod, tiny_sd  # noqa: F401
@@ -18,7 +18,7 @@ PROMPTS = ["a frog", "a castle"]
 
 
 def fresh_prior(folder) -> DiffusionPrior:
-    return DiffusionPrior(str(folder), resolution=16)
+    return DiffusionPrior(DiffusionPriorConfig(model=str(folder), resolution=16))
 
 
 def perturb_lora(adapter, seed=0):

@@ -74,10 +74,10 @@ def test_noise_prediction_is_exact_at_the_mode_when_s_is_zero_limit():
 
 
 def test_prior_on_shapeworld_prompts_uses_the_exact_render():
-    from amortized3d.priors.analytic import AnalyticPrior, render_prompt_scenes
+    from amortized3d.priors.analytic import AnalyticPrior, AnalyticPriorConfig, render_prompt_scenes
     from amortized3d.rendering.cameras import orbit_cameras
 
-    prior = AnalyticPrior(std=0.05, scene_radius=1.0, n_proposal=32, n_importance=16)
+    prior = AnalyticPrior(AnalyticPriorConfig(std=0.05, n_proposal=32, n_importance=16), scene_radius=1.0, inv_std=30.0)
     cams = orbit_cameras(2, 15.0, 2.2, 50.0)
     prompts = ["a large red cube", "a small blue sphere"]
     mu, valid = render_prompt_scenes(prompts, cams.reshape(2, 1), 16, 16, **prior.render_kwargs)
@@ -98,10 +98,10 @@ def test_prior_on_shapeworld_prompts_uses_the_exact_render():
 
 
 def test_underspecified_prompt_is_a_mixture_over_its_scenes():
-    from amortized3d.priors.analytic import AnalyticPrior, render_prompt_scenes
+    from amortized3d.priors.analytic import AnalyticPrior, AnalyticPriorConfig, render_prompt_scenes
     from amortized3d.rendering.cameras import orbit_cameras
 
-    prior = AnalyticPrior(std=0.05, scene_radius=1.0, n_proposal=32, n_importance=16)
+    prior = AnalyticPrior(AnalyticPriorConfig(std=0.05, n_proposal=32, n_importance=16), scene_radius=1.0, inv_std=30.0)
     cams = orbit_cameras(1, 15.0, 2.2, 50.0).reshape(1, 1)
     mu, valid = render_prompt_scenes(["a cube"], cams, 12, 12, **prior.render_kwargs)
     assert valid.sum() == 16  # 8 colors x 2 sizes

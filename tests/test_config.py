@@ -117,22 +117,18 @@ def test_exponent_numbers_read_as_numbers():
 
 
 def test_every_number_in_the_config_has_a_range():
-    """A property of the config tree: every int or float field (or list of them) is range-checked."""
-    import dataclasses
+    """A property of the config tree: every int or float field (or list of them) has bounds on the field."""
     import typing
 
-    from amortized3d.config import RANGES, ExperimentConfig
+    from amortized3d.config import RANGES, SECTIONS, field_interval
 
-    numeric = set()
-    sections = typing.get_type_hints(ExperimentConfig)
-    for section in dataclasses.fields(ExperimentConfig):
-        kind = sections[section.name]
-        hints = typing.get_type_hints(kind)
-        for f in dataclasses.fields(kind):
-            if any(t in (int, float) for t in {hints[f.name], *typing.get_args(hints[f.name]),
-                                                 *(a for arg in typing.get_args(hints[f.name]) for a in typing.get_args(arg))}):
-                numeric.add((section.name, f.name))
-    assert numeric and numeric <= set(RANGES), sorted(numeric - set(RANGES))
+    def numbers_in(annotation) -> bool:
+        return annotation in (int, float) or any(numbers_in(arg) for arg in typing.get_args(annotation))
+
+    numeric = {(section, key) for section, model in SECTIONS.items() for key, field in model.model_fields.items()
+               if numbers_in(field.annotation)}
+    assert numeric and all(field_interval(SECTIONS[s].model_fields[k]) for s, k in numeric), sorted(numeric - set(RANGES))
+    assert numeric == set(RANGES)
 
 
 def test_config_files_that_are_not_yaml_name_the_file(tmp_path):
@@ -145,3 +141,59 @@ def test_config_files_that_are_not_yaml_name_the_file(tmp_path):
         assert str(path) in str(err.value)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("shapeworld-16", config_file=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        # a typo'd section: the source, the name, the allowed sections and the close match
+        ("rendr.height=32", ["override 'rendr.height=32'", "rendr", "allowed sections:", "render", "Did you mean 'render'?"]),
+        # a wrong type: the key, the value, what it must be and an example
+        ("render.height=tall", ["override 'render.height=tall'", "render.height='tall'", "must be an integer", "e.g. render.height=1000"]),
+        ("prior.perp_neg=maybe", ["prior.perp_neg='maybe'", "must be true or false", "e.g. prior.perp_neg=true"]),
+        # out of range: the key, the value, the interval, the hint and the fix
+        ("optim.eps=2", ["override 'optim.eps=2'", "optim.eps=2", "(0, 1)", "Adam's term", "set optim.eps to such a value"]),
+        # a choice: the allowed values
+        ("generator.kind=nerf", ["generator.kind='nerf'", "choose one of: hyper_ingp, conv3d, triplane"]),
+        # a conflict between keys: both keys, their values and the fix
+        ("generator.spectral_norm=true", []),
+    ],
+)
+def test_error_messages_name_the_source_key_allowed_values_and_fix(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("shapeworld-16", overrides=[override, "generator.kind=conv3d"] if "spectral" in override else [override])
+    message = str(err.value)
+    assert "\n" not in message
+    for w in words or ["generator.spectral_norm=true", "generator.kind='conv3d'", "set generator.spectral_norm=false"]:
+        assert w in message, message
+
+
+def test_recipe_and_file_errors_name_their_source(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 0\n")
+    with pytest.raises(ConfigError, match=f"^{bad}: train.steps=0: the value must be a finite number in \\[1, 1000000000\\]"):
+        load_config("shapeworld-16", config_file=str(bad))
+    with pytest.raises(ConfigError, match="^saved: unknown key train.stepz; allowed keys in train: steps, .* Did you mean 'steps'"):
+        config_from_dict({"train": {"stepz": 3}}, source="saved")
+    with pytest.raises(ConfigError, match="^saved: train.eval_every=3 must be 0 \\(off\\) or a multiple of train.ckpt_every=2"):
+        config_from_dict({"train": {"eval_every": 3, "ckpt_every": 2}}, source="saved")
+
+
+def test_integral_floats_are_integers_and_ints_are_floats():
+    cfg = load_config("shapeworld-16", overrides=["render.height=1e2", "train.seed=7.0", "render.inv_std=20", "optim.betas=[0,1e-1]"])
+    assert (cfg.render.height, cfg.train.seed) == (100, 7) and type(cfg.render.height) is int
+    assert cfg.render.inv_std == 20.0 and type(cfg.render.inv_std) is float and cfg.optim.betas == [0.0, 0.1]
+    for bad in ["train.steps=true", "render.inv_std=true", "train.wandb=1", "prior.perp_neg=1"]:
+        with pytest.raises(ConfigError):
+            load_config("shapeworld-16", overrides=[bad])
+
+
+def test_generator_and_prior_sections_hold_their_own_configs():
+    from amortized3d.generators.conv3d import Conv3DConfig
+    from amortized3d.generators.hyper_ingp import HyperINGPConfig
+    from amortized3d.priors.analytic import AnalyticPriorConfig
+
+    cfg = load_config("shapeworld-16", overrides=["generator.kind=conv3d", "generator.preset=tiny"])
+    assert cfg.generator.part(Conv3DConfig) == Conv3DConfig(preset="tiny", sphere_radius=0.5, bound=1.0)
+    assert cfg.generator.part(HyperINGPConfig).n_levels == 8
+    assert cfg.prior.part(AnalyticPriorConfig) == AnalyticPriorConfig(std=0.05, uncond_std=3.0, n_proposal=32, n_importance=16)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from amortized3d.distillation.score_distillation import score_distillation
-from amortized3d.priors.diffusers_prior import DiffusionPrior
+from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
 from amortized3d.priors.tiny import IF_TEXT_DIM, make_tiny_deepfloyd_if
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.interfaces import Conditioning
@@ -28,7 +28,7 @@ def tiny_if(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prior(tiny_if) -> DiffusionPrior:
-    return DiffusionPrior(str(tiny_if), kind="deepfloyd_if")
+    return DiffusionPrior(DiffusionPriorConfig(model=str(tiny_if)), kind="deepfloyd_if")
 
 
 def cosine_alphas_cumprod(T: int = 1000) -> torch.Tensor:

@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from amortized3d.distillation.regularizers import eikonal_loss, opacity_entropy_loss, scheduled_weight, sparsity_loss
-from amortized3d.distillation.score_distillation import (
-    DEFAULT_GUIDANCE,
-    asd_shifted_timesteps,
-    distillation_loss,
-    score_distillation,
-    timestep_range,
-)
+from amortized3d.distillation.methods.asd import asd_shifted_timesteps, asd_timestep_ceiling
+from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, distillation_loss, score_distillation, timestep_range
 from amortized3d.priors.schedule import add_noise, stable_diffusion_alphas_cumprod
 from amortized3d.interfaces import Conditioning
 from amortized3d.rendering.cameras import orbit_cameras
@@ -158,8 +153,6 @@ def test_asd_second_timesteps_stay_below_t_max_and_pile_nowhere(rule, t_range):
     distribution is the exact one from the rule's definition (computed here by enumeration), and no value holds
     more than 5 / n of the mass (n the number of first timesteps; clamping t + dt onto 999 used to put 8 / n there,
     and clamping the deterministic rule onto T_max 44 / n)."""
-    from amortized3d.distillation.score_distillation import asd_timestep_ceiling
-
     t_min, t_max = t_range
     ceiling = asd_timestep_ceiling(t_range, 0.1, rule)
     assert ceiling == brute_force_ceiling(rule, t_min, t_max, 0.1)
@@ -180,8 +173,6 @@ def test_asd_second_timesteps_stay_below_t_max_and_pile_nowhere(rule, t_range):
 
 
 def test_asd_draws_its_first_timestep_below_the_ceiling_of_its_rule():
-    from amortized3d.distillation.score_distillation import asd_timestep_ceiling
-
     prior, x = RandomPredictor((3, 4, 4)), torch.randn(64, 3, 4, 4)
     for rule in RULES:
         out = score_distillation(prior, x, Conditioning(["p"] * 64, orbit_cameras(64, 15.0, 1.5, 70.0)), method="asd", guidance_scale=7.5,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from amortized3d.generators.conv3d import Conv3DGenerator
-from amortized3d.generators.hyper_ingp import HyperINGP
-from amortized3d.generators.triplane import TriplaneTransformer
+from amortized3d.generators.conv3d import Conv3DConfig, Conv3DGenerator
+from amortized3d.generators.hyper_ingp import HyperINGP, HyperINGPConfig
+from amortized3d.generators.triplane import TriplaneConfig, TriplaneTransformer
 
 TEXT_DIM = 24
 
@@ -21,9 +21,9 @@ def n_params(module, prefix=""):
 def test_paper_sizes_match_the_reference_counts():
     # Reference figures (worked out from the reference implementation's layer shapes).
     expected = {
-        "conv3d m=1": (Conv3DGenerator(1024, "paper", 1), 88.7e6),
-        "conv3d m=2": (Conv3DGenerator(1024, "paper", 2), 144.8e6),
-        "triplane": (TriplaneTransformer(1024, "paper"), 120.5e6),
+        "conv3d m=1": (Conv3DGenerator(1024, Conv3DConfig(preset="paper", channel_multiplier=1)), 88.7e6),
+        "conv3d m=2": (Conv3DGenerator(1024, Conv3DConfig(preset="paper", channel_multiplier=2)), 144.8e6),
+        "triplane": (TriplaneTransformer(1024, TriplaneConfig(preset="paper")), 120.5e6),
     }
     for name, (model, count) in expected.items():
         total = n_params(model) - n_params(model.background)  # the environment map is an addition (about 1 k)
@@ -31,13 +31,16 @@ def test_paper_sizes_match_the_reference_counts():
     conv = expected["conv3d m=1"][0]
     voxel = sum(p.numel() for n, p in conv.named_parameters() if "voxel_bias" in n)
     assert abs(voxel - 44.3e6) / 44.3e6 < 0.02
-    hyper = HyperINGP()
+    hyper = HyperINGP(1024, HyperINGPConfig())
     assert abs(n_params(hyper, "grid.") - 12.6e6) / 12.6e6 < 0.02 and abs(n_params(hyper, "hypernet.") - 0.35e6) / 0.35e6 < 0.02
 
 
 def tiny(kind, **kwargs):
     torch.manual_seed(0)
-    model = Conv3DGenerator(TEXT_DIM, "tiny", bound=1.0, **kwargs) if kind == "conv3d" else TriplaneTransformer(TEXT_DIM, "tiny", bound=1.0, **kwargs)
+    if kind == "conv3d":
+        model = Conv3DGenerator(TEXT_DIM, Conv3DConfig(preset="tiny", bound=1.0, sphere_radius=0.8, **kwargs))
+    else:
+        model = TriplaneTransformer(TEXT_DIM, TriplaneConfig(preset="tiny", bound=1.0, sphere_radius=0.8, **kwargs))
     with torch.no_grad():  # move every output off its zero initialization so the comparisons mean something
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -89,7 +92,7 @@ def test_state_dict_round_trip(kind, tmp_path):
     model = tiny(kind)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     torch.manual_seed(123)
-    rebuilt = type(model)(**model.config)
+    rebuilt = type(model)(model.text_dim, type(model.config)(**model.config.model_dump()))
     rebuilt.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
     pooled, tokens, z = inputs()
     points = torch.rand(3, 40, 3) * 1.8 - 0.9

@@ -6,15 +6,19 @@ import math
 import pytest
 import torch
 
-from amortized3d.generators.hyper_ingp import HyperINGP
+from amortized3d.generators.hyper_ingp import HyperINGP, HyperINGPConfig
 
-SMALL = dict(text_dim=16, n_levels=4, log2_hashmap_size=12, base_resolution=8, per_level_scale=2.0, hyper_hidden=16, mlp_hidden=16)
+SMALL = dict(n_levels=4, log2_hashmap_size=12, base_resolution=8, per_level_scale=2.0, hyper_hidden=16, mlp_hidden=16)
+
+
+def small(**overrides) -> HyperINGP:
+    return HyperINGP(16, HyperINGPConfig(**{**SMALL, **overrides}))
 
 
 def trained_looking_model(seed: int = 0, **overrides) -> HyperINGP:
     """A small model with O(1) grid features, so the per-prompt MLPs visibly shape the outputs."""
     torch.manual_seed(seed)
-    model = HyperINGP(**{**SMALL, **overrides})
+    model = small(**overrides)
     with torch.no_grad():
         model.grid.table.uniform_(-1, 1)
         model.background_grid.table.uniform_(-1, 1)
@@ -80,7 +84,7 @@ def test_sdf_agrees_with_sdf_and_color_and_skips_the_color_mlp():
 
 def test_init_is_the_sphere_with_grey_color_and_background():
     torch.manual_seed(0)
-    model = HyperINGP(**SMALL)
+    model = small()
     points, directions = points_and_directions(3, n=200)
     field = model(torch.randn(3, 16))
     sdf, rgb = field.sdf_and_color(points)
@@ -93,7 +97,7 @@ def test_init_is_the_sphere_with_grey_color_and_background():
 @pytest.mark.parametrize("spectral_norm", [False, True])
 def test_generated_weights_have_fan_in_scale_at_init(spectral_norm):
     torch.manual_seed(0)
-    model = HyperINGP(**SMALL, spectral_norm=spectral_norm)
+    model = small(spectral_norm=spectral_norm)
     field = model(torch.randn(64, 16) * 3.0)
     encoding = model.grid.output_dim
     assert abs(field.sdf_hidden.std().item() / math.sqrt(2 / encoding) - 1) < 0.15
@@ -102,7 +106,7 @@ def test_generated_weights_have_fan_in_scale_at_init(spectral_norm):
 
 
 def test_generated_weight_count_matches_the_formula():
-    model = HyperINGP()  # defaults: 32-d encoding, 64 hidden
+    model = HyperINGP(1024, HyperINGPConfig())  # defaults: 32-d encoding, 64 hidden
     expected = 32 * 64 + 64 * 1 + 32 * 64 + 64 * 3
     assert expected == 4352 == HyperINGP.n_generated_weights(32, 64)
     assert model.hypernet.weight_head.out_features == expected
@@ -116,7 +120,7 @@ def test_generated_weight_count_matches_the_formula():
 
 def test_spectral_norm_flag_bounds_the_hypernet_singular_values():
     torch.manual_seed(0)
-    model = HyperINGP(**SMALL, spectral_norm=True)
+    model = small(spectral_norm=True)
     with torch.no_grad():  # make the raw weights far from unit norm
         model.hypernet.weight_head.parametrizations.weight.original.mul_(50.0)
     for _ in range(30):  # power iterations run in training mode
@@ -124,7 +128,7 @@ def test_spectral_norm_flag_bounds_the_hypernet_singular_values():
     for hypernet in (model.hypernet, model.background_hypernet):
         for layer in (hypernet.text_projection, hypernet.weight_head):
             assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2) <= 1.02
-    plain = HyperINGP(**SMALL, spectral_norm=False)
+    plain = small(spectral_norm=False)
     assert not hasattr(plain.hypernet.weight_head, "parametrizations")
     assert torch.linalg.matrix_norm(plain.hypernet.weight_head.weight.detach(), ord=2) > 1.02
 
@@ -132,8 +136,8 @@ def test_spectral_norm_flag_bounds_the_hypernet_singular_values():
 @pytest.mark.parametrize("spectral_norm", [False, True])
 def test_config_round_trip(spectral_norm):
     model = trained_looking_model(spectral_norm=spectral_norm)
-    config = json.loads(json.dumps(model.config))
-    rebuilt = HyperINGP(**config)
+    config = json.loads(json.dumps(model.config.model_dump()))
+    rebuilt = HyperINGP(model.text_dim, HyperINGPConfig(**config))
     rebuilt.load_state_dict(model.state_dict())
     model.eval(), rebuilt.eval()
     text = torch.randn(2, 16)
@@ -154,7 +158,7 @@ def test_gradients_reach_grids_and_both_hypernetworks():
 
 
 def test_rejects_mismatched_shapes():
-    model = HyperINGP(**SMALL)
+    model = small()
     with pytest.raises(ValueError, match="text_pooled"):
         model(torch.randn(2, 8))
     field = model(torch.randn(2, 16))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from amortized3d.distillation.adapters import LODSEmbedding, LODSLoRA, VSDLoRA
-from amortized3d.priors.diffusers_prior import DiffusionPrior
+from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
 from amortized3d.priors.tiny import make_tiny_deepfloyd_if, make_tiny_stable_diffusion
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.interfaces import Conditioning
@@ -49,8 +49,8 @@ def prior_folders(tmp_path_factory) -> dict[str, Path]:
 
 def load_prior(folders, name) -> DiffusionPrior:
     if name == "if":
-        return DiffusionPrior(str(folders[name]), kind="deepfloyd_if")
-    return DiffusionPrior(str(folders[name]), resolution=16)
+        return DiffusionPrior(DiffusionPriorConfig(model=str(folders[name])), kind="deepfloyd_if")
+    return DiffusionPrior(DiffusionPriorConfig(model=str(folders[name]), resolution=16))
 
 
 def pretrained_eps_by_hand(prior: DiffusionPrior, name: str, x_t, t, words) -> torch.Tensor:

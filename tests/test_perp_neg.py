@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from amortized3d.distillation.score_distillation import perpendicular_component, score_distillation
+from amortized3d.distillation.guidance import perpendicular_component
+from amortized3d.distillation.score_distillation import score_distillation
 from amortized3d.priors.branches import COND, UNCOND
-from amortized3d.priors.diffusers_prior import DiffusionPrior, perp_neg_terms, view_index
+from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig, perp_neg_terms, view_index
 from amortized3d.rendering.cameras import look_at_cameras
 from amortized3d.interfaces import Conditioning
 from tests.test_stable_diffusion import scaled_linear_alphas_cumprod, tiny_sd  # noqa: F401
@@ -66,7 +67,7 @@ def test_perp_neg_weights_equal_the_reference_computation(tiny_sd):  # noqa: F81
     azimuth = torch.arange(-180.0, 180.0, 7.5).repeat(6)
     elevation = torch.tensor([-10.0, 15.0, 45.0, 59.9, 60.1, 85.0]).repeat_interleave(48)
     cameras = look_at_cameras(elevation, azimuth, torch.full_like(azimuth, 1.5), torch.full_like(azimuth, 60.0))
-    prior = DiffusionPrior(str(tiny_sd), resolution=16, perp_neg=True)  # the default scale is the recipes' -0.5
+    prior = DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16, perp_neg=True))  # the default scale is the recipes' -0.5
     expected = reference_perp_neg_weights(cameras.elevation, cameras.azimuth)
     torch.testing.assert_close(prior.perp_neg_weights(cameras), expected, atol=1e-5, rtol=0)
     # Perp-Neg pushes away from the other views: at the front (azimuth 0) the side negative's weight is
@@ -75,7 +76,7 @@ def test_perp_neg_weights_equal_the_reference_computation(tiny_sd):  # noqa: F81
     torch.testing.assert_close(prior.perp_neg_weights(cameras)[front][:, 1], torch.full((int(front.sum()),), -0.787), atol=1e-6, rtol=0)
     assert (prior.perp_neg_weights(cameras)[cameras.elevation > 60] == 0).all()
     # Another scale scales the weights linearly, as guidance_perp_neg does in the reference.
-    other = DiffusionPrior(str(tiny_sd), resolution=16, perp_neg=True, perp_neg_scale=-2.0)
+    other = DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16, perp_neg=True, perp_neg_scale=-2.0))
     torch.testing.assert_close(other.perp_neg_weights(cameras), reference_perp_neg_weights(cameras.elevation, cameras.azimuth, -2.0),
                                atol=1e-5, rtol=0)
 
@@ -106,7 +107,7 @@ def test_perpendicular_component_is_orthogonal_and_completes_x():
 
 
 def test_view_dependent_prompts_take_the_camera_suffix(tiny_sd):  # noqa: F811
-    prior = DiffusionPrior(str(tiny_sd), resolution=16, view_dependent=True)
+    prior = DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16, view_dependent=True))
     cameras = look_at_cameras(torch.tensor([0.0, 0.0, 0.0, 70.0, 0.0]), torch.tensor([5.0, 100.0, 170.0, 0.0, 0.0]),
                               torch.full((5,), 1.5), torch.full((5,), 60.0))
     tokens = prior.text_condition(Conditioning(["a frog"] * 5, cameras), torch.tensor([COND] * 4 + [UNCOND]))
@@ -116,7 +117,7 @@ def test_view_dependent_prompts_take_the_camera_suffix(tiny_sd):  # noqa: F811
 
 @pytest.mark.parametrize("method", ["sds", "asd"])
 def test_perp_neg_step_is_one_unet_call_and_matches_its_formula(tiny_sd, method):  # noqa: F811
-    prior = DiffusionPrior(str(tiny_sd), resolution=16, perp_neg=True, perp_neg_scale=-0.5)
+    prior = DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16, perp_neg=True, perp_neg_scale=-0.5))
     B, g, t_range, eta = 3, 7.5, (100, 900), 0.1
     cameras = look_at_cameras(torch.tensor([10.0, 20.0, 75.0]), torch.tensor([20.0, -120.0, 60.0]),
                               torch.full((B,), 1.5), torch.full((B,), 60.0))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from amortized3d.distillation.score_distillation import score_distillation
 from amortized3d.priors.pretrained import PretrainedLoadError
-from amortized3d.priors.diffusers_prior import DiffusionPrior
+from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
 from amortized3d.priors.tiny import TEXT_DIM, make_tiny_stable_diffusion
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.interfaces import Conditioning
@@ -32,7 +32,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prior(tiny_sd) -> DiffusionPrior:
-    return DiffusionPrior(str(tiny_sd), resolution=16)
+    return DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16))
 
 
 def scaled_linear_alphas_cumprod() -> torch.Tensor:
@@ -188,7 +188,7 @@ def test_broken_tokenizer_is_refused(tiny_sd, tmp_path):
     (tmp_path / "m.txt").write_text("#version: 0.2\n")
     CLIPTokenizer(str(tmp_path / "v.json"), str(tmp_path / "m.txt")).save_pretrained(str(broken / "tokenizer"))
     with pytest.raises(PretrainedLoadError, match="vocabulary of 2 tokens"):
-        DiffusionPrior(str(broken), resolution=16)
+        DiffusionPrior(DiffusionPriorConfig(model=str(broken), resolution=16))
 
 
 def test_missing_weights_fail_fast_with_instructions(tmp_path):
@@ -272,7 +272,7 @@ def test_trainer_takes_the_sd_prior_for_every_method(tiny_sd, tmp_path, method):
 def test_half_precision_weights_predict_close_to_fp32_and_train_fp32_adapters(tiny_sd, prior):
     from amortized3d.distillation.adapters import VSDLoRA
 
-    half = DiffusionPrior(str(tiny_sd), resolution=16, dtype="bf16")
+    half = DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16, dtype="bf16"))
     assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
     cameras, branch = orbit_cameras(2, 15.0, 1.5, 70.0), torch.tensor([0, 1])

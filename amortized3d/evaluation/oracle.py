@@ -93,9 +93,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     text_encoder = build_text_encoder(cfg)
     R, V = cfg.eval.resolution, cfg.eval.n_views
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy)
-    render_kwargs = dict(scene_radius=cfg.render.scene_radius, n_proposal=cfg.render.n_proposal,
-                         n_importance=cfg.render.n_importance, inv_std=cfg.render.inv_std,
-                         chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
+    render_kwargs = dict(cfg.render.volume_kwargs(), chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
     renders = torch.cat([render_validation(cfg, generator, text_encoder, evaluated[i : i + 8], "cpu", V, R)
                          for i in range(0, len(evaluated), 8)])  # [P, V, 3, R, R], at the same cameras as cams
     refs, valid = [], []
@@ -110,7 +108,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     own = torch.arange(len(evaluated))
     metrics = retrieval_metrics(renders, references, valid_all, own)
 
-    bound = min(cfg.render.scene_radius, cfg.generator.bound)
+    bound = cfg.sampling_radius()
     pts = grid_points(cfg.eval.iou_resolution, bound)
     ious = []
     for p in evaluated:

@@ -1,4 +1,6 @@
-"""Parts shared by the 3D-conv and triplane generators.
+"""Parts shared by the generators.
+
+GeneratorBaseConfig: the config fields every generator kind has (its own config, e.g. HyperINGPConfig, adds its sizes).
 
 EnvironmentMap: a prompt-agnostic background, ray direction -> color, shared by all prompts:
 
@@ -15,9 +17,18 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from amortized3d.rendering.volume import SDFRepresentation
+from amortized3d.schema import ConfigModel
+
+
+class GeneratorBaseConfig(ConfigModel):
+    """Every generator's field starts as a sphere of radius sphere_radius and lives in the box [-bound, bound]^3."""
+
+    sphere_radius: float = Field(0.5, gt=0, le=100)
+    bound: float = Field(2.0, gt=0, le=100)
 
 
 class EnvironmentMap(nn.Module):

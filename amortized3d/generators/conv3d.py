@@ -30,13 +30,16 @@ biases) and 144.8 M for m = 2.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
-from amortized3d.generators.common import DecodedField, EnvironmentMap
+from amortized3d.generators.common import DecodedField, EnvironmentMap, GeneratorBaseConfig
+from amortized3d.schema import Int
 
 PRESETS = {
     "paper": dict(base_channels={4: 512, 8: 512, 16: 512, 32: 256, 64: 128, 128: 64}, resolution=128, voxel_bias_max_resolution=64,
@@ -46,6 +49,15 @@ PRESETS = {
 }
 MAX_CHANNELS = 512
 CLAMP = 256.0
+
+
+class Conv3DConfig(GeneratorBaseConfig):
+    """The 3D-conv generator's config: sizes from the preset, channel multiplier m (the recipes use 1 and 2) and
+    activation checkpointing of the synthesis blocks (less memory, same results)."""
+
+    preset: Literal[tuple(PRESETS)] = "paper"
+    channel_multiplier: Int = Field(1, ge=1, le=8)
+    activation_checkpointing: bool = False
 
 
 class ModulatedConv3d(nn.Module):
@@ -98,20 +110,15 @@ class SynthesisBlock(nn.Module):
 
 
 class Conv3DGenerator(nn.Module):
-    """(pooled text [P, D], z [P, z_dim]) -> Conv3DField for those P prompts. ``self.config`` rebuilds it."""
+    """(pooled text [P, D], z [P, z_dim]) -> Conv3DField for those P prompts; ``config`` is its Conv3DConfig."""
 
-    def __init__(self, text_dim: int = 1024, preset: str = "paper", channel_multiplier: int = 1, sphere_radius: float = 0.8,
-                 bound: float = 2.0, activation_checkpointing: bool = False):
+    def __init__(self, text_dim: int, config: Conv3DConfig):
         super().__init__()
-        if preset not in PRESETS:
-            raise ValueError(f"3D-conv preset {preset!r} is not known; choose one of {', '.join(PRESETS)}")
-        if channel_multiplier < 1:
-            raise ValueError(f"channel_multiplier={channel_multiplier} must be >= 1 (the recipes use 1 and 2)")
-        size = PRESETS[preset]
-        self.config = dict(text_dim=text_dim, preset=preset, channel_multiplier=channel_multiplier, sphere_radius=sphere_radius,
-                           bound=bound, activation_checkpointing=activation_checkpointing)
+        size = PRESETS[config.preset]
+        self.config = config
         self.text_dim, self.z_dim, self.w_dim = text_dim, size["z_dim"], size["w_dim"]
-        self.sphere_radius, self.bound, self.activation_checkpointing = float(sphere_radius), float(bound), activation_checkpointing
+        self.sphere_radius, self.bound, self.activation_checkpointing = config.sphere_radius, config.bound, config.activation_checkpointing
+        channel_multiplier = config.channel_multiplier
         base = size["base_channels"]
         channels = {r: c if r <= 16 else min(MAX_CHANNELS, c * channel_multiplier) for r, c in base.items()}
         h, feat = size["mapping_hidden"], size["feature_channels"]
@@ -130,6 +137,16 @@ class Conv3DGenerator(nn.Module):
         self.color_mlp = nn.Sequential(nn.Linear(feat, size["mlp_hidden"], bias=False), nn.SiLU(), nn.Linear(size["mlp_hidden"], 3, bias=False))
         nn.init.normal_(self.sdf_mlp[-1].weight, 0.0, 1e-3)  # start as the sphere: a near-zero SDF correction
         self.background = EnvironmentMap()
+
+    def describe(self) -> dict[str, int]:
+        """Sizes for a memory estimate (builders.describe_generator): float values of the activations kept per prompt
+        (the constant, each block's volumes, the feature volume) and per rendered sample (position, features, MLP hidden
+        activations, outputs)."""
+        last = self.blocks[-1]
+        volumes = [self.const.numel()] + [b.conv1.weight.shape[0] * b.noise.numel() * 3 for b in self.blocks]
+        feature_channels = last.to_feature.weight.shape[0]
+        return {"activations_per_prompt": sum(volumes) + feature_channels * last.noise.numel(),
+                "values_per_sample": 3 + feature_channels + 2 * self.sdf_mlp[0].weight.shape[0] + 4}
 
     def geometry_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("background.")]

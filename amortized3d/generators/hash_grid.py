@@ -45,7 +45,7 @@ def level_resolutions(n_levels: int, base_resolution: int, per_level_scale: floa
 class HashGrid(nn.Module):
     """Multi-resolution hash encoding: points [N, 3] -> features [N, n_levels * n_features_per_level].
 
-    Constructor arguments are the config. Points are world coordinates, clamped
+    Points are world coordinates, clamped
     to [-bound, bound]. The table is initialized uniform(-1e-4, 1e-4).
     """
 
@@ -69,14 +69,6 @@ class HashGrid(nn.Module):
             raise ValueError(f"per_level_scale={per_level_scale} must be >= 1 so levels get finer; use e.g. 1.4473")
         if bound <= 0:
             raise ValueError(f"bound={bound} must be > 0; use the scene box half-size, e.g. 2.0")
-        self.config = dict(
-            n_levels=n_levels,
-            n_features_per_level=n_features_per_level,
-            log2_hashmap_size=log2_hashmap_size,
-            base_resolution=base_resolution,
-            per_level_scale=per_level_scale,
-            bound=bound,
-        )
         self.n_levels = n_levels
         self.n_features_per_level = n_features_per_level
         self.output_dim = n_levels * n_features_per_level

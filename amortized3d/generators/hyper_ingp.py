@@ -29,11 +29,35 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as add_spectral_norm
 
+from amortized3d.generators.common import GeneratorBaseConfig
 from amortized3d.generators.hash_grid import HashGrid
 from amortized3d.rendering.volume import SDFRepresentation
+from amortized3d.schema import Int
+
+# The background's direction grid and MLP (fixed sizes, not part of the config).
+BACKGROUND = dict(n_levels=4, base_resolution=2, per_level_scale=2.0, log2_hashmap_size=16, hidden=32, hyper_hidden=64)
+
+
+class HyperINGPConfig(GeneratorBaseConfig):
+    """Hyper-iNGP's config: the hash grid's sizes, the hypernetwork's and the per-prompt MLPs' widths.
+
+    spectral_norm: on the hypernetwork's linear layers; null in a config means on for SDS (ScaleDreamer Sec. 4.2
+    and ATT3D: training the hypernetwork with SDS fails without it, its gradients being about 10x ASD's), off
+    otherwise (the experiment config resolves it; the model reads null as off).
+    """
+
+    n_levels: Int = Field(16, ge=1, le=32)
+    n_features_per_level: Int = Field(2, ge=1, le=8)
+    log2_hashmap_size: Int = Field(19, ge=4, le=26)
+    base_resolution: Int = Field(16, ge=1, le=4096)
+    per_level_scale: float = Field(1.4473, ge=1, le=8)
+    hyper_hidden: Int = Field(64, ge=1, le=4096)
+    mlp_hidden: Int = Field(64, ge=1, le=4096)
+    spectral_norm: bool | None = None
 
 
 def silu_second_moment() -> float:
@@ -96,70 +120,32 @@ class Hypernetwork(nn.Module):
 
 
 class HyperINGP(nn.Module):
-    """Prompt-amortized generator: pooled text [P, D] -> HyperINGPField for those P prompts.
+    """Prompt-amortized generator: pooled text [P, D] -> HyperINGPField for those P prompts; ``config`` is its
+    HyperINGPConfig."""
 
-    Constructor arguments are the config (``self.config``, JSON-serializable):
-    ``HyperINGP(**model.config)`` rebuilds a model that loads ``model.state_dict()``.
-    """
-
-    def __init__(
-        self,
-        text_dim: int = 1024,
-        n_levels: int = 16,
-        n_features_per_level: int = 2,
-        log2_hashmap_size: int = 19,
-        base_resolution: int = 16,
-        per_level_scale: float = 1.4473,
-        hyper_hidden: int = 64,
-        mlp_hidden: int = 64,
-        spectral_norm: bool = False,
-        sphere_radius: float = 0.5,
-        bound: float = 2.0,
-        background_n_levels: int = 4,
-        background_base_resolution: int = 2,
-        background_per_level_scale: float = 2.0,
-        background_log2_hashmap_size: int = 16,
-        background_hidden: int = 32,
-        background_hyper_hidden: int = 64,
-    ):
+    def __init__(self, text_dim: int, config: HyperINGPConfig):
         super().__init__()
-        self.config = dict(
-            text_dim=text_dim,
-            n_levels=n_levels,
-            n_features_per_level=n_features_per_level,
-            log2_hashmap_size=log2_hashmap_size,
-            base_resolution=base_resolution,
-            per_level_scale=per_level_scale,
-            hyper_hidden=hyper_hidden,
-            mlp_hidden=mlp_hidden,
-            spectral_norm=spectral_norm,
-            sphere_radius=sphere_radius,
-            bound=bound,
-            background_n_levels=background_n_levels,
-            background_base_resolution=background_base_resolution,
-            background_per_level_scale=background_per_level_scale,
-            background_log2_hashmap_size=background_log2_hashmap_size,
-            background_hidden=background_hidden,
-            background_hyper_hidden=background_hyper_hidden,
-        )
+        self.config = config
         self.text_dim, self.z_dim = text_dim, 0  # no latent: one asset per prompt
-        self.mlp_hidden = mlp_hidden
-        self.sphere_radius = float(sphere_radius)
-        self.grid = HashGrid(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale, bound)
+        self.mlp_hidden = config.mlp_hidden
+        self.sphere_radius = config.sphere_radius
+        self.grid = HashGrid(config.n_levels, config.n_features_per_level, config.log2_hashmap_size, config.base_resolution,
+                             config.per_level_scale, config.bound)
         enc = self.grid.output_dim
         # Layer order: SDF hidden, SDF out, color hidden, color out.
+        h, spectral_norm = config.mlp_hidden, bool(config.spectral_norm)
         self.hypernet = Hypernetwork(
-            text_dim, hyper_hidden, [(enc, mlp_hidden), (mlp_hidden, 1), (enc, mlp_hidden), (mlp_hidden, 3)],
+            text_dim, config.hyper_hidden, [(enc, h), (h, 1), (enc, h), (h, 3)],
             [True, False, True, False],
             spectral_norm,
         )
         self.background_grid = HashGrid(
-            background_n_levels, 2, background_log2_hashmap_size, background_base_resolution, background_per_level_scale, 1.0
+            BACKGROUND["n_levels"], 2, BACKGROUND["log2_hashmap_size"], BACKGROUND["base_resolution"], BACKGROUND["per_level_scale"], 1.0
         )
         self.background_hypernet = Hypernetwork(
             text_dim,
-            background_hyper_hidden,
-            [(self.background_grid.output_dim, background_hidden), (background_hidden, 3)],
+            BACKGROUND["hyper_hidden"],
+            [(self.background_grid.output_dim, BACKGROUND["hidden"]), (BACKGROUND["hidden"], 3)],
             [True, False],
             spectral_norm,
         )
@@ -168,6 +154,13 @@ class HyperINGP(nn.Module):
     def n_generated_weights(encoding_dim: int, mlp_hidden: int) -> int:
         """Weights per prompt of the SDF and color MLPs: 2 E H + 4 H (4352 for E = 32, H = 64)."""
         return encoding_dim * mlp_hidden + mlp_hidden * 1 + encoding_dim * mlp_hidden + mlp_hidden * 3
+
+    def describe(self) -> dict[str, int]:
+        """Sizes for a memory estimate (builders.describe_generator): float values of the activations kept per prompt
+        (its generated MLP weights) and per rendered sample (position, grid features and their finite-difference
+        neighbours, MLP hidden activations, outputs)."""
+        return {"activations_per_prompt": self.hypernet.n_weights,
+                "values_per_sample": 3 + self.grid.output_dim * 9 + 2 * self.mlp_hidden + 4}
 
     def geometry_parameters(self) -> list[nn.Parameter]:
         """Hash grid and SDF/color hypernetwork (the geometry learning rate)."""

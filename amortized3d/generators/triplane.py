@@ -21,17 +21,27 @@ about 120.5 M parameters.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from amortized3d.generators.common import DecodedField, EnvironmentMap
+from amortized3d.generators.common import DecodedField, EnvironmentMap, GeneratorBaseConfig
 
 PRESETS = {
     "paper": dict(tokens_side=32, width=768, depth=12, heads=16, plane_channels=32, mlp_hidden=64),
     "tiny": dict(tokens_side=8, width=64, depth=2, heads=4, plane_channels=8, mlp_hidden=32),
 }
+
+
+class TriplaneConfig(GeneratorBaseConfig):
+    """The Triplane-Transformer's config: sizes from the preset, and activation checkpointing of the transformer
+    blocks (less memory, same results)."""
+
+    preset: Literal[tuple(PRESETS)] = "paper"
+    activation_checkpointing: bool = False
 
 
 class Attention(nn.Module):
@@ -76,20 +86,16 @@ def decoder(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class TriplaneTransformer(nn.Module):
-    """Per-token text [P, T, D] -> TriplaneField for those P prompts. ``self.config`` rebuilds it."""
+    """Per-token text [P, T, D] -> TriplaneField for those P prompts; ``config`` is its TriplaneConfig."""
 
-    def __init__(self, text_dim: int = 1024, preset: str = "paper", sphere_radius: float = 0.8, bound: float = 2.0,
-                 activation_checkpointing: bool = False, **sizes):
+    def __init__(self, text_dim: int, config: TriplaneConfig):
         super().__init__()
-        if preset not in PRESETS:
-            raise ValueError(f"triplane preset {preset!r} is not known; choose one of {', '.join(PRESETS)}")
-        size = {**PRESETS[preset], **sizes}
-        self.config = dict(text_dim=text_dim, preset=preset, sphere_radius=sphere_radius, bound=bound,
-                           activation_checkpointing=activation_checkpointing, **sizes)
+        size = PRESETS[config.preset]
+        self.config = config
         self.side, self.width, self.channels = size["tokens_side"], size["width"], size["plane_channels"]
-        self.text_dim, self.sphere_radius, self.bound = text_dim, float(sphere_radius), float(bound)
+        self.text_dim, self.sphere_radius, self.bound = text_dim, config.sphere_radius, config.bound
         self.z_dim = 0  # no latent: one asset per prompt
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing = config.activation_checkpointing
         self.queries = nn.Parameter(torch.randn(3 * self.side**2, self.width) / self.width**0.5)
         self.blocks = nn.ModuleList(Block(self.width, size["heads"], text_dim) for _ in range(size["depth"]))
         self.norm = nn.LayerNorm(self.width, eps=1e-6)
@@ -105,6 +111,14 @@ class TriplaneTransformer(nn.Module):
 
     def background_parameters(self) -> list[nn.Parameter]:
         return list(self.background.parameters())
+
+    def describe(self) -> dict[str, int]:
+        """Sizes for a memory estimate (builders.describe_generator): float values of the activations kept per prompt
+        (about 10 per token and width in each block, plus the planes) and per rendered sample (position, three plane
+        features, MLP hidden activations, outputs)."""
+        tokens = 3 * self.side**2
+        return {"activations_per_prompt": len(self.blocks) * tokens * self.width * 10 + self.planes_numel(),
+                "values_per_sample": 3 + 2 * 3 * self.channels + 4 * self.sdf_mlp[0].weight.shape[0] + 4}
 
     def planes_numel(self) -> int:
         """Values in one prompt's triplane: 3 C (2S)^2."""

@@ -46,7 +46,7 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = safe_output_names(prompts)
-    bound = min(cfg.render.scene_radius, cfg.generator.bound)
+    bound = cfg.sampling_radius()
     turntable = orbit_cameras(frames, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy)
     results = []
     for prompt, name in zip(prompts, names):
@@ -62,9 +62,7 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
             result.update(mesh_glb=str(glb), mesh_ply=str(ply), vertices=len(mesh.vertices), faces=len(mesh.faces))
         except ValueError as err:
             result.update(mesh_error=str(err))
-        rgb = render_baked(baked, turntable, image_size, image_size, scene_radius=cfg.render.scene_radius,
-                           n_proposal=cfg.render.n_proposal, n_importance=cfg.render.n_importance,
-                           inv_std=cfg.render.inv_std)  # [frames, 3, H, W]
+        rgb = render_baked(baked, turntable, image_size, image_size, **cfg.render.volume_kwargs())  # [frames, 3, H, W]
         video = write_video(to_uint8(rgb), out / f"{name}.{video_format}", fps=12)
         step = max(1, frames // contact_views)
         sheet = contact_sheet(to_uint8(rgb[::step][:contact_views]), out / f"{name}.png", ncols=min(contact_views, 4))

@@ -30,6 +30,7 @@ by the caller as with any prior.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from amortized3d.data.shapeworld import parse_prompt, scene_field
 from amortized3d.priors.branches import COND, UNCOND
@@ -37,6 +38,7 @@ from amortized3d.priors.schedule import stable_diffusion_alphas_cumprod
 from amortized3d.interfaces import Conditioning
 from amortized3d.rendering.cameras import Cameras
 from amortized3d.rendering.volume import render_images
+from amortized3d.schema import ConfigModel, Int
 
 
 def render_prompt_scenes(
@@ -106,28 +108,29 @@ def gaussian_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, mean:
     return (1 - a).sqrt() / v * (noisy - a.sqrt() * mean)
 
 
+class AnalyticPriorConfig(ConfigModel):
+    """The analytic prior's config: s (std), m and S of the unconditional Gaussian (uncond_mean, uncond_std), and the
+    samples per ray of its ground-truth renders."""
+
+    std: float = Field(0.05, gt=0, le=10)
+    uncond_mean: float = Field(0.5, ge=0, le=1)
+    uncond_std: float = Field(0.5, gt=0, le=100)
+    n_proposal: Int = Field(64, ge=1, le=4096)
+    n_importance: Int = Field(32, ge=0, le=4096)
+
+
 class AnalyticPrior:
     """Closed-form diffusion prior over ShapeWorld renders (see the module docstring).
 
     Same interface as the diffusers priors: ``encode``/``decode`` between images and
-    the prior's space, and one batched ``predict_noise`` for all branches.
+    the prior's space, and one batched ``predict_noise`` for all branches. The scenes are
+    rendered inside the sphere of ``scene_radius`` with the renderer's ``inv_std`` (render.*).
     """
 
-    def __init__(
-        self,
-        *,
-        std: float = 0.05,
-        uncond_mean: float = 0.5,
-        uncond_std: float = 0.5,
-        scene_radius: float = 1.0,
-        n_proposal: int = 64,
-        n_importance: int = 32,
-        inv_std: float = 30.0,
-    ):
-        if std <= 0 or uncond_std <= 0:
-            raise ValueError(f"prior.std={std} and prior.uncond_std={uncond_std} must be positive")
-        self.std, self.uncond_mean, self.uncond_std = std, uncond_mean, uncond_std
-        self.render_kwargs = dict(scene_radius=scene_radius, n_proposal=n_proposal, n_importance=n_importance, inv_std=inv_std)
+    def __init__(self, config: AnalyticPriorConfig, *, scene_radius: float, inv_std: float):
+        self.config = config
+        self.std, self.uncond_mean, self.uncond_std = config.std, config.uncond_mean, config.uncond_std
+        self.render_kwargs = dict(scene_radius=scene_radius, n_proposal=config.n_proposal, n_importance=config.n_importance, inv_std=inv_std)
         self.alphas_cumprod = stable_diffusion_alphas_cumprod()
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

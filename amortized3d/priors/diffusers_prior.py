@@ -39,17 +39,19 @@ UNet uses channels_last memory format.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from amortized3d.interfaces import Conditioning
 from amortized3d.priors.branches import COND, NEGATIVE_1, UNCOND
 from amortized3d.rendering.cameras import Cameras
+from amortized3d.schema import ConfigModel, Int
 from amortized3d.text.pretrained_encoder import TEXT_SUBFOLDERS, PretrainedTextEncoder
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-DEFAULT_IF_MODEL = "DeepFloyd/IF-I-XL-v1.0"
+DEFAULT_MODELS = {"stable_diffusion": "stabilityai/stable-diffusion-2-1-base", "deepfloyd_if": "DeepFloyd/IF-I-XL-v1.0"}
 SUBFOLDERS = {
     "stable_diffusion": ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
     "deepfloyd_if": ["unet", "text_encoder", "tokenizer", "scheduler"],
@@ -64,9 +66,28 @@ FRONT_DEGREES, BACK_DEGREES, OVERHEAD_DEGREES = 30.0, 150.0, 60.0
 PERP_NEG_FRONT_SIDE = (4.0, 0.5, -2.426)
 PERP_NEG_SIDE_BACK = (1.0, 0.5, -0.606)
 PERP_NEG_FRONT_SIDE_BACK = (1.0, 0.5, 0.967)
-# The final weight of each negative is PERP_NEG_SCALE * f(r). ScaleDreamer's recipes set guidance_perp_neg: -0.5; its
-# prompt processor returns -f(r), which the guidance multiplies by -1 * guidance_perp_neg: (-f)(-1)(-0.5) = -0.5 f.
-PERP_NEG_SCALE = -0.5
+
+
+class DiffusionPriorConfig(ConfigModel):
+    """A diffusers prior's config.
+
+    model: hub id or local diffusers folder; null: the kind's default (DEFAULT_MODELS).
+    resolution: renders are resized to this before the VAE (stable_diffusion; IF uses its UNet's size).
+    dtype: of the weights: auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32.
+    view_dependent: append ", front view" / ", side view" / ... to prompts by camera.
+    perp_neg: Perp-Neg negative view prompts in the guidance; the final weight of each negative is
+    perp_neg_scale * f(r). ScaleDreamer's recipes set guidance_perp_neg: -0.5; its prompt processor returns
+    -f(r), which the guidance multiplies by -1 * guidance_perp_neg: (-f)(-1)(-0.5) = -0.5 f.
+    """
+
+    model: str | None = None
+    resolution: Int = Field(512, ge=8, le=4096)
+    dtype: Literal[("auto", *DTYPES)] = "auto"
+    view_dependent: bool = False
+    perp_neg: bool = False
+    perp_neg_scale: float = Field(-0.5, ge=-10, le=0, json_schema_extra={"hint": (
+        "negative values push away from the other views' prompts (the reference recipes use -0.5); "
+        "0 turns the negatives off, and a positive value would pull toward them")})
 
 
 def view_index(elevation: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor:
@@ -138,16 +159,11 @@ class DiffusionPrior:
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        config: DiffusionPriorConfig,
         *,
         kind: str = "stable_diffusion",
         text_encoder: PretrainedTextEncoder | None = None,
-        resolution: int = 512,
-        dtype: str = "auto",
         device: str | torch.device = "cpu",
-        view_dependent: bool = False,
-        perp_neg: bool = False,
-        perp_neg_scale: float = PERP_NEG_SCALE,
     ):
         from amortized3d._compat import import_torchvision_safely
 
@@ -159,8 +175,9 @@ class DiffusionPrior:
         if kind not in SUBFOLDERS:
             raise ValueError(f"prior kind {kind!r} is not a diffusers prior; choose one of {', '.join(SUBFOLDERS)}")
         device = torch.device(device)
-        self.model_name, self.kind = model, kind
-        self.dtype = resolve_dtype(dtype, device)
+        model = config.model if config.model is not None else DEFAULT_MODELS[kind]
+        self.config, self.model_name, self.kind = config, model, kind
+        self.dtype = resolve_dtype(config.dtype, device)
         folder = resolve_model_dir(model, SUBFOLDERS[kind])
         self.text_encoder = text_encoder if text_encoder is not None else PretrainedTextEncoder(folder, model, device, self.dtype)
         self.unet = load_component(UNet2DConditionModel, folder, "unet", model, torch_dtype=self.dtype)
@@ -177,16 +194,16 @@ class DiffusionPrior:
                 f"gives {self.text_encoder.dim}-d ones; the folder mixes components of different models"
             )
         self.device = device
-        self.view_dependent, self.perp_neg, self.perp_neg_scale = bool(view_dependent), bool(perp_neg), float(perp_neg_scale)
+        self.view_dependent, self.perp_neg, self.perp_neg_scale = config.view_dependent, config.perp_neg, config.perp_neg_scale
         self.channels = int(self.unet.config.in_channels)
         if self.vae is None:  # pixel space: the UNet's own resolution, no latent scaling
             self.resolution, self.latent_scale, self.vae_factor = int(self.unet.config.sample_size), 1.0, 1
         else:
-            self.resolution = int(resolution)
+            self.resolution = config.resolution
             self.latent_scale = float(self.vae.config.scaling_factor)
             self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.resolution % self.vae_factor:
-            raise ValueError(f"prior.resolution={resolution} must be a multiple of the VAE's downsampling factor {self.vae_factor}")
+            raise ValueError(f"prior.resolution={config.resolution} must be a multiple of the VAE's downsampling factor {self.vae_factor}")
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{model!r} predicts {self.prediction_type!r}; supported: epsilon, v_prediction")

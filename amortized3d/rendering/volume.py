@@ -336,12 +336,11 @@ class SDFRepresentation:
 
     def render(self, cameras: Cameras, height: int, width: int, settings, *, generator: torch.Generator | None = None,
                background: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rays: int | None = None) -> ImageRender:
-        """render_images of this field with the renderer settings of ``settings`` (the config's render section:
-        scene_radius, n_proposal, n_importance, inv_std); background (colors [P, 3], mask bool [P]): a solid
-        color for the masked prompts (SolidBackground)."""
+        """render_images of this field with the renderer settings of ``settings`` (the config's render section,
+        RenderConfig.volume_kwargs); background (colors [P, 3], mask bool [P]): a solid color for the masked
+        prompts (SolidBackground)."""
         field = self if background is None else SolidBackground(self, *background)
-        return render_images(field, cameras, height, width, scene_radius=settings.scene_radius, n_proposal=settings.n_proposal,
-                             n_importance=settings.n_importance, inv_std=settings.inv_std, generator=generator, chunk_rays=chunk_rays)
+        return render_images(field, cameras, height, width, **settings.volume_kwargs(), generator=generator, chunk_rays=chunk_rays)
 
     def regularizers(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
         """points [P, N, 3] -> {"eikonal": mean (|grad sdf| - 1)^2} (amortized3d.distillation.regularizers)."""

@@ -100,7 +100,7 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     w = scheduled_weight(cfg.regularizers.eikonal, progress)
     if w > 0 and cfg.render.eikonal_points > 0:
         n = max(1, cfg.render.eikonal_points // P)
-        r = min(cfg.render.scene_radius, cfg.generator.bound)
+        r = cfg.sampling_radius()
         points = (torch.rand(P, n, 3, generator=rng) * 2 - 1).to(device) * r
         reg = representation.regularizers(points)["eikonal"]
         total = total + w * reg

@@ -219,7 +219,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                     raise diverged(run_dir, f"the parameters are not finite after step {done} (its loss and gradients were), so no "
                                    "checkpoint was written", "Lower optim.lr_geometry (or optim.lr_background, distill.adapter_lr)")
                 if accelerator.is_main_process:
-                    extra = {"skipped_steps": bad_total, "world_size": world, "prompts_per_step": cfg.train.prompts_per_step}
+                    extra = {"skipped_steps": bad_total, "generator_config": model.config.model_dump(), "world_size": world,
+                             "prompts_per_step": cfg.train.prompts_per_step}
                     if accelerator.scaler is not None:  # so that a resumed fp16 run continues with the scale it had
                         extra["grad_scaler"] = accelerator.scaler.state_dict()
                     save_checkpoint(run_dir, done, model, optimizer, extra, keep=cfg.train.keep_checkpoints, adapter=adapter,
