@@ -3,7 +3,7 @@
 A field answers, for every prompt p in the batch and every 3D point, the signed
 distance to the surface and the albedo color there, plus a background color for
 ray directions that leave the scene. Generators (``amortized3d.generators``) and
-the exact ShapeWorld scenes (``amortized3d.data.shapeworld``) both produce fields,
+the exact ShapeWorld scenes (``amortized3d.shapeworld``) both produce fields,
 so the renderer, the mesh export and the oracle evaluation treat them alike.
 
 Shapes: P prompts, N points per prompt, R rays per prompt.

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import yaml
 
-from amortized3d.data.shapeworld import shapeworld_corpus
+from amortized3d.shapeworld import shapeworld_corpus
 
 CATALOG_PATH = Path(__file__).resolve().parents[2] / "corpora" / "catalog.yaml"
 SPLITS = ("train", "val", "test")

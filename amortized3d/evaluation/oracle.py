@@ -30,11 +30,11 @@ import torch
 
 from amortized3d.builders import build_text_encoder, load_run
 from amortized3d.data.corpora import load_corpus
-from amortized3d.data.shapeworld import parse_prompt, scene_field
 from amortized3d.evaluation.clip_eval import summarize
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk
+from amortized3d.shapeworld import parse_prompt, scene_field
 from amortized3d.training.train import render_validation
 
 TIE_TOLERANCE = 1e-5  # relative: distances this close to the nearest count as the nearest

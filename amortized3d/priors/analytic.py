@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import torch
 
-from amortized3d.data.shapeworld import parse_prompt, scene_field
 from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.schedule import stable_diffusion_alphas_cumprod
 from amortized3d.rendering.cameras import Cameras
 from amortized3d.rendering.volume import render_images
+from amortized3d.shapeworld import parse_prompt, scene_field
 
 
 def render_prompt_scenes(

@@ -31,7 +31,7 @@ from amortized3d.builders import adapter_lr, build_adapter, optimizer_learning_r
 from amortized3d.config import ExperimentConfig, config_to_dict, save_config
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.loader import PromptBatch, batch_loader, check_corpus_fits_a_step
-from amortized3d.data.shapeworld import PromptError, parse_prompt
+from amortized3d.shapeworld import PromptError, parse_prompt
 from amortized3d.distillation.regularizers import eikonal_loss, opacity_entropy_loss, scheduled_weight, sparsity_loss
 from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_distillation, timestep_range
 from amortized3d.fields import Field, finite_difference_gradient
