@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amortized3d.fields import Field
+from amortized3d.fields import Field, grid_points
 from amortized3d.rendering.cameras import Cameras, camera_rays
 from amortized3d.rendering.volume import proposal_weights, ray_sphere_near_far, render_rays
 
@@ -117,13 +117,6 @@ def _evaluate(field: Field, points: torch.Tensor, chunk_points: int) -> torch.Te
     return torch.cat(values) if values else points.new_zeros(0, 4)
 
 
-def _grid_points(resolution: int, bound: float, device) -> torch.Tensor:
-    """The grid x_ijk row-major over (k, j, i) -> points [res^3, 3] as (x, y, z)."""
-    axis = torch.linspace(-bound, bound, resolution, dtype=torch.float32, device=device)
-    gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
-    return torch.stack([gx, gy, gz], dim=-1).reshape(-1, 3)
-
-
 @torch.no_grad()
 def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_points: int = 262144) -> BakedField:
     """Sdf and albedo of a single-prompt field on the res^3 grid over [-bound, bound]^3.
@@ -143,17 +136,17 @@ def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_po
         raise ValueError(f"chunk_points must be >= 1, got {chunk_points}; use e.g. 262144.")
     device = field_device(field)
     if resolution < 9:
-        values = _evaluate(field, _grid_points(resolution, bound, device), chunk_points)
+        values = _evaluate(field, grid_points(resolution, bound, device=device), chunk_points)
         return BakedField(values.t().reshape(4, resolution, resolution, resolution).contiguous(), float(bound), field)
     coarse_res = (resolution + 1) // 2
-    coarse = _evaluate(field, _grid_points(coarse_res, bound, device), chunk_points)
+    coarse = _evaluate(field, grid_points(coarse_res, bound, device=device), chunk_points)
     coarse = coarse.t().reshape(1, 4, coarse_res, coarse_res, coarse_res)
     values = F.interpolate(coarse, size=(resolution,) * 3, mode="trilinear", align_corners=True)[0]  # [4, r, r, r]
     band = REFINE_BAND * 2.0 * bound / (coarse_res - 1)
     near = (values[0].abs() < band).reshape(-1).nonzero()[:, 0]  # flat (k, j, i) indices
     if near.numel():
         flat = values.reshape(4, -1)
-        flat[:, near] = _evaluate(field, _grid_points(resolution, bound, device)[near], chunk_points).t()
+        flat[:, near] = _evaluate(field, grid_points(resolution, bound, device=device)[near], chunk_points).t()
     return BakedField(values.contiguous(), float(bound), field)
 
 
