@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import nerfacc
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -153,14 +154,31 @@ def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_po
 def ray_box_near_far(origins: torch.Tensor, dirs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Slab test: entry and exit distances of rays through the box [lo, hi]; near >= far means a miss.
 
+    For each axis a the ray o + t d is inside the slab between t = (lo_a - o_a) / d_a and
+    t = (hi_a - o_a) / d_a; near is the largest entry, far the smallest exit. A ray that misses
+    the box, or whose box lies wholly behind its origin (far <= 0), gets near = far = inf.
+    On CUDA this is nerfacc.ray_aabb_intersect; nerfacc has no CPU kernel for it, so on the CPU
+    the same test runs in torch (``_ray_box_near_far_torch``). The two agree up to float rounding
+    (nerfacc multiplies by 1 / d_a where torch divides by d_a).
+
     origins, dirs [..., 3], lo, hi [3] -> near, far [...].
     """
+    if not origins.is_cuda:
+        return _ray_box_near_far_torch(origins, dirs, lo, hi)
+    box = torch.cat([lo, hi]).to(device=origins.device, dtype=torch.float32).unsqueeze(0)  # [1, 6]
+    near, far, _ = nerfacc.ray_aabb_intersect(origins.reshape(-1, 3).float(), dirs.reshape(-1, 3).float(), box)
+    return near.reshape(origins.shape[:-1]).to(origins.dtype), far.reshape(origins.shape[:-1]).to(origins.dtype)
+
+
+def _ray_box_near_far_torch(origins: torch.Tensor, dirs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ray_box_near_far in torch, for the CPU. origins, dirs [..., 3], lo, hi [3] -> near, far [...]."""
     tiny = torch.full_like(dirs, 1e-12)
     safe = torch.where(dirs.abs() < 1e-12, torch.where(dirs < 0, -tiny, tiny), dirs)
     t_lo, t_hi = (lo - origins) / safe, (hi - origins) / safe
     near = torch.minimum(t_lo, t_hi).amax(-1)
     far = torch.maximum(t_lo, t_hi).amin(-1)
-    return near, far
+    hit = (far > near) & (far > 0)
+    return near.where(hit, torch.inf), far.where(hit, torch.inf)
 
 
 @torch.no_grad()
