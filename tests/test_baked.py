@@ -10,7 +10,7 @@ from amortized3d.inference.baked import BakedField, bake_field, ray_box_near_far
 from amortized3d.inference.export import extract_mesh
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import render_images
-from tests.test_export import SphereField
+from tests.fixtures import SphereField
 
 CENTER = (0.1, -0.2, 0.05)
 
