@@ -48,7 +48,6 @@ from amortized3d.rendering.cameras import Cameras
 from amortized3d.text.pretrained_encoder import TEXT_SUBFOLDERS, PretrainedTextEncoder
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-DEFAULT_IF_MODEL = "DeepFloyd/IF-I-XL-v1.0"
 SUBFOLDERS = {
     "stable_diffusion": ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
     "deepfloyd_if": ["unet", "text_encoder", "tokenizer", "scheduler"],
