@@ -373,7 +373,7 @@ def _run(func, args) -> int:
     from amortized3d.config import ConfigError
     from amortized3d.data.corpora import CorpusError
     from amortized3d.data.embedding_store import StoreError
-    from amortized3d.data.shapeworld import PromptError
+    from amortized3d.shapeworld import PromptError
     from amortized3d.evaluation.clip_models import ClipLoadError
     from amortized3d.evaluation.gallery import GalleryError
     from amortized3d.priors.pretrained import PretrainedLoadError

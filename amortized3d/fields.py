@@ -3,7 +3,7 @@
 A field answers, for every prompt p in the batch and every 3D point, the signed
 distance to the surface and the albedo color there, plus a background color for
 ray directions that leave the scene. Generators (``amortized3d.generators``) and
-the exact ShapeWorld scenes (``amortized3d.data.shapeworld``) both produce fields,
+the exact ShapeWorld scenes (``amortized3d.shapeworld``) both produce fields,
 so the renderer, the mesh export and the oracle evaluation treat them alike.
 
 Shapes: P prompts, N points per prompt, R rays per prompt.
@@ -41,3 +41,23 @@ def finite_difference_gradient(field: Field, points: torch.Tensor, sdf: torch.Te
     shifted = (points.unsqueeze(2) + offsets).reshape(P, N * 3, 3)
     shifted_sdf = field.sdf(shifted).reshape(P, N, 3)
     return (shifted_sdf - sdf.unsqueeze(-1)) / eps
+
+
+def grid_points(resolution: int, bound: float, *, cell_centers: bool = False, device=None) -> torch.Tensor:
+    """The points of a res^3 grid over the box [-bound, bound]^3, where a field is sampled.
+
+    Grid vertices (default), the box's corners included, or the centers of its res^3 equal cells:
+
+        vertices:      x_i = -bound + i h,          h = 2 bound / (res - 1)
+        cell_centers:  x_i = -bound + (i + 1/2) h,  h = 2 bound / res
+
+    and the same for y_j and z_k. Points are row-major over (k, j, i), x fastest, so values
+    sampled at them reshape to [res, res, res] indexed [k, j, i] (grid_sample's depth, height,
+    width order). -> points [res^3, 3] as (x, y, z), float32.
+    """
+    if cell_centers:
+        axis = (torch.arange(resolution, dtype=torch.float32, device=device) + 0.5) / resolution * 2 * bound - bound
+    else:
+        axis = torch.linspace(-bound, bound, resolution, dtype=torch.float32, device=device)
+    gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
+    return torch.stack([gx, gy, gz], dim=-1).reshape(-1, 3)

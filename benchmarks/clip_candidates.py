@@ -32,7 +32,7 @@ def one(args) -> dict:
 
     from amortized3d.builders import load_run
     from amortized3d.data.corpora import load_corpus
-    from amortized3d.data.shapeworld import shapeworld_corpus
+    from amortized3d.shapeworld import shapeworld_corpus
     from amortized3d.evaluation import clip_eval
     from amortized3d.training.monitor import peak_memory_mb
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from amortized3d.builders import build_text_encoder, prepare_store
 from amortized3d.config import load_config
 from amortized3d.data.loader import batch_loader
-from amortized3d.data.shapeworld import shapeworld_corpus
+from amortized3d.shapeworld import shapeworld_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapeworld.yaml"

@@ -11,7 +11,7 @@ from amortized3d.distillation.score_distillation import score_distillation
 from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.interfaces import Conditioning
-from tests.test_stable_diffusion import REPO, SD_TINY, scaled_linear_alphas_cumprod, tiny_sd  # noqa: F401
+from tests.fixtures import REPO, SD_TINY, scaled_linear_alphas_cumprod
 
 B = 2
 PROMPTS = ["a frog", "a castle"]
@@ -43,7 +43,7 @@ def replay(gen, t_range):
 
 
 @pytest.mark.parametrize("method", ["vsd", "lods-embedding", "lods-lora"])
-def test_gradient_equals_formula_and_two_unet_calls(tiny_sd, method):  # noqa: F811
+def test_gradient_equals_formula_and_two_unet_calls(tiny_sd, method):
     prior = fresh_prior(tiny_sd)
     adapter = {"vsd": VSDLoRA, "lods-embedding": LODSEmbedding, "lods-lora": LODSLoRA}[method](prior)
     if method == "lods-embedding":
@@ -101,7 +101,7 @@ def merged_unet(folder, prior, name, scale=1.0):
     return unet
 
 
-def test_lora_branches_match_peft_merged_weights(tiny_sd):  # noqa: F811
+def test_lora_branches_match_peft_merged_weights(tiny_sd):
     x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     t = torch.tensor([50, 700])
     cameras = orbit_cameras(B, 20.0, 1.5, 70.0)
@@ -132,7 +132,7 @@ def test_lora_branches_match_peft_merged_weights(tiny_sd):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind", [LODSEmbedding, LODSLoRA, VSDLoRA])
-def test_alignment_loss_trains_only_the_adapter(tiny_sd, kind):  # noqa: F811
+def test_alignment_loss_trains_only_the_adapter(tiny_sd, kind):
     prior = fresh_prior(tiny_sd)
     adapter = kind(prior)
     latents = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -155,7 +155,7 @@ def test_alignment_loss_trains_only_the_adapter(tiny_sd, kind):  # noqa: F811
     assert not any(p.requires_grad for n, p in prior.unet.named_parameters() if "lora_" not in n)
 
 
-def test_resume_restores_the_adapter_exactly(tiny_sd, tmp_path):  # noqa: F811
+def test_resume_restores_the_adapter_exactly(tiny_sd, tmp_path):
     from safetensors.torch import load_file
 
     from amortized3d.config import load_config

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-
 import numpy as np
+import pytest
+import torch
 
 from amortized3d.inference.baked import BakedField, bake_field, ray_box_near_far, render_baked
 from amortized3d.inference.export import extract_mesh
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import render_images
-from tests.test_export import SphereField
+from tests.fixtures import SphereField
 
 CENTER = (0.1, -0.2, 0.05)
 
@@ -60,14 +60,23 @@ def _grid(resolution: int) -> torch.Tensor:
     return torch.stack([gx, gy, gz], -1).reshape(-1, 3)
 
 
-def test_ray_box_matches_brute_force_membership():
+BOX = torch.tensor([-0.3, -0.5, -0.2]), torch.tensor([0.4, 0.1, 0.6])  # lo, hi
+
+
+def _rays_toward_the_box() -> tuple[torch.Tensor, torch.Tensor]:
+    """400 rays aimed at random points around BOX, the first 20 parallel to x. -> origins, dirs [400, 3]."""
     gen = torch.Generator().manual_seed(0)
     origins = torch.randn(400, 3, generator=gen) * 2
     targets = torch.rand(400, 3, generator=gen) * 1.6 - 0.8
     dirs = torch.nn.functional.normalize(targets - origins, dim=-1)
     dirs[:20, 1:] = 0.0  # axis-parallel rays
     dirs[:20, 0] = 1.0
-    lo, hi = torch.tensor([-0.3, -0.5, -0.2]), torch.tensor([0.4, 0.1, 0.6])
+    return origins, dirs
+
+
+def test_ray_box_matches_brute_force_membership():
+    origins, dirs = _rays_toward_the_box()
+    lo, hi = BOX
     near, far = ray_box_near_far(origins, dirs, lo, hi)
     t = torch.linspace(-8, 8, 16001)
     points = origins[:, None] + t[None, :, None] * dirs[:, None]
@@ -79,6 +88,32 @@ def test_ray_box_matches_brute_force_membership():
     last = torch.where(inside, t, -torch.inf).amax(1)[hit]
     step = 16.0 / 16000
     assert (first - near[hit]).abs().max() <= step and (last - far[hit]).abs().max() <= step
+
+
+def test_ray_box_behind_the_origin_is_a_miss():
+    lo, hi = BOX
+    origins = torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, -0.2, 0.2]])
+    dirs = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # away, toward, from inside
+    near, far = ray_box_near_far(origins, dirs, lo, hi)
+    assert near[0] == far[0] == torch.inf
+    torch.testing.assert_close(torch.stack([near[1], far[1]]), torch.tensor([1.6, 2.3]))
+    torch.testing.assert_close(torch.stack([near[2], far[2]]), torch.tensor([-0.3, 0.3]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nerfacc's ray_aabb_intersect runs on CUDA only")
+def test_ray_box_on_cuda_matches_cpu():
+    origins, dirs = _rays_toward_the_box()
+    origins = torch.cat([origins, -origins])  # the second half starts beyond the box, facing away from most of it
+    dirs = torch.cat([dirs, -dirs.flip(0)])
+    lo, hi = BOX
+    near, far = ray_box_near_far(origins, dirs, lo, hi)  # torch
+    near_cuda, far_cuda = ray_box_near_far(origins.cuda(), dirs.cuda(), lo.cuda(), hi.cuda())  # nerfacc
+    hit = far > near
+    assert hit.sum() > 20 and (~hit).sum() > 20
+    assert torch.equal(hit, (far_cuda > near_cuda).cpu())
+    # nerfacc multiplies by 1 / d where torch divides by d: float32 rounding apart.
+    torch.testing.assert_close(near_cuda.cpu()[hit], near[hit], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(far_cuda.cpu()[hit], far[hit], atol=1e-5, rtol=1e-5)
 
 
 def test_turntable_of_baked_field_matches_exact_render():

@@ -7,7 +7,7 @@ import pytest
 
 from amortized3d.cli import main
 from amortized3d.evaluation.bench import load_matrix, table
-from tests.test_training import TINY
+from tests.fixtures import TINY
 
 
 def test_bench_runs_the_matrix_and_writes_the_table(tmp_path, capsys):

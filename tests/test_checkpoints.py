@@ -13,7 +13,7 @@ from amortized3d.builders import load_run
 from amortized3d.training import train as train_module
 from amortized3d.training.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint, step_folders
 from amortized3d.training.train import TrainingDiverged, train
-from tests.test_training import tiny_config
+from tests.fixtures import tiny_config
 
 
 def tiny_model():

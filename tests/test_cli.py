@@ -11,9 +11,7 @@ import pytest
 import trimesh
 
 from amortized3d.cli import main
-from tests.test_training import TINY
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures import REPO, TINY
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from amortized3d.evaluation import clip_eval
 from amortized3d.evaluation.clip_eval import score_views, text_feature_blocks
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures import REPO, free_port, hide_viewer, tiny_config
 
 
 def dense_reference(image: torch.Tensor, text: torch.Tensor, own: int):
@@ -105,7 +104,6 @@ def test_text_features_are_cached_and_split_over_ranks(tmp_path, monkeypatch):
 def tiny_run_and_clip(tmp_path_factory):
     from amortized3d.priors.tiny import make_tiny_clip
     from amortized3d.training.train import train
-    from tests.test_training import tiny_config
 
     root = tmp_path_factory.mktemp("clip_eval")
     run = train(tiny_config("train.steps=2", "train.ckpt_every=2"), root / "run")
@@ -117,8 +115,6 @@ def evaluate_cli(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
     if processes == 1:
         cmd = [sys.executable, "-m", "amortized3d", "evaluate", *args]
     else:
-        from tests.test_distributed import free_port
-
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "amortized3d", "evaluate", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -166,7 +162,6 @@ def test_evaluate_with_a_tiny_clip_resumes_and_merges_ranks_exactly(tiny_run_and
 def test_evaluate_without_the_3d_viewer_still_writes_its_summary_and_gallery(tiny_run_and_clip, tmp_path, monkeypatch, capsys):
     """`npm ci` not run: the default --gallery must not fail the evaluation after scoring; its page shows turntables."""
     from amortized3d.cli import main
-    from tests.test_gallery import hide_viewer
 
     hide_viewer(monkeypatch, tmp_path / "empty")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

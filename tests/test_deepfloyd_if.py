@@ -7,37 +7,22 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from amortized3d.distillation.score_distillation import score_distillation
-from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
-from amortized3d.priors.tiny import IF_TEXT_DIM, make_tiny_deepfloyd_if
-from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.interfaces import Conditioning
-from tests.test_stable_diffusion import REPO, SD_TINY
-
-
-@pytest.fixture(scope="module")
-def tiny_if(tmp_path_factory) -> Path:
-    return make_tiny_deepfloyd_if(tmp_path_factory.mktemp("tiny_if") / "if")
+from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
+from amortized3d.priors.tiny import IF_TEXT_DIM
+from amortized3d.rendering.cameras import orbit_cameras
+from tests.fixtures import REPO, SD_TINY, cosine_alphas_cumprod
 
 
 @pytest.fixture(scope="module")
 def prior(tiny_if) -> DiffusionPrior:
     return DiffusionPrior(DiffusionPriorConfig(model=str(tiny_if)), kind="deepfloyd_if")
-
-
-def cosine_alphas_cumprod(T: int = 1000) -> torch.Tensor:
-    """IF's schedule by hand: abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2, beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)."""
-    def abar(s):
-        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float64)
-    return torch.cumprod(1 - betas, 0).float()
 
 
 def test_pixel_space_prior_loads_with_its_schedule(prior):

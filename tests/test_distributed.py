@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.embedding_store import load_manifest, shard_sizes
 from amortized3d.data.loader import EpochPlan
-
-from tests.test_training import TINY
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.fixtures import REPO, TINY, free_port
 
 
 def launch(*args: str) -> list[str]:
@@ -88,7 +77,7 @@ import sys
 import torch
 from amortized3d.cli import train_main
 from amortized3d.training import train as train_module
-from tests.test_training import NaNAfter
+from tests.fixtures import NaNAfter
 
 original = train_module.build_prior
 

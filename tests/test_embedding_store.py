@@ -18,7 +18,7 @@ from amortized3d.data.embedding_store import (
     StoreError, auto_shard_size, build_store, load_manifest, prompt_key, prompts_digest, shard_sizes, store_order,
 )
 from amortized3d.data.loader import batch_loader
-from amortized3d.data.shapeworld import shapeworld_corpus
+from amortized3d.shapeworld import shapeworld_corpus
 from amortized3d.text.hashed_encoder import HashedTextEncoder
 
 PROMPTS = shapeworld_corpus("shapeworld-4k")["train"][:50]

@@ -20,23 +20,7 @@ from amortized3d.inference.export import (
     to_uint8,
     write_video,
 )
-
-
-class SphereField:
-    """Single-prompt sphere: sdf = |p - c| - r, albedo rgb = (p + 1) / 2, constant gray background."""
-
-    def __init__(self, radius: float = 0.5, center=(0.0, 0.0, 0.0)):
-        self.radius = radius
-        self.center = torch.tensor(center, dtype=torch.float32)
-
-    def sdf(self, points):  # [P, N, 3] -> [P, N]
-        return (points - self.center).norm(dim=-1) - self.radius
-
-    def sdf_and_color(self, points):  # -> [P, N], [P, N, 3]
-        return self.sdf(points), ((points + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    def background(self, directions):  # [P, R, 3] -> [P, R, 3]
-        return torch.full_like(directions, 0.5)
+from tests.fixtures import SphereField
 
 
 class ConstantField(SphereField):

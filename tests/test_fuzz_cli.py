@@ -25,10 +25,9 @@ import pytest
 from amortized3d.cli import generate_main, main, train_main
 from amortized3d.config import RANGES
 from tests.fuzz_inputs import malformed_corpus_files
-from tests.test_training import TINY
+from tests.fixtures import REPO, TINY
 
 SEED = 20261130
-REPO = Path(__file__).resolve().parents[1]
 FIX_WORDS = ("use ", "pass ", "set ", "choose", "e.g.", "remove", "rebuild", "run ", "save ", "fix", "give", "lower", "raise",
              "check", "train ", "write", "delete", "move", "must", "should", "allowed", "expected", "replace", "point ", "quote",
              "name ", "shorten", "drop", "add ", "try", "did you mean", "one of", "an integer", "a number", "a folder", "a file",

@@ -17,16 +17,10 @@ from PIL import Image
 
 from amortized3d.evaluation import gallery as gallery_module
 from amortized3d.evaluation.gallery import GalleryError, ViewerNotInstalled, build_gallery, model_viewer_script
+from tests.fixtures import hide_viewer, tiny_config
 
 PROMPTS = ["a large red cube", "a large blue sphere"]
 SMALL = {"mesh_resolution": 32, "frames": 4, "image_size": 32}
-
-
-def hide_viewer(monkeypatch, empty_dir) -> None:
-    """Make an installed model-viewer invisible: no $AMORTIZED3D_MODEL_VIEWER, no checkout node_modules, no global npm root."""
-    monkeypatch.delenv(gallery_module.VIEWER_ENV, raising=False)
-    monkeypatch.setattr(gallery_module, "CHECKOUT", empty_dir)
-    monkeypatch.setattr(gallery_module, "npm_global_root", lambda: None)
 
 
 def links(text: str) -> list[str]:
@@ -36,7 +30,6 @@ def links(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from amortized3d.training.train import train
-    from tests.test_training import tiny_config
 
     return train(tiny_config("train.steps=2", "train.ckpt_every=2"), tmp_path_factory.mktemp("gallery") / "run")
 

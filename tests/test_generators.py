@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from amortized3d.generators.conv3d import Conv3DConfig, Conv3DGenerator
 from amortized3d.generators.hyper_ingp import HyperINGP, HyperINGPConfig
 from amortized3d.generators.triplane import TriplaneConfig, TriplaneTransformer
+from tests.fixtures import tiny_config
 
 TEXT_DIM = 24
 
@@ -136,7 +137,6 @@ def test_trainer_and_generate_take_every_generator(kind, tmp_path):
 
     from amortized3d.inference.generate import generate
     from amortized3d.training.train import train
-    from tests.test_training import tiny_config
 
     run = train(tiny_config(f"generator.kind={kind}", "generator.preset=tiny", "train.steps=2"), tmp_path / "run")
     rows = (run / "metrics.jsonl").read_text().splitlines()

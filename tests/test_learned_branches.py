@@ -26,8 +26,7 @@ from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorCon
 from amortized3d.priors.tiny import make_tiny_deepfloyd_if, make_tiny_stable_diffusion
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.interfaces import Conditioning
-from tests.test_deepfloyd_if import cosine_alphas_cumprod
-from tests.test_stable_diffusion import REPO, SD_TINY, scaled_linear_alphas_cumprod
+from tests.fixtures import REPO, SD_TINY, cosine_alphas_cumprod, scaled_linear_alphas_cumprod
 
 PROMPTS = ["a frog", "a castle"]
 ADAPTERS = {"vsd": VSDLoRA, "lods-embedding": LODSEmbedding, "lods-lora": LODSLoRA}

@@ -17,7 +17,7 @@ import torch
 
 from amortized3d.data.embedding_store import StoreError, build_store
 from amortized3d.data.loader import EpochPlan, batch_loader
-from amortized3d.data.shapeworld import shapeworld_corpus
+from amortized3d.shapeworld import shapeworld_corpus
 from amortized3d.text.hashed_encoder import HashedTextEncoder
 
 PROMPTS = shapeworld_corpus("shapeworld-4k")["train"][:50]

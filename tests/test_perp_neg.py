@@ -14,7 +14,7 @@ from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig, perp_neg_terms, view_index
 from amortized3d.rendering.cameras import look_at_cameras
 from amortized3d.interfaces import Conditioning
-from tests.test_stable_diffusion import scaled_linear_alphas_cumprod, tiny_sd  # noqa: F401
+from tests.fixtures import scaled_linear_alphas_cumprod
 
 SIDE, FRONT, BACK, OVERHEAD = 0, 1, 2, 3
 
@@ -63,7 +63,7 @@ def reference_perp_neg_weights(elevation: torch.Tensor, azimuth: torch.Tensor, g
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def test_perp_neg_weights_equal_the_reference_computation(tiny_sd):  # noqa: F811
+def test_perp_neg_weights_equal_the_reference_computation(tiny_sd):
     azimuth = torch.arange(-180.0, 180.0, 7.5).repeat(6)
     elevation = torch.tensor([-10.0, 15.0, 45.0, 59.9, 60.1, 85.0]).repeat_interleave(48)
     cameras = look_at_cameras(elevation, azimuth, torch.full_like(azimuth, 1.5), torch.full_like(azimuth, 60.0))
@@ -106,7 +106,7 @@ def test_perpendicular_component_is_orthogonal_and_completes_x():
     torch.testing.assert_close(cos, torch.ones(3), atol=1e-5, rtol=0)
 
 
-def test_view_dependent_prompts_take_the_camera_suffix(tiny_sd):  # noqa: F811
+def test_view_dependent_prompts_take_the_camera_suffix(tiny_sd):
     prior = DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16, view_dependent=True))
     cameras = look_at_cameras(torch.tensor([0.0, 0.0, 0.0, 70.0, 0.0]), torch.tensor([5.0, 100.0, 170.0, 0.0, 0.0]),
                               torch.full((5,), 1.5), torch.full((5,), 60.0))
@@ -116,7 +116,7 @@ def test_view_dependent_prompts_take_the_camera_suffix(tiny_sd):  # noqa: F811
 
 
 @pytest.mark.parametrize("method", ["sds", "asd"])
-def test_perp_neg_step_is_one_unet_call_and_matches_its_formula(tiny_sd, method):  # noqa: F811
+def test_perp_neg_step_is_one_unet_call_and_matches_its_formula(tiny_sd, method):
     prior = DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16, perp_neg=True, perp_neg_scale=-0.5))
     B, g, t_range, eta = 3, 7.5, (100, 900), 0.1
     cameras = look_at_cameras(torch.tensor([10.0, 20.0, 75.0]), torch.tensor([20.0, -120.0, 60.0]),

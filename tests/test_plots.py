@@ -7,6 +7,7 @@ from PIL import Image
 
 from amortized3d.cli import main
 from amortized3d.evaluation.plots import plot_run
+from tests.fixtures import tiny_config
 
 
 def test_panels_are_drawn_from_the_metrics(tmp_path):
@@ -31,7 +32,6 @@ def test_plot_command_names_a_missing_run(tmp_path, capsys):
 
 def test_periodic_oracle_evaluation_gives_points_over_steps(tmp_path):
     from amortized3d.training.train import train
-    from tests.test_training import tiny_config
 
     from amortized3d.evaluation.oracle import eval_every_hook
 
@@ -51,7 +51,6 @@ def test_eval_every_must_follow_checkpoints():
     import pytest
 
     from amortized3d.config import ConfigError
-    from tests.test_training import tiny_config
 
     with pytest.raises(ConfigError, match="multiple of train.ckpt_every"):
         tiny_config("train.ckpt_every=2", "train.eval_every=3")

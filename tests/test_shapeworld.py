@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from amortized3d.data.shapeworld import (
+from amortized3d.shapeworld import (
     COLORS,
     RELATIONS,
     SCENE_RADIUS,
@@ -452,7 +452,7 @@ def test_corpus_deterministic_across_calls_and_hash_seeds():
     a["train"].append("mutated")
     assert "mutated" not in shapeworld_corpus("shapeworld-4k")["train"]
     code = (
-        "import hashlib; from amortized3d.data.shapeworld import shapeworld_corpus as c; "
+        "import hashlib; from amortized3d.shapeworld import shapeworld_corpus as c; "
         "print(hashlib.sha256(repr(c('shapeworld-4k')).encode()).hexdigest())"
     )
     digests = set()

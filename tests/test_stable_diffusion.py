@@ -16,29 +16,17 @@ import torch.nn.functional as F
 
 from amortized3d.distillation.score_distillation import score_distillation
 from amortized3d.priors.pretrained import PretrainedLoadError
-from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
-from amortized3d.priors.tiny import TEXT_DIM, make_tiny_stable_diffusion
-from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.interfaces import Conditioning
 from amortized3d.priors.branches import COND, UNCOND
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> Path:
-    return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd") / "sd")
+from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
+from amortized3d.priors.tiny import TEXT_DIM
+from amortized3d.rendering.cameras import orbit_cameras
+from tests.fixtures import REPO, SD_TINY, scaled_linear_alphas_cumprod
 
 
 @pytest.fixture(scope="module")
 def prior(tiny_sd) -> DiffusionPrior:
     return DiffusionPrior(DiffusionPriorConfig(model=str(tiny_sd), resolution=16))
-
-
-def scaled_linear_alphas_cumprod() -> torch.Tensor:
-    """Stable Diffusion's schedule by hand: sqrt(beta) linear from sqrt(0.00085) to sqrt(0.012) over 1000 steps."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, 0).float()
 
 
 def test_loads_frozen_with_the_checkpoint_schedule(prior):
@@ -206,14 +194,6 @@ def test_missing_weights_fail_fast_with_instructions(tmp_path):
         assert run.returncode == 2, run.stderr[-2000:]
         assert expected in run.stderr and "--prior PATH" in run.stderr and "Traceback" not in run.stderr
         assert elapsed < 15, f"took {elapsed:.1f} s"  # no network retries (those take 20 s and more)
-
-
-SD_TINY = [
-    "train.wandb=disabled", "render.height=16", "render.width=16", "render.n_proposal=16", "render.n_importance=8",
-    "prior.resolution=32", "generator.n_levels=4", "generator.log2_hashmap_size=12", "generator.base_resolution=4",
-    "generator.per_level_scale=1.5", "eval.resolution=16", "eval.n_views=4", "render.eikonal_points=256",
-    "train.val_every=1000", "train.ckpt_every=1000", "train.steps=2", "train.log_every=1",
-]
 
 
 def reference_corpus_args(tmp_path: Path) -> list[str]:

@@ -8,22 +8,11 @@ import torch
 import trimesh
 from safetensors.torch import load_file
 
-from amortized3d.config import load_config, save_config
+from amortized3d.config import save_config
 from amortized3d.training import train as train_module
 from amortized3d.training.checkpoint import latest_checkpoint, save_checkpoint
 from amortized3d.training.train import TrainingDiverged, train
-
-TINY = [
-    "train.wandb=disabled", "render.height=16", "render.width=16", "render.n_proposal=16", "render.n_importance=8",
-    "prior.n_proposal=16", "prior.n_importance=8", "generator.n_levels=4", "generator.log2_hashmap_size=12",
-    "generator.base_resolution=4", "generator.per_level_scale=1.5", "text.dim=64", "train.prompts_per_step=2",
-    "eval.resolution=16", "eval.n_views=4", "eval.iou_resolution=16", "render.eikonal_points=256", "train.log_every=1",
-    "train.val_every=1000",
-]
-
-
-def tiny_config(*extra):
-    return load_config("shapeworld-16", overrides=[*TINY, *extra])
+from tests.fixtures import NaNAfter, tiny_config
 
 
 def cfg_prompts(cfg) -> list[str]:
@@ -60,22 +49,6 @@ def test_resume_is_bit_identical(tmp_path):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 8)) and rows[5]["epoch"] == 1.0
     assert (straight / "config.yaml").is_file()
-
-
-class NaNAfter:
-    """Wraps a prior; its noise predictions turn NaN after ``good_calls`` calls."""
-
-    def __init__(self, prior, good_calls):
-        self.prior, self.good_calls, self.calls = prior, good_calls, 0
-        self.alphas_cumprod, self.perp_neg, self.text_encoder = prior.alphas_cumprod, prior.perp_neg, prior.text_encoder
-
-    def encode(self, x, generator=None):
-        return self.prior.encode(x, generator)
-
-    def predict_noise(self, *args):
-        self.calls += 1
-        eps = self.prior.predict_noise(*args)
-        return eps if self.calls <= self.good_calls else eps * float("nan")
 
 
 def test_guard_skips_non_finite_steps_and_stops_with_checkpoint_intact(tmp_path, monkeypatch):

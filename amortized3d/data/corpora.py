@@ -61,7 +61,7 @@ from pathlib import Path
 
 import yaml
 
-from amortized3d.data.shapeworld import shapeworld_corpus
+from amortized3d.shapeworld import shapeworld_corpus
 
 CATALOG_PATH = Path(__file__).resolve().parents[2] / "corpora" / "catalog.yaml"
 SPLITS = ("train", "val", "test")
@@ -218,6 +218,18 @@ def check_prompt(prompt, where: str) -> str:
     if problem:
         raise CorpusError(f"{where}: {problem}")
     return prompt.strip(_BLANKS)
+
+
+def check_prompts(prompts, example: str) -> list[str]:
+    """Prompts given directly (e.g. on a command line) rather than in a file, by the same rules as
+    ``check_prompt``: one string counts as one prompt, and at least one is needed. ``example`` shows
+    how to pass them, for the message when there is none. -> the prompts stripped of surrounding
+    spaces and tabs; CorpusError 'prompt I of N: <what is wrong; fix>' for the first invalid one."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise CorpusError(f"no prompt given; pass one or more prompts, e.g. {example}")
+    return [check_prompt(p, f"prompt {i + 1} of {len(prompts)}") for i, p in enumerate(prompts)]
 
 
 def dedupe(prompts: list[str]) -> tuple[list[str], dict[str, int]]:

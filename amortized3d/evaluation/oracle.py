@@ -9,7 +9,7 @@ its nearest scene:
     R@1(p)     = mean_v [d(p, p, v) <= min_c d(p, c, v)]   (a tie counts: see below)
     sim(p)     = mean_v (1 - sqrt(d(p, p, v)))          (1 - RMSE, in [0, 1])
     PSNR(p)    = mean_v -10 log10 d(p, p, v)
-    IoU(p)     = max_k |{sdf_gen < 0} & {sdf_k < 0}| / |{sdf_gen < 0} | {sdf_k < 0}|   on a grid
+    IoU(p)     = max_k |{sdf_gen < 0} & {sdf_k < 0}| / |{sdf_gen < 0} | {sdf_k < 0}|   at the cell centers of a grid
 
 Ties count as hits: when two candidates share the nearest exact render (an under-specified
 "a cube" contains the scene of "a large yellow cube"), the render cannot tell them apart, and
@@ -30,12 +30,13 @@ import torch
 
 from amortized3d.builders import build_text_encoder, load_run
 from amortized3d.data.corpora import load_corpus
-from amortized3d.data.shapeworld import parse_prompt, scene_field
 from amortized3d.evaluation.clip_eval import summarize
+from amortized3d.fields import grid_points
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk
 from amortized3d.run_dir import RunDir
+from amortized3d.shapeworld import parse_prompt, scene_field
 from amortized3d.training.previews import render_validation
 
 TIE_TOLERANCE = 1e-5  # relative: distances this close to the nearest count as the nearest
@@ -61,12 +62,6 @@ def retrieval_metrics(renders: torch.Tensor, references: torch.Tensor, valid: to
         "similarity": (1 - own_d.sqrt()).mean(1),
         "psnr": (-10 * torch.log10(own_d)).mean(1),
     }
-
-
-def grid_points(resolution: int, bound: float) -> torch.Tensor:
-    """Cell centers of a resolution^3 grid over [-bound, bound]^3. -> [resolution^3, 3]."""
-    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 * bound - bound
-    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
 
 
 def occupancy_iou(occupied: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -109,7 +104,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     metrics = retrieval_metrics(renders, references, valid_all, own)
 
     bound = cfg.sampling_radius()
-    pts = grid_points(cfg.eval.iou_resolution, bound)
+    pts = grid_points(cfg.eval.iou_resolution, bound, cell_centers=True)
     ious = []
     for p in evaluated:
         text = text_encoder.encode([p])

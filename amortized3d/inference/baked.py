@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import nerfacc
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amortized3d.fields import Field
+from amortized3d.fields import Field, grid_points
 from amortized3d.rendering.cameras import Cameras, camera_rays
 from amortized3d.rendering.volume import proposal_weights, ray_sphere_near_far, render_rays
 
@@ -117,13 +118,6 @@ def _evaluate(field: Field, points: torch.Tensor, chunk_points: int) -> torch.Te
     return torch.cat(values) if values else points.new_zeros(0, 4)
 
 
-def _grid_points(resolution: int, bound: float, device) -> torch.Tensor:
-    """The grid x_ijk row-major over (k, j, i) -> points [res^3, 3] as (x, y, z)."""
-    axis = torch.linspace(-bound, bound, resolution, dtype=torch.float32, device=device)
-    gz, gy, gx = torch.meshgrid(axis, axis, axis, indexing="ij")
-    return torch.stack([gx, gy, gz], dim=-1).reshape(-1, 3)
-
-
 @torch.no_grad()
 def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_points: int = 262144) -> BakedField:
     """Sdf and albedo of a single-prompt field on the res^3 grid over [-bound, bound]^3.
@@ -143,31 +137,48 @@ def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_po
         raise ValueError(f"chunk_points must be >= 1, got {chunk_points}; use e.g. 262144.")
     device = field_device(field)
     if resolution < 9:
-        values = _evaluate(field, _grid_points(resolution, bound, device), chunk_points)
+        values = _evaluate(field, grid_points(resolution, bound, device=device), chunk_points)
         return BakedField(values.t().reshape(4, resolution, resolution, resolution).contiguous(), float(bound), field)
     coarse_res = (resolution + 1) // 2
-    coarse = _evaluate(field, _grid_points(coarse_res, bound, device), chunk_points)
+    coarse = _evaluate(field, grid_points(coarse_res, bound, device=device), chunk_points)
     coarse = coarse.t().reshape(1, 4, coarse_res, coarse_res, coarse_res)
     values = F.interpolate(coarse, size=(resolution,) * 3, mode="trilinear", align_corners=True)[0]  # [4, r, r, r]
     band = REFINE_BAND * 2.0 * bound / (coarse_res - 1)
     near = (values[0].abs() < band).reshape(-1).nonzero()[:, 0]  # flat (k, j, i) indices
     if near.numel():
         flat = values.reshape(4, -1)
-        flat[:, near] = _evaluate(field, _grid_points(resolution, bound, device)[near], chunk_points).t()
+        flat[:, near] = _evaluate(field, grid_points(resolution, bound, device=device)[near], chunk_points).t()
     return BakedField(values.contiguous(), float(bound), field)
 
 
 def ray_box_near_far(origins: torch.Tensor, dirs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Slab test: entry and exit distances of rays through the box [lo, hi]; near >= far means a miss.
 
+    For each axis a the ray o + t d is inside the slab between t = (lo_a - o_a) / d_a and
+    t = (hi_a - o_a) / d_a; near is the largest entry, far the smallest exit. A ray that misses
+    the box, or whose box lies wholly behind its origin (far <= 0), gets near = far = inf.
+    On CUDA this is nerfacc.ray_aabb_intersect; nerfacc has no CPU kernel for it, so on the CPU
+    the same test runs in torch (``_ray_box_near_far_torch``). The two agree up to float rounding
+    (nerfacc multiplies by 1 / d_a where torch divides by d_a).
+
     origins, dirs [..., 3], lo, hi [3] -> near, far [...].
     """
+    if not origins.is_cuda:
+        return _ray_box_near_far_torch(origins, dirs, lo, hi)
+    box = torch.cat([lo, hi]).to(device=origins.device, dtype=torch.float32).unsqueeze(0)  # [1, 6]
+    near, far, _ = nerfacc.ray_aabb_intersect(origins.reshape(-1, 3).float(), dirs.reshape(-1, 3).float(), box)
+    return near.reshape(origins.shape[:-1]).to(origins.dtype), far.reshape(origins.shape[:-1]).to(origins.dtype)
+
+
+def _ray_box_near_far_torch(origins: torch.Tensor, dirs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ray_box_near_far in torch, for the CPU. origins, dirs [..., 3], lo, hi [3] -> near, far [...]."""
     tiny = torch.full_like(dirs, 1e-12)
     safe = torch.where(dirs.abs() < 1e-12, torch.where(dirs < 0, -tiny, tiny), dirs)
     t_lo, t_hi = (lo - origins) / safe, (hi - origins) / safe
     near = torch.minimum(t_lo, t_hi).amax(-1)
     far = torch.maximum(t_lo, t_hi).amin(-1)
-    return near, far
+    hit = (far > near) & (far > 0)
+    return near.where(hit, torch.inf), far.where(hit, torch.inf)
 
 
 @torch.no_grad()

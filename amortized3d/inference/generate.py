@@ -13,20 +13,10 @@ from pathlib import Path
 import torch
 
 from amortized3d.builders import build_text_encoder, load_run
+from amortized3d.data.corpora import check_prompts
 from amortized3d.inference.baked import bake_field, render_baked
 from amortized3d.inference.export import contact_sheet, extract_mesh, safe_output_names, save_mesh, to_uint8, write_video
 from amortized3d.rendering.cameras import orbit_cameras
-
-
-def check_prompts(prompts) -> list[str]:
-    """Prompts given on the command line, by the corpus files' rules (amortized3d.data.corpora.check_prompt). -> stripped."""
-    from amortized3d.data.corpora import CorpusError, check_prompt
-
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise CorpusError("no prompt given; pass one or more prompts, e.g. generate \"a red cube\" --checkpoint RUN_DIR")
-    return [check_prompt(p, f"prompt {i + 1} of {len(prompts)}") for i, p in enumerate(prompts)]
 
 
 @torch.no_grad()
@@ -40,7 +30,7 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
 
     -> one dict per prompt with the written paths and the seconds it took.
     """
-    prompts = check_prompts(prompts)
+    prompts = check_prompts(prompts, example='generate "a red cube" --checkpoint RUN_DIR')
     cfg, generator, _ = load_run(run_dir)
     text_encoder = build_text_encoder(cfg)
     out = Path(out)

@@ -32,13 +32,13 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from amortized3d.data.shapeworld import parse_prompt, scene_field
+from amortized3d.interfaces import Conditioning
 from amortized3d.priors.branches import COND, UNCOND
 from amortized3d.priors.schedule import stable_diffusion_alphas_cumprod
-from amortized3d.interfaces import Conditioning
 from amortized3d.rendering.cameras import Cameras
 from amortized3d.rendering.volume import render_images
 from amortized3d.schema import ConfigModel, Int
+from amortized3d.shapeworld import parse_prompt, scene_field
 
 
 def render_prompt_scenes(

@@ -13,8 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-# Files a diffusers-format Stable Diffusion folder needs (safetensors only; no root-level full checkpoints).
-DOWNLOAD_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+# Weight files in formats other than safetensors, never fetched (the components load from safetensors).
 DOWNLOAD_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.h5"]
 
 

@@ -27,19 +27,6 @@ VAE_FACTOR = 2
 IF_TEXT_DIM = 48
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible map from the 256 byte values to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
 def clip_bpe_file() -> Path:
     """open_clip's bundled copy of CLIP's BPE merges (found without importing open_clip, which needs torchvision)."""
     spec = importlib.util.find_spec("open_clip")
@@ -53,7 +40,13 @@ def clip_bpe_file() -> Path:
 
 
 def clip_vocabulary() -> tuple[dict[str, int], list[str]]:
-    """(vocab token -> id, merges) of CLIP's tokenizer, from open_clip's BPE file (49,408 tokens)."""
+    """(vocab token -> id, merges) of CLIP's tokenizer, from open_clip's BPE file (49,408 tokens).
+
+    The first 512 tokens are the 256 byte characters of byte-level BPE (bytes_to_unicode: CLIP's reversible
+    map from byte values to printable unicode characters, in its order), then the same with "</w>" appended.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     units = list(bytes_to_unicode().values())

@@ -28,8 +28,8 @@ from amortized3d.builders import (adapter_lr, build_adapter, build_generator, bu
 from amortized3d.config import ExperimentConfig, save_config
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.loader import batch_loader, check_corpus_fits_a_step
-from amortized3d.data.shapeworld import PromptError, parse_prompt
 from amortized3d.run_dir import RunDir
+from amortized3d.shapeworld import PromptError, parse_prompt
 from amortized3d.seeding import derived_seed
 from amortized3d.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from amortized3d.training.guard import TrainingDiverged, all_finite, all_ranks_agree, diverged, guarded_optimizer_step

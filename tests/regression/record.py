@@ -31,14 +31,14 @@ DIFFUSERS = [("stable_diffusion", m) for m in ("asd", "sds", "csd", "vsd", "lods
 
 
 def analytic_overrides(kind: str, method: str) -> list[str]:
-    from tests.test_training import TINY
+    from tests.fixtures import TINY
 
     extra = [] if kind == "hyper_ingp" else [f"generator.kind={kind}", "generator.preset=tiny"]
     return [*TINY, *extra, f"distill.method={method}", f"train.steps={STEPS}", f"train.ckpt_every={STEPS}"]
 
 
 def diffusers_overrides(kind: str, method: str, folder: Path) -> list[str]:
-    from tests.test_stable_diffusion import SD_TINY
+    from tests.fixtures import SD_TINY
 
     return [*SD_TINY, f"prior.kind={kind}", f"prior.model={folder}", f"distill.method={method}",
             "distill.guidance_scale=null", f"train.steps={STEPS}", "train.ckpt_every=1000", "train.prompts_per_step=2"]
