@@ -10,11 +10,10 @@ import torch
 from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.embedding_store import build_store, default_store_dir, load_manifest, prompts_digest
-from amortized3d.generators.conv3d import Conv3DConfig, Conv3DGenerator
-from amortized3d.generators.hyper_ingp import HyperINGP, HyperINGPConfig
-from amortized3d.generators.triplane import TriplaneConfig, TriplaneTransformer
-from amortized3d.priors.analytic import AnalyticPrior, AnalyticPriorConfig
-from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, DiffusionPrior, DiffusionPriorConfig, load_prior_text_encoder
+from amortized3d.generators import GENERATORS
+from amortized3d.interfaces import Generator, Prior
+from amortized3d.priors import PRIORS
+from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, load_prior_text_encoder
 from amortized3d.text.hashed_encoder import HashedTextEncoder
 from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
 from amortized3d.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -96,23 +95,17 @@ def store_report(cfg: ExperimentConfig, action: str, *, rebuild: bool = False, r
     return {"store": str(folder), **summary, "shards": len(manifest["shards"]), "bytes": size}
 
 
-def build_generator(cfg: ExperimentConfig) -> HyperINGP | Conv3DGenerator | TriplaneTransformer:
-    """The generator of generator.kind, from its own config (the fields of the generator section it has) and text.dim."""
-    g = cfg.generator
-    if g.kind == "conv3d":
-        return Conv3DGenerator(cfg.text.dim, g.part(Conv3DConfig))
-    if g.kind == "triplane":
-        return TriplaneTransformer(cfg.text.dim, g.part(TriplaneConfig))
-    return HyperINGP(cfg.text.dim, g.part(HyperINGPConfig))
+def build_generator(cfg: ExperimentConfig) -> Generator:
+    """The generator of generator.kind (amortized3d.generators.GENERATORS), from its own config (the fields of the
+    generator section it has) and text.dim."""
+    generator_class = GENERATORS[cfg.generator.kind]
+    return generator_class(cfg.text.dim, cfg.generator.part(generator_class.Config))
 
 
-def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.device = "cpu") -> AnalyticPrior | DiffusionPrior:
-    """prior.kind=stable_diffusion / deepfloyd_if loads prior.model (sharing ``text_encoder`` when it is
-    that model's own); prior.kind=analytic builds the closed-form ShapeWorld prior."""
-    if cfg.prior.kind in ("stable_diffusion", "deepfloyd_if"):
-        shared = text_encoder if isinstance(text_encoder, PretrainedTextEncoder) and cfg.text.encoder == "prior" else None
-        return DiffusionPrior(cfg.prior.part(DiffusionPriorConfig), kind=cfg.prior.kind, text_encoder=shared, device=device)
-    return AnalyticPrior(cfg.prior.part(AnalyticPriorConfig), scene_radius=cfg.render.scene_radius, inv_std=cfg.render.inv_std)
+def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.device = "cpu") -> Prior:
+    """The prior of prior.kind (amortized3d.priors.PRIORS): stable_diffusion / deepfloyd_if load prior.model (sharing
+    ``text_encoder`` when it is that model's own); analytic builds the closed-form ShapeWorld prior."""
+    return PRIORS[cfg.prior.kind].from_config(cfg, text_encoder, device)
 
 
 def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, float]:
@@ -156,7 +149,7 @@ def adapter_lr(cfg: ExperimentConfig) -> float:
     return cfg.distill.adapter_lr if cfg.distill.adapter_lr is not None else ADAPTER_LR[cfg.distill.method]
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, HyperINGP, dict]:
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, Generator, dict]:
     """Rebuild a trained generator from RUN_DIR (its config.yaml and latest checkpoint).
 
     -> (config, generator in eval mode on ``device``, checkpoint state).

@@ -187,17 +187,11 @@ def run_corpus(args) -> int:
     if args.action == "info":
         from amortized3d.data.corpora import corpus_info
 
+        from amortized3d.text.clip_vocabulary import clip_token_counter
+
         count = None
         try:
-            import tempfile
-
-            from amortized3d.priors.tiny import clip_tokenizer
-
-            with tempfile.TemporaryDirectory() as work:
-                tokenizer = clip_tokenizer(Path(work))
-
-            def count(prompts):
-                return [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+            count = clip_token_counter()
         except FileNotFoundError as err:
             print(f"(no CLIP token counts: {err})", file=sys.stderr)
         print(json.dumps(corpus_info(corpus, count), indent=1, ensure_ascii=False))
@@ -211,10 +205,9 @@ def run_corpus(args) -> int:
         return 0
     if not args.out:
         raise UsageError("`amortized3d corpus export NAME OUT.json` needs an output path; pass one, e.g. prompts.json")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"train": corpus.train, "val": corpus.val, "test": corpus.test}, f, ensure_ascii=False, indent=0)
-    print(f"wrote {args.out}")
+    from amortized3d.data.corpora import export_corpus
+
+    print(f"wrote {export_corpus(corpus, args.out)}")
     return 0
 
 

@@ -3,9 +3,10 @@
 A config is a tree of pydantic models (amortized3d/schema.py): ExperimentConfig has one section per YAML
 section (``train:``, ``render:``, ...), and every field carries its type, its choices and its range. The
 generator and prior sections are flat in YAML (``generator.kind`` beside every kind's keys) and made of the
-configs that each generator and prior owns: GeneratorConfig holds the fields of HyperINGPConfig
-(generators/hyper_ingp.py), Conv3DConfig (generators/conv3d.py) and TriplaneConfig (generators/triplane.py);
-PriorConfig those of AnalyticPriorConfig (priors/analytic.py) and DiffusionPriorConfig (priors/diffusers_prior.py).
+configs that each generator and prior owns: GeneratorConfig holds the fields of every generator's ``Config`` in
+amortized3d.generators.GENERATORS (HyperINGPConfig, Conv3DConfig, TriplaneConfig), and its ``kind`` choices are
+that mapping's names; PriorConfig likewise from amortized3d.priors.PRIORS (AnalyticPriorConfig,
+DiffusionPriorConfig).
 
 ``load_config`` merges, as nested {section: {key: value}} dicts, the recipe that the corpus selects
 (corpora/catalog.yaml), an optional user YAML file and ``section.key=value`` overrides, over the fields' defaults,
@@ -29,11 +30,9 @@ from pydantic.fields import FieldInfo
 from amortized3d.distillation.methods import METHODS
 from amortized3d.distillation.methods.asd import ASD_SHIFTS
 from amortized3d.distillation.score_distillation import ADAPTER_METHODS
-from amortized3d.generators.conv3d import Conv3DConfig
-from amortized3d.generators.hyper_ingp import HyperINGPConfig
-from amortized3d.generators.triplane import TriplaneConfig
-from amortized3d.priors.analytic import AnalyticPriorConfig
-from amortized3d.priors.diffusers_prior import DEFAULT_MODELS, SUBFOLDERS, DiffusionPriorConfig
+from amortized3d.generators import GENERATORS
+from amortized3d.priors import PRIORS
+from amortized3d.priors.diffusers_prior import DEFAULT_MODELS
 from amortized3d.schema import ConfigModel, Int
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,11 +73,11 @@ class TextConfig(ConfigModel):
     dim: Int = Field(1024, ge=1, le=16384)
 
 
-class GeneratorConfig(HyperINGPConfig, TriplaneConfig, Conv3DConfig):
+class GeneratorConfig(*dict.fromkeys(g.Config for g in GENERATORS.values())):
     """The ``generator:`` section: ``kind`` (hyper_ingp, conv3d (StyleGAN2-like) or triplane (transformer)) and the
     fields of every kind's own config; ``part(HyperINGPConfig)`` (...) gives the config of the generator it builds."""
 
-    kind: Literal["hyper_ingp", "conv3d", "triplane"] = "hyper_ingp"
+    kind: Literal[tuple(GENERATORS)] = "hyper_ingp"
 
 
 class RenderConfig(ConfigModel):
@@ -110,11 +109,11 @@ class CameraConfig(ConfigModel):
     eval_fovy: Fovy = 70.0
 
 
-class PriorConfig(AnalyticPriorConfig, DiffusionPriorConfig):
+class PriorConfig(*dict.fromkeys(p.Config for p in PRIORS.values())):
     """The ``prior:`` section: ``kind`` ("analytic" (ShapeWorld, closed form), "stable_diffusion" or "deepfloyd_if"
     (diffusers)) and the fields of both priors' configs; ``part(AnalyticPriorConfig)`` (...) gives a prior's own."""
 
-    kind: Literal[("analytic", *SUBFOLDERS)] = "analytic"
+    kind: Literal[tuple(PRIORS)] = "analytic"
 
     @field_validator("kind", mode="before")
     @classmethod

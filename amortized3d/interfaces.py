@@ -13,7 +13,8 @@ Implementations: generators in amortized3d/generators/ (hyper_ingp.py, conv3d.py
 representations in amortized3d/rendering/volume.py (SDFRepresentation) and the generators' field classes, priors in
 amortized3d/priors/ (analytic.py, diffusers_prior.py). Every attribute named here exists on every
 implementation (no probing with getattr); a new implementation is one file that provides them,
-plus one line where amortized3d/builders.py picks it from the config.
+plus one entry in the mapping that names it (amortized3d.generators.GENERATORS, amortized3d.priors.PRIORS,
+amortized3d.distillation.methods.METHODS), from which amortized3d/builders.py builds what the config names.
 
 Shapes: P prompts, V views per prompt, N rows of a batched prior call, C channels of the prior's space.
 """
@@ -48,10 +49,11 @@ class Representation(Protocol):
 class Generator(Protocol):
     """A torch.nn.Module mapping text embeddings to representations.
 
-    z_dim: the width of the latent z it also takes (0: none); ``config``: the constructor arguments it was
-    built with (what builders.build_generator passes; saved with checkpoints)."""
+    Built as ``Generator(text_dim, config)`` with ``config`` an instance of its ``Config`` class (a pydantic model of
+    its constructor arguments, kept as ``config``); z_dim: the width of the latent z it also takes (0: none)."""
 
     z_dim: int
+    config: object
 
     def __call__(self, text_pooled: torch.Tensor, text_tokens: torch.Tensor | None = None,
                  z: torch.Tensor | None = None) -> Representation:
@@ -108,6 +110,11 @@ class Prior(Protocol):
     alphas_cumprod: torch.Tensor
     perp_neg: bool
     text_encoder: object | None
+
+    @classmethod
+    def from_config(cls, cfg, text_encoder=None, device: str | torch.device = "cpu") -> "Prior":
+        """The prior the experiment config ``cfg`` names (its ``Config`` is the prior section's part it reads);
+        text_encoder: the generator's, shared when it is the prior's own (text.encoder=prior)."""
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> x [B, C, h, w] in the prior's space, differentiable."""

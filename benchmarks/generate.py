@@ -53,7 +53,7 @@ def main():
         stamps = [time.perf_counter()]
         text = encoder.encode([prompt]).to(device)
         field = generator(text.pooled, text.tokens)
-        baked = bake_field(field, args.mesh_resolution, bound)
+        baked = bake_field(field, args.mesh_resolution, bound, device=device)
         sync(device)
         stamps.append(time.perf_counter())
         extract_mesh(baked)

@@ -590,3 +590,13 @@ def corpus_info(corpus: Corpus, count_tokens=None, max_tokens: int = 77) -> dict
                 row[f"over_{max_tokens}_tokens"] = {"count": len(long), "examples": [p[:80] for p in long[:3]]}
         info["splits"][split] = row
     return info
+
+
+def export_corpus(corpus: Corpus, path: str | Path) -> Path:
+    """Write ``corpus`` as a JSON corpus file {"train": [...], "val": [...], "test": [...]} (UTF-8) that load_file
+    reads back; -> the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"train": corpus.train, "val": corpus.val, "test": corpus.test}, f, ensure_ascii=False, indent=0)
+    return path

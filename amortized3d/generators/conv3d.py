@@ -112,6 +112,9 @@ class SynthesisBlock(nn.Module):
 class Conv3DGenerator(nn.Module):
     """(pooled text [P, D], z [P, z_dim]) -> Conv3DField for those P prompts; ``config`` is its Conv3DConfig."""
 
+
+    Config = Conv3DConfig
+
     def __init__(self, text_dim: int, config: Conv3DConfig):
         super().__init__()
         size = PRESETS[config.preset]

@@ -123,6 +123,9 @@ class HyperINGP(nn.Module):
     """Prompt-amortized generator: pooled text [P, D] -> HyperINGPField for those P prompts; ``config`` is its
     HyperINGPConfig."""
 
+
+    Config = HyperINGPConfig
+
     def __init__(self, text_dim: int, config: HyperINGPConfig):
         super().__init__()
         self.config = config

@@ -88,6 +88,9 @@ def decoder(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 class TriplaneTransformer(nn.Module):
     """Per-token text [P, T, D] -> TriplaneField for those P prompts; ``config`` is its TriplaneConfig."""
 
+
+    Config = TriplaneConfig
+
     def __init__(self, text_dim: int, config: TriplaneConfig):
         super().__init__()
         size = PRESETS[config.preset]

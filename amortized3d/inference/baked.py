@@ -36,16 +36,6 @@ EMPTY_RAY_OPACITY = 1e-3
 REFINE_BAND = 8.0  # coarse voxels: fine samples with |sdf| below this many coarse spacings are evaluated exactly  # rays whose proposal pass collects less opacity than this show only the background
 
 
-def field_device(field: Field) -> torch.device:
-    """Device of a field: its model's parameters, else its ``device`` attribute, else CPU."""
-    for owner in (field, getattr(field, "model", None)):
-        if isinstance(owner, torch.nn.Module):
-            for tensor in list(owner.parameters()) + list(owner.buffers()):
-                return tensor.device
-    device = getattr(field, "device", None)
-    return torch.device(device) if device is not None else torch.device("cpu")
-
-
 @dataclass
 class BakedField:
     """SDF and albedo of one prompt sampled on a res^3 grid over [-bound, bound]^3.
@@ -119,8 +109,10 @@ def _evaluate(field: Field, points: torch.Tensor, chunk_points: int) -> torch.Te
 
 
 @torch.no_grad()
-def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_points: int = 262144) -> BakedField:
-    """Sdf and albedo of a single-prompt field on the res^3 grid over [-bound, bound]^3.
+def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_points: int = 262144,
+               device: str | torch.device = "cpu") -> BakedField:
+    """Sdf and albedo of a single-prompt field on the res^3 grid over [-bound, bound]^3, evaluated on ``device``
+    (the field's: where its generator's parameters are).
 
     Coarse to fine: the field is evaluated on a grid of c = (res + 1) // 2 samples per axis over
     the same box, that grid is upsampled trilinearly to res, and every fine sample whose upsampled
@@ -135,7 +127,7 @@ def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_po
         raise ValueError(f"bound must be positive (half-width of the box [-bound, bound]^3), got {bound}; use e.g. 1.0.")
     if chunk_points < 1:
         raise ValueError(f"chunk_points must be >= 1, got {chunk_points}; use e.g. 262144.")
-    device = field_device(field)
+    device = torch.device(device)
     if resolution < 9:
         values = _evaluate(field, grid_points(resolution, bound, device=device), chunk_points)
         return BakedField(values.t().reshape(4, resolution, resolution, resolution).contiguous(), float(bound), field)

@@ -23,7 +23,7 @@ import trimesh
 
 from amortized3d.fields import Field
 from amortized3d.files import atomic_path
-from amortized3d.inference.baked import BakedField, bake_field, field_device
+from amortized3d.inference.baked import BakedField, bake_field
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -63,7 +63,7 @@ def extract_mesh(
     # PyMCubes treats values above the level as inside; negate so our inside (sdf < 0) gives outward normals.
     vertices_index, faces = mcubes.marching_cubes(-sdf_grid, 0.0)  # [V, 3] in (i, j, k) = (x, y, z) index units
     vertices = (vertices_index * baked.voxel - bound).astype(np.float32)  # [V, 3] world
-    rgb = vertex_colors(baked.source, torch.from_numpy(vertices), chunk_points, field_device(baked.source))  # [V, 3]
+    rgb = vertex_colors(baked.source, torch.from_numpy(vertices), chunk_points, baked.values.device)  # [V, 3]
     rgba = np.concatenate([to_uint8_colors(rgb), np.full((len(vertices), 1), 255, np.uint8)], axis=1)  # [V, 4]
     return trimesh.Trimesh(vertices=vertices, faces=faces.astype(np.int64), vertex_colors=rgba, process=False)
 

@@ -127,6 +127,15 @@ class AnalyticPrior:
     rendered inside the sphere of ``scene_radius`` with the renderer's ``inv_std`` (render.*).
     """
 
+
+    Config = AnalyticPriorConfig
+
+    @classmethod
+    def from_config(cls, cfg, text_encoder=None, device: str | torch.device = "cpu") -> "AnalyticPrior":
+        """From the experiment config: its prior section's AnalyticPriorConfig, and the renderer's scene radius and
+        inv_std (render.*); ``text_encoder`` and ``device`` are unused (it reads prompts as text, on the CPU)."""
+        return cls(cfg.prior.part(AnalyticPriorConfig), scene_radius=cfg.render.scene_radius, inv_std=cfg.render.inv_std)
+
     def __init__(self, config: AnalyticPriorConfig, *, scene_radius: float, inv_std: float):
         self.config = config
         self.std, self.uncond_mean, self.uncond_std = config.std, config.uncond_mean, config.uncond_std

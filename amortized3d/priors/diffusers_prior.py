@@ -157,6 +157,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class DiffusionPrior:
     """Frozen UNet + VAE + scheduler constants of a Stable Diffusion checkpoint; text from ``text_encoder``."""
 
+
+    Config = DiffusionPriorConfig
+
+    @classmethod
+    def from_config(cls, cfg, text_encoder=None, device: str | torch.device = "cpu") -> "DiffusionPrior":
+        """From the experiment config: prior.kind and its prior section's DiffusionPriorConfig, sharing
+        ``text_encoder`` when it is the model's own (text.encoder=prior)."""
+        shared = text_encoder if isinstance(text_encoder, PretrainedTextEncoder) and cfg.text.encoder == "prior" else None
+        return cls(cfg.prior.part(DiffusionPriorConfig), kind=cfg.prior.kind, text_encoder=shared, device=device)
+
     def __init__(
         self,
         config: DiffusionPriorConfig,
