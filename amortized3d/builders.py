@@ -129,16 +129,19 @@ ADAPTER_LR = {"vsd": 1e-4, "lods-embedding": 1e-5, "lods-lora": 5e-7}
 
 
 def build_adapter(cfg: ExperimentConfig, prior) -> tuple[torch.nn.Module, torch.optim.Optimizer] | tuple[None, None]:
-    """The learned branch of VSD / LODS and its AdamW optimizer (betas 0.9, 0.99), or (None, None)."""
+    """The learned branch of VSD / LODS and its AdamW optimizer (betas 0.9, 0.99), or (None, None): the LoRA or
+    embedding of a diffusers prior (distillation/adapters.py), or the analytic prior's additive branch
+    (distillation/analytic_adapters.py)."""
     from amortized3d.distillation.adapters import LODSEmbedding, LODSLoRA, VSDLoRA
+    from amortized3d.distillation.analytic_adapters import AnalyticLODSEmbedding, AnalyticLODSLoRA, AnalyticVSD
 
-    method = cfg.distill.method
+    method, analytic = cfg.distill.method, cfg.prior.kind == "analytic"
     if method == "vsd":
-        adapter = VSDLoRA(prior, rank=cfg.distill.lora_rank)
+        adapter = AnalyticVSD(prior) if analytic else VSDLoRA(prior, rank=cfg.distill.lora_rank)
     elif method == "lods-embedding":
-        adapter = LODSEmbedding(prior)
+        adapter = AnalyticLODSEmbedding(prior, cfg.render.height, cfg.render.width) if analytic else LODSEmbedding(prior)
     elif method == "lods-lora":
-        adapter = LODSLoRA(prior, rank=cfg.distill.lora_rank)
+        adapter = AnalyticLODSLoRA(prior) if analytic else LODSLoRA(prior, rank=cfg.distill.lora_rank)
     else:
         return None, None
     return adapter, torch.optim.AdamW(adapter.parameters(), lr=adapter_lr(cfg), betas=(0.9, 0.99), eps=1e-15)

@@ -29,7 +29,6 @@ from pydantic.fields import FieldInfo
 
 from amortized3d.distillation.methods import METHODS
 from amortized3d.distillation.methods.asd import ASD_SHIFTS
-from amortized3d.distillation.score_distillation import ADAPTER_METHODS
 from amortized3d.generators import GENERATORS
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import DEFAULT_MODELS
@@ -242,11 +241,6 @@ class ExperimentConfig(ConfigModel):
             raise ConfigError(
                 f"render.scene_radius={self.render.scene_radius} exceeds the generator's box (generator.bound={self.generator.bound}); "
                 "lower render.scene_radius or raise generator.bound"
-            )
-        if self.distill.method in ADAPTER_METHODS and self.prior.kind == "analytic":
-            raise ConfigError(
-                f"distill.method={self.distill.method} trains a branch of a neural prior, but prior.kind={self.prior.kind!r}; "
-                "use prior.kind=stable_diffusion or deepfloyd_if (e.g. --prior MODEL) or one of asd, sds, csd"
             )
         if (self.prior.view_dependent or self.prior.perp_neg) and self.prior.kind == "analytic":
             raise ConfigError(

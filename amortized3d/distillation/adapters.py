@@ -76,6 +76,13 @@ def lora_active(prior: DiffusionPrior, name: str, params: list[nn.Parameter], sc
             p.requires_grad_(True)
 
 
+def drop_cameras(cameras: Cameras, generator: torch.Generator) -> Cameras:
+    """VSD's camera dropout while its branch trains: each camera-to-world matrix zeroed with probability
+    VSD_CAMERA_DROPOUT (one draw per camera from ``generator``). cameras [N] -> [N]."""
+    keep = (torch.rand(cameras.shape, generator=generator) >= VSD_CAMERA_DROPOUT).to(cameras.c2w.device)
+    return Cameras(cameras.c2w * keep.view(-1, 1, 1), cameras.fovy, cameras.elevation, cameras.azimuth, cameras.distance)
+
+
 class NoisePredictorAdapter(nn.Module):
     """Shared parts: the alignment loss on detached renders."""
 
@@ -114,8 +121,7 @@ class VSDLoRA(NoisePredictorAdapter):
             self.camera.linear_2.bias.zero_()
 
     def training_cameras(self, cameras: Cameras, generator: torch.Generator) -> Cameras:
-        keep = (torch.rand(cameras.shape, generator=generator) >= VSD_CAMERA_DROPOUT).to(cameras.c2w.device)
-        return Cameras(cameras.c2w * keep.view(-1, 1, 1), cameras.fovy, cameras.elevation, cameras.azimuth, cameras.distance)
+        return drop_cameras(cameras, generator)
 
     def predict_noise(self, noisy, timesteps, cond) -> torch.Tensor:
         unet = self.prior.unet

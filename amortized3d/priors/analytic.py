@@ -101,8 +101,8 @@ def mixture_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, means:
     return ((1 - a).sqrt() / v * resp * diff).sum(1)
 
 
-def gaussian_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """E[eps | x_t] for x ~ N(m 1, S^2 I). noisy [N, C, H, W], alphabar [N] -> [N, C, H, W]."""
+def gaussian_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, mean: float | torch.Tensor, std: float) -> torch.Tensor:
+    """E[eps | x_t] for x ~ N(m, S^2 I), m a number or an image [C, H, W]. noisy [N, C, H, W], alphabar [N] -> [N, C, H, W]."""
     a = alphabar.reshape(-1, 1, 1, 1).to(noisy.dtype)
     v = a * std**2 + 1 - a
     return (1 - a).sqrt() / v * (noisy - a.sqrt() * mean)
