@@ -76,3 +76,15 @@ def test_training_with_the_learned_branch_runs_with_the_guard_silent(method, tmp
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and rows[-1]["skipped_steps"] == 0
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["adapter_loss"]) for r in rows)
+
+
+def test_vsd_camera_dropout_reaches_only_the_learned_term():
+    """A dropped camera is zero for the learned term only; the exact conditional still renders the real camera, so the
+    prediction stays finite and, at initialization, equals the exact conditional whatever is dropped."""
+    _, prior, adapter, _, x, cond = setup("vsd")
+    t = torch.tensor([300, 700])
+    exact = prior.predict_noise(x, t, cond, torch.full((2,), COND))
+    for keep in (torch.tensor([True, True]), torch.tensor([False, True]), torch.tensor([False, False])):
+        torch.testing.assert_close(adapter.predict_noise(x, t, cond, keep=keep), exact)
+    losses = [adapter.alignment_loss(x, cond, torch.Generator().manual_seed(seed)) for seed in range(40)]  # some drop
+    assert all(torch.isfinite(loss) for loss in losses)

@@ -76,11 +76,10 @@ def lora_active(prior: DiffusionPrior, name: str, params: list[nn.Parameter], sc
             p.requires_grad_(True)
 
 
-def drop_cameras(cameras: Cameras, generator: torch.Generator) -> Cameras:
-    """VSD's camera dropout while its branch trains: each camera-to-world matrix zeroed with probability
-    VSD_CAMERA_DROPOUT (one draw per camera from ``generator``). cameras [N] -> [N]."""
-    keep = (torch.rand(cameras.shape, generator=generator) >= VSD_CAMERA_DROPOUT).to(cameras.c2w.device)
-    return Cameras(cameras.c2w * keep.view(-1, 1, 1), cameras.fovy, cameras.elevation, cameras.azimuth, cameras.distance)
+def camera_keep_mask(cameras: Cameras, generator: torch.Generator) -> torch.Tensor:
+    """VSD's camera dropout while its branch trains: which cameras keep their condition, each dropped with
+    probability VSD_CAMERA_DROPOUT (one draw per camera from ``generator``). cameras [N] -> bool [N]."""
+    return (torch.rand(cameras.shape, generator=generator) >= VSD_CAMERA_DROPOUT).to(cameras.c2w.device)
 
 
 class NoisePredictorAdapter(nn.Module):
@@ -98,11 +97,11 @@ class NoisePredictorAdapter(nn.Module):
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x.shape[0],), generator=generator).to(x.device)
         noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
         x_t = add_noise(x, noise, t, self.prior.alphas_cumprod)
-        cond = replace(cond, cameras=self.training_cameras(cond.cameras, generator))
-        return F.mse_loss(self.predict_noise(x_t, t, cond), noise)
+        return F.mse_loss(self.training_prediction(x_t, t, cond, generator), noise)
 
-    def training_cameras(self, cameras: Cameras, generator: torch.Generator) -> Cameras:
-        return cameras
+    def training_prediction(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
+        """The prediction the alignment loss trains: predict_noise, with VSD's camera dropout where it applies."""
+        return self.predict_noise(x_t, t, cond)
 
 
 class VSDLoRA(NoisePredictorAdapter):
@@ -120,8 +119,11 @@ class VSDLoRA(NoisePredictorAdapter):
             self.camera.linear_2.weight.zero_()
             self.camera.linear_2.bias.zero_()
 
-    def training_cameras(self, cameras: Cameras, generator: torch.Generator) -> Cameras:
-        return drop_cameras(cameras, generator)
+    def training_prediction(self, x_t, t, cond, generator) -> torch.Tensor:
+        cameras = cond.cameras
+        keep = camera_keep_mask(cameras, generator)  # a dropped camera is an all-zero camera-to-world matrix
+        dropped = Cameras(cameras.c2w * keep.view(-1, 1, 1), cameras.fovy, cameras.elevation, cameras.azimuth, cameras.distance)
+        return self.predict_noise(x_t, t, replace(cond, cameras=dropped))
 
     def predict_noise(self, noisy, timesteps, cond) -> torch.Tensor:
         unet = self.prior.unet

@@ -10,7 +10,8 @@ zero-initialized: the LoRA analogue, whose B matrix starts at zero):
     AnalyticLODSEmbedding  eps_phi(x_t; alpha, t)   = E[eps | x_t] for x ~ N(alpha, S^2 I)
 
 with eps*_c, eps*_u the analytic prior's conditional and unconditional predictions (amortized3d.priors.analytic),
-pi the camera (its camera-to-world matrix, zeroed with probability 0.1 while VSD trains, as for VSDLoRA), e(y) a
+pi the camera (its camera-to-world matrix; while VSD trains, the learned term sees it zeroed with probability
+0.1, as VSDLoRA's camera embedding does, while the exact term always renders the real camera), e(y) a
 hashed embedding of the prompt (amortized3d.text.hashed_encoder; the analytic prior has no text encoder) and f a
 two-layer convolutional network on x_t with a per-image embedding of (t, pi[, e(y)]) added to its hidden layer.
 
@@ -31,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from amortized3d.distillation.adapters import NoisePredictorAdapter, drop_cameras
+from amortized3d.distillation.adapters import NoisePredictorAdapter, camera_keep_mask
 from amortized3d.interfaces import Conditioning
 from amortized3d.priors.analytic import AnalyticPrior, gaussian_noise_prediction
 from amortized3d.priors.branches import COND, UNCOND
@@ -81,13 +82,18 @@ class AnalyticVSD(NoisePredictorAdapter):
         self.text = HashedTextEncoder(dim=TEXT_DIM)
         self.correction = Correction(2 * TIME_FREQUENCIES + 16 + TEXT_DIM)
 
-    def training_cameras(self, cameras: Cameras, generator: torch.Generator) -> Cameras:
-        return drop_cameras(cameras, generator)
+    def training_prediction(self, x_t, t, cond, generator) -> torch.Tensor:
+        # camera dropout reaches the learned term's camera input only: the exact conditional renders the real camera
+        return self.predict_noise(x_t, t, cond, keep=camera_keep_mask(cond.cameras, generator))
 
-    def predict_noise(self, noisy, timesteps, cond) -> torch.Tensor:
+    def predict_noise(self, noisy, timesteps, cond, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep bool [N]: the rows whose camera the learned term sees (the others see a zero camera); None: all."""
         exact = self.prior.predict_noise(noisy, timesteps, cond, torch.full((len(cond),), COND))
         text = self.text.encode(cond.prompts).pooled.to(noisy.device)
-        condition = torch.cat([timestep_features(timesteps), camera_features(cond.cameras).to(noisy.device), text], -1)
+        camera = camera_features(cond.cameras).to(noisy.device)
+        if keep is not None:
+            camera = camera * keep.to(noisy.device).view(-1, 1)
+        condition = torch.cat([timestep_features(timesteps), camera, text], -1)
         return exact + self.correction(noisy, condition)
 
 
