@@ -14,6 +14,7 @@ from amortized3d.generators import GENERATORS
 from amortized3d.interfaces import Generator, Prior
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, load_prior_text_encoder
+from amortized3d.run_dir import RunDir
 from amortized3d.text.hashed_encoder import HashedTextEncoder
 from amortized3d.text.pretrained_encoder import PretrainedTextEncoder
 from amortized3d.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -158,14 +159,15 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[E
     -> (config, generator in eval mode on ``device``, checkpoint state).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    config = RunDir(run_dir).config
+    if not config.is_file():
         what = "does not exist" if not run_dir.exists() else "is not a folder" if not run_dir.is_dir() else "has no config.yaml"
         raise CheckpointError(f"{str(run_dir)!r} is not a training run folder: it {what}. Pass the folder that train wrote "
                               "(its --output), which holds config.yaml and checkpoints/")
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise CheckpointError(f"{str(run_dir)!r} has no checkpoint yet (no checkpoints/step_* folder); train longer or pass another run")
-    cfg = config_from_dict(load_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    cfg = config_from_dict(load_yaml(config), source=str(config))
     generator = build_generator(cfg)
     state = load_checkpoint(folder, generator)
     return cfg, generator.to(device).eval(), state

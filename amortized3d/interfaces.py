@@ -90,13 +90,6 @@ class Conditioning:
         tile = lambda x: None if x is None else torch.cat([x] * n)  # noqa: E731
         return Conditioning(self.prompts * n, Cameras.cat([self.cameras] * n), tile(self.tokens), tile(self.view_tokens))
 
-    def __getitem__(self, rows: torch.Tensor) -> "Conditioning":
-        """The rows ``rows`` (long [M]) as a Conditioning of M rows."""
-        index = rows.tolist()
-        pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
-        return Conditioning([self.prompts[i] for i in index], self.cameras[rows.to(self.cameras.c2w.device)], pick(self.tokens),
-                            pick(self.view_tokens))
-
 
 class Prior(Protocol):
     """A frozen text-to-image diffusion model used as a score-distillation prior.

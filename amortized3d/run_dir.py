@@ -9,6 +9,8 @@
     RUN/eval_<split>.json                   the oracle's report (amortized3d evaluate)
     RUN/eval_clip_<split>/                  the CLIP evaluation: summary.json, scores.csv, renders
     RUN/prompts/rank<r>.jsonl               with train.record_prompts, each rank's prompts per micro-batch
+    RUN/plots/                              `amortized3d plot`'s panels (its default output)
+    RUN/gallery/                            `amortized3d gallery`'s page (its default output)
 """
 
 from __future__ import annotations
@@ -70,3 +72,11 @@ class RunDir:
 
     def prompt_log(self, rank: int) -> Path:
         return self.path / "prompts" / f"rank{rank}.jsonl"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def gallery(self) -> Path:
+        return self.path / "gallery"

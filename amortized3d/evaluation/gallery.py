@@ -197,7 +197,7 @@ def build_gallery(run_dir: str | Path, prompts: list[str] | None = None, *, out:
     cfg, _, state = load_run(run_dir)
     if not prompts:
         prompts = load_corpus(cfg.corpus.name, cfg.corpus.dir).split(split)[:limit]
-    out = Path(out) if out else run_dir / "gallery"
+    out = Path(out) if out else RunDir(run_dir).gallery
     results = generate(prompts, run_dir, out / "assets", resolution=mesh_resolution, frames=frames, image_size=image_size)
     if viewer_js:
         shutil.copyfile(viewer_js, out / "model-viewer.min.js")

@@ -71,7 +71,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     if not metrics.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl; pass a run folder written by train")
     rows = read_metrics(metrics)
-    out = Path(out) if out else run_dir / "plots"
+    out = Path(out) if out else RunDir(run_dir).plots
     out.mkdir(parents=True, exist_ok=True)
     written = []
     panels = {name: {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])] for k in keys}

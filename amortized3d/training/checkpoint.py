@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from amortized3d.run_dir import RunDir
 from amortized3d.files import sha256_file, write_text_atomic
+from amortized3d.run_dir import RunDir
 
 STEP_FOLDER = re.compile(r"^step_(\d+)$")
 

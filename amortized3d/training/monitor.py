@@ -13,6 +13,7 @@ import torch
 
 from amortized3d.config import ExperimentConfig, config_to_dict
 from amortized3d.files import write_text_atomic
+from amortized3d.run_dir import RunDir
 
 
 def open_wandb(cfg: ExperimentConfig, run_dir: Path):
@@ -78,9 +79,9 @@ def keep_log_rows(path: Path, keep) -> None:
 class MetricsLog:
     """metrics.jsonl (and Weights & Biases) of the main process; other ranks hold an inactive log."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, active: bool):
-        self.file = open(run_dir / "metrics.jsonl", "a") if active else None
-        self.wandb = open_wandb(cfg, run_dir) if active else None
+    def __init__(self, cfg: ExperimentConfig, run: RunDir, active: bool):
+        self.file = open(run.metrics, "a") if active else None
+        self.wandb = open_wandb(cfg, run.path) if active else None
 
     def write(self, row: dict) -> None:
         if self.file is None:

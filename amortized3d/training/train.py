@@ -152,7 +152,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     if accelerator.scaler is not None and "grad_scaler" in state:  # a resumed fp16 run continues with the scale it had
         accelerator.scaler.load_state_dict(state["grad_scaler"])
 
-    log = MetricsLog(cfg, run_dir, accelerator.is_main_process)
+    log = MetricsLog(cfg, run, accelerator.is_main_process)
     prompt_log = PromptLog(run.prompt_log(rank), start_step) if cfg.train.record_prompts else None
     total_steps = cfg.train.steps
     end_step = total_steps if max_steps is None else min(total_steps, start_step + max_steps)
