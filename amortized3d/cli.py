@@ -131,6 +131,9 @@ def run_generate(args) -> int:
 
 
 def run_evaluate(args) -> int:
+    if args.balanced and (args.clip or args.limit):
+        raise UsageError(f"--balanced {args.balanced} is an oracle option and replaces --limit; drop "
+                         f"{'--clip' if args.clip else '--limit'} or --balanced")
     if args.clip:
         _folder_argument(args.out, "--out")
         from amortized3d.evaluation.clip_eval import evaluate_clip
@@ -161,7 +164,7 @@ def run_evaluate(args) -> int:
     if args.out is not None and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep))):
         raise UsageError(f"--out {args.out!r} is a folder; the oracle writes one JSON report: pass a file path such as "
                          f"{str(Path(args.out) / 'eval_test.json')!r}")
-    report = evaluate_run(args.checkpoint, split=args.split, out=args.out, limit=args.limit)
+    report = evaluate_run(args.checkpoint, split=args.split, out=args.out, limit=args.limit, balanced=args.balanced)
     print(json.dumps(report["summary"], indent=1))
     return 0
 
@@ -313,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "3D view needs `npm ci` (Node.js 18+), without it the page shows the turntables")
     p.add_argument("--out", default=None, help="report path (oracle: RUN_DIR/eval_<split>.json; CLIP: folder RUN_DIR/eval_clip_<split>)")
     p.add_argument("--limit", type=int_in(1), default=None, help="evaluate only the first N prompts (1 or more)")
+    p.add_argument("--balanced", type=int_in(2), default=None, metavar="N",
+                   help="oracle: evaluate N prompts, half seen in training and half held out, with only them as candidates")
     p.set_defaults(func=run_evaluate)
     p = sub.add_parser("corpus", help="list, show or export prompt corpora")
     p.add_argument("action", choices=("list", "show", "info", "export", "build"))

@@ -25,9 +25,11 @@ def test_bench_runs_the_matrix_and_writes_the_table(tmp_path, capsys):
         run = out / "runs" / f"shapeworld-16-{r['method']}-hyper_ingp"
         assert (run / "eval_test.json").is_file() and json.loads((run / "results.json").read_text())["method"] == r["method"]
     md = (out / "results.md").read_text().splitlines()
-    assert md[0].startswith("| method | generator | shapeworld-16 oracle R@1 | shapeworld-16 IoU | shapeworld-16 time | shapeworld-16 CPU h |")
-    assert [line.split(" | ")[0] for line in md[2:]] == ["| ASD", "| SDS", "| CSD"]
-    assert f"{results[1]['oracle_r_at_1']:.3f}" in md[3]
+    assert md[0] == "**shapeworld-16** (2 steps; 20 test prompts evaluated; seed 0)"
+    assert md[2] == "| method | generator | oracle R@1 | seen | unseen | oracle Sim | IoU | skipped | time | CPU h |"
+    assert [line.split(" | ")[0] for line in md[4:]] == ["| ASD", "| SDS", "| CSD"]
+    report = json.loads((out / "runs" / "shapeworld-16-sds-hyper_ingp" / "eval_test.json").read_text())["summary"]
+    assert md[5].startswith(f"| SDS | hyper_ingp | {report['r_at_1']:.3f} | {report['r_at_1_seen']:.3f} | {report['r_at_1_unseen']:.3f} | ")
     stamp = (out / "runs" / "shapeworld-16-asd-hyper_ingp" / "results.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["bench", str(matrix), "--out", str(out)]) == 0  # finished cells are not run again
@@ -69,4 +71,4 @@ def test_matrix_errors_name_the_key(tmp_path):
 def test_table_leaves_missing_metrics_empty():
     rows = [{"corpus": "c", "method": "vsd", "generator": "g", "train_s": 61.0, "device": "cuda", "device_hours": 0.017, "clip_r_at_1": 0.5}]
     text = table(rows)
-    assert "| method | generator | c R@1 | c time | c CUDA h |" in text and "| VSD | g | 0.500 | 1 min 1 s | 0.017 |" in text
+    assert "| method | generator | R@1 | skipped | time | CUDA h |" in text and "| VSD | g | 0.500 |  | 1 min 1 s | 0.017 |" in text

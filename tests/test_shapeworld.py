@@ -412,7 +412,7 @@ def test_points_batch_must_match_scene_count():
 
 
 def test_corpus_names():
-    assert SHAPEWORLD_CORPORA == ("shapeworld-16", "shapeworld-4k", "shapeworld-120k")
+    assert SHAPEWORLD_CORPORA == ("shapeworld-16", "shapeworld-4k", "shapeworld-20k", "shapeworld-120k")
     with pytest.raises(ValueError, match="shapeworld-4k"):
         shapeworld_corpus("shapeworld-5")
 
@@ -444,6 +444,17 @@ def test_corpus_120k():
     check_splits(corpus, 1000)
     for prompt in random.Random(0).sample(corpus["train"] + corpus["val"] + corpus["test"], 2000):
         assert parse_prompt(prompt)
+
+
+def test_corpus_20k_is_a_subset_of_120k():
+    # Its definition (amortized3d/shapeworld/corpora.py): the 120k corpus's val and held-out prompts, its singles
+    # and 19,800 of its training pairs; the seen test prompts are 1,000 of its own training prompts.
+    small, large = shapeworld_corpus("shapeworld-20k"), shapeworld_corpus("shapeworld-120k")
+    assert len(small["train"]) == 200 + 19_800 and set(small["train"]) <= set(large["train"])
+    assert small["val"] == large["val"] and unseen_prompts(small) == unseen_prompts(large)
+    check_splits(small, 1000)
+    singles = [p for p in large["train"] if parse_structure(p)[1] is None]  # no relation: one object
+    assert set(singles) <= set(small["train"])
 
 
 def test_corpus_deterministic_across_calls_and_hash_seeds():

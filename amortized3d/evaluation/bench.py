@@ -9,16 +9,22 @@ A matrix file (see benchmarks/matrices/):
       conv3d: configs/shapeworld-conv3d.yaml
     config: null                          # a config file for corpora without a recipe
     overrides: [train.steps=1000]         # section.key=value for every cell
+    variants:                             # optional: named override lists, each a row of its own (default: one row)
+      eta0.1: [distill.eta=0.1]
+    seeds: [0, 1]                         # optional: train.seed of each repeat (default: the recipe's seed, once)
+    eval_prompts: null                    # N: the oracle scores N test prompts, half seen and half held out, with
+                                          # only them as candidates (evaluate --balanced N); null: every test prompt
     clip: null                            # a CLIP model (amortized3d evaluate --clip) for CLIP R@1 and Sim
     clip_views: 120
     oracle: auto                          # ShapeWorld oracle R@1 and IoU: auto (ShapeWorld corpora), true, false
     gallery: 0                            # N > 0: a gallery of each cell's first N test prompts, and OUT/index.html
 
-Each cell trains into OUT/runs/<corpus>-<method>-<generator>/ and is evaluated there; a cell with
+Each cell trains into OUT/runs/<corpus>-<method>-<generator>[-<variant>][-seed<seed>]/ and is evaluated there; a cell with
 a results.json is skipped, so an interrupted bench resumes. Wall-clock time is measured per
 cell; device hours are wall-clock x the number of processes (GPU hours on GPUs, CPU-process
-hours otherwise). OUT/results.json holds every cell; OUT/results.md the table: one row per
-method x generator, and per corpus the metrics and the hours. With gallery: N, every cell gets a
+hours otherwise). OUT/results.json holds every cell; OUT/results.md a table per corpus: one row per
+method x generator x variant with its metrics (with several seeds: their mean, then each seed's value),
+the steps the non-finite guard skipped, the training time per seed and the device hours. With gallery: N, every cell gets a
 gallery (amortized3d.evaluation.gallery) and OUT/index.html shows the table with links to them.
 """
 
@@ -31,7 +37,8 @@ from pathlib import Path
 from amortized3d.evaluation.clip_eval import DEFAULT_VIEWS
 
 DEFAULTS = {"corpora": None, "methods": None, "generators": {"hyper_ingp": None}, "config": None, "overrides": [],
-            "clip": None, "clip_views": DEFAULT_VIEWS, "oracle": "auto", "gallery": 0}
+            "variants": None, "seeds": None, "eval_prompts": None, "clip": None, "clip_views": DEFAULT_VIEWS, "oracle": "auto",
+            "gallery": 0}
 
 
 def load_matrix(path: str | Path) -> dict:
@@ -50,41 +57,60 @@ def load_matrix(path: str | Path) -> dict:
         matrix["generators"] = {g: None for g in matrix["generators"]}
     if matrix["oracle"] not in ("auto", True, False):
         raise ConfigError(f"{path}: oracle={matrix['oracle']!r}; use auto, true or false")
+    variants = matrix["variants"]
+    if variants is not None and not (isinstance(variants, dict) and variants
+                                     and all(isinstance(v, list) and all(isinstance(o, str) for o in v) for v in variants.values())):
+        raise ConfigError(f"{path}: variants must map names to lists of overrides, e.g. variants: {{eta0.2: [distill.eta=0.2]}}")
+    seeds = matrix["seeds"]
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(type(x) is int and x >= 0 for x in seeds)
+                                  and len(set(seeds)) == len(seeds)):
+        raise ConfigError(f"{path}: seeds={seeds!r}; use a list of distinct non-negative integers, e.g. seeds: [0, 1]")
+    n = matrix["eval_prompts"]
+    if n is not None and not (type(n) is int and n >= 2):
+        raise ConfigError(f"{path}: eval_prompts={n!r}; use an integer of 2 or more (or null for every test prompt)")
     return matrix
 
 
-def cell_name(corpus: str, method: str, generator: str) -> str:
-    return f"{Path(corpus).stem if Path(corpus).suffix else corpus}-{method}-{generator}"
+def cell_name(corpus: str, method: str, generator: str, variant: str | None = None, seed: int | None = None) -> str:
+    name = f"{Path(corpus).stem if Path(corpus).suffix else corpus}-{method}-{generator}"
+    return name + (f"-{variant}" if variant else "") + (f"-seed{seed}" if seed is not None else "")
 
 
-def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_config: str | None, out: Path) -> dict:
+def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_config: str | None, out: Path,
+             variant: str | None = None, seed: int | None = None) -> dict:
     """Train and evaluate one cell (every rank calls it); -> its results (rank 0 writes them)."""
     from accelerate import Accelerator
 
     from amortized3d.config import config_to_dict, load_config
     from amortized3d.evaluation.clip_eval import evaluate_clip
     from amortized3d.evaluation.oracle import eval_every_hook, evaluate_run
+    from amortized3d.evaluation.plots import read_metrics
+    from amortized3d.run_dir import RunDir
     from amortized3d.training.checkpoint import latest_checkpoint
     from amortized3d.training.train import train
 
-    run = out / "runs" / cell_name(corpus, method, generator)
+    run = out / "runs" / cell_name(corpus, method, generator, variant, seed)
     if (run / "results.json").is_file():
         return json.loads((run / "results.json").read_text())
-    overrides = [f"distill.method={method}", f"generator.kind={generator}", *matrix["overrides"]]
+    overrides = [f"distill.method={method}", f"generator.kind={generator}", *matrix["overrides"],
+                 *(matrix["variants"][variant] if variant else []), *([f"train.seed={seed}"] if seed is not None else [])]
     cfg = load_config(corpus, generator_config or matrix["config"], overrides)
     start = time.perf_counter()
     train(cfg, run, resume=latest_checkpoint(run) is not None, hooks=eval_every_hook(cfg))
     train_s = time.perf_counter() - start
     accelerator = Accelerator()  # after train's, which set up the process group and precision
     world = accelerator.num_processes
-    result = {"corpus": corpus, "method": method, "generator": generator, "steps": cfg.train.steps,
-              "train_s": round(train_s, 1), "device": accelerator.device.type, "processes": world,
-              "device_hours": round(train_s * world / 3600, 4), "config": config_to_dict(cfg)}
+    last = read_metrics(RunDir(run).metrics)[-1:] if accelerator.is_main_process else []
+    result = {"corpus": corpus, "method": method, "generator": generator, "variant": variant, "seed": cfg.train.seed,
+              "steps": cfg.train.steps, "train_s": round(train_s, 1), "device": accelerator.device.type, "processes": world,
+              "device_hours": round(train_s * world / 3600, 4), "skipped_steps": last[0].get("skipped_steps") if last else None,
+              "config": config_to_dict(cfg)}
     oracle = matrix["oracle"] is True or (matrix["oracle"] == "auto" and str(cfg.corpus.name).startswith("shapeworld"))
     if oracle and accelerator.is_main_process:
-        summary = evaluate_run(run)["summary"]
-        result.update({"oracle_r_at_1": summary["r_at_1"], "oracle_similarity": summary["similarity"], "iou": summary["iou"],
-                       "oracle_r_at_1_unseen": summary["r_at_1_unseen"]})
+        summary = evaluate_run(run, balanced=matrix["eval_prompts"])["summary"]
+        result.update({"oracle_r_at_1": summary["r_at_1"], "oracle_r_at_1_seen": summary["r_at_1_seen"],
+                       "oracle_r_at_1_unseen": summary["r_at_1_unseen"], "oracle_similarity": summary["similarity"],
+                       "iou": summary["iou"], "eval_prompts": summary["n_prompts"]})
     if matrix["clip"]:
         summary = evaluate_clip(run, matrix["clip"], n_views=matrix["clip_views"], progress=False)
         if summary is not None:
@@ -100,34 +126,56 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
     return result
 
 
-METRICS = (("clip_r_at_1", "R@1"), ("clip_similarity", "Sim"), ("oracle_r_at_1", "oracle R@1"), ("iou", "IoU"))
+METRICS = (("clip_r_at_1", "R@1"), ("clip_similarity", "Sim"), ("oracle_r_at_1", "oracle R@1"), ("oracle_r_at_1_seen", "seen"),
+           ("oracle_r_at_1_unseen", "unseen"), ("oracle_similarity", "oracle Sim"), ("iou", "IoU"))
+
+
+def _values(cells: list[dict], key: str) -> str:
+    """The metric over the seeds of a row: one value, or their mean followed by each seed's value."""
+    values = [r[key] for r in cells if r.get(key) is not None]
+    if not values:
+        return ""
+    mean = f"{sum(values) / len(values):.3f}"
+    return mean if len(values) == 1 else f"{mean} ({', '.join(f'{v:.3f}' for v in values)})"
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s"
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: a row per method x generator; per corpus its metrics and the training time and device hours."""
-    corpora = list(dict.fromkeys(r["corpus"] for r in results))
-    present = [(k, label) for k, label in METRICS if any(k in r for r in results)]
-    header = ["method", "generator"]
-    for c in corpora:
-        header += [f"{c} {label}" for _, label in present] + [f"{c} time", f"{c} {results[0]['device'].upper()} h"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    cells = {(r["corpus"], r["method"], r["generator"]): r for r in results}
-    for method, generator in dict.fromkeys((r["method"], r["generator"]) for r in results):
-        row = [method.upper() if len(method) <= 4 else method, generator]
-        for c in corpora:
-            r = cells.get((c, method, generator))
-            if r is None:
-                row += [""] * (len(present) + 2)
-                continue
-            row += [f"{r[k]:.3f}" if k in r else "" for k, _ in present]
-            minutes, seconds = divmod(round(r["train_s"]), 60)
-            row += [f"{minutes} min {seconds} s", f"{r['device_hours']:.3f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    """Markdown, a table per corpus: a row per method x generator (x variant) with its metrics over the seeds, the
+    steps the guard skipped, the training time per seed and the device hours of all seeds."""
+    sections = []
+    for corpus in dict.fromkeys(r["corpus"] for r in results):
+        rows = [r for r in results if r["corpus"] == corpus]
+        present = [(k, label) for k, label in METRICS if any(r.get(k) is not None for r in rows)]
+        variants = any(r.get("variant") for r in rows)
+        header = ["method", "generator", *(["variant"] if variants else []), *[label for _, label in present],
+                  "skipped", "time", f"{rows[0]['device'].upper()} h"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key in dict.fromkeys((r["method"], r["generator"], r.get("variant")) for r in rows):
+            cells = [r for r in rows if (r["method"], r["generator"], r.get("variant")) == key]
+            method, generator, variant = key
+            skipped = [r["skipped_steps"] for r in cells if r.get("skipped_steps") is not None]
+            row = [method.upper() if len(method) <= 4 else method, generator, *([variant or ""] if variants else []),
+                   *[_values(cells, k) for k, _ in present], ", ".join(str(x) for x in skipped),
+                   _duration(sum(r["train_s"] for r in cells) / len(cells)), f"{sum(r['device_hours'] for r in cells):.3f}"]
+            lines.append("| " + " | ".join(row) + " |")
+        n_eval = {r.get("eval_prompts") for r in rows} - {None}
+        seeds = sorted({r["seed"] for r in rows if r.get("seed") is not None})
+        steps = {r.get("steps") for r in rows} - {None}
+        about = "; ".join(a for a in [f"{steps.pop():,} steps" if len(steps) == 1 else "",
+                                      f"{n_eval.pop()} test prompts evaluated" if len(n_eval) == 1 else "",
+                                      f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else ""] if a)
+        sections.append(f"**{corpus}**{f' ({about})' if about else ''}\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(sections)
 
 
 def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
-    """Every cell of the matrix in order (corpus, generator, method); writes OUT/results.json and OUT/results.md."""
+    """Every cell of the matrix in order (corpus, generator, variant, method, seed); writes OUT/results.json and
+    OUT/results.md."""
     from accelerate import Accelerator
 
     matrix = load_matrix(matrix_file)
@@ -135,8 +183,10 @@ def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
     results = []
     for corpus in matrix["corpora"]:
         for generator, generator_config in matrix["generators"].items():
-            for method in matrix["methods"]:
-                results.append(run_cell(matrix, corpus, method, generator, generator_config, out))
+            for variant in matrix["variants"] or [None]:
+                for method in matrix["methods"]:
+                    for seed in matrix["seeds"] or [None]:
+                        results.append(run_cell(matrix, corpus, method, generator, generator_config, out, variant, seed))
     if Accelerator().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"matrix": matrix, "cells": [{k: v for k, v in r.items() if k != "config"} for r in results]}, indent=1))
@@ -154,7 +204,8 @@ def index_page(results: list[dict]) -> str:
     for r in results:
         metrics = " ".join(f"{label} {r[k]:.3f}" for k, label in METRICS if k in r)
         link = f'<a href="{html.escape(r["gallery"])}">gallery</a>' if "gallery" in r else ""
-        rows.append(f"<tr><td>{html.escape(r['corpus'])}</td><td>{html.escape(r['method'])}</td><td>{html.escape(r['generator'])}</td>"
+        method = r["method"] + (f" ({r['variant']})" if r.get("variant") else "") + (f", seed {r['seed']}" if r.get("seed") is not None else "")
+        rows.append(f"<tr><td>{html.escape(r['corpus'])}</td><td>{html.escape(method)}</td><td>{html.escape(r['generator'])}</td>"
                     f"<td>{metrics}</td><td>{r['train_s']:.0f} s</td><td>{link}</td></tr>")
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>amortized3d bench</title>"
             "<style>body{font-family:system-ui,sans-serif;margin:24px}td,th{padding:4px 12px;border-bottom:1px solid #ddd}</style></head>"

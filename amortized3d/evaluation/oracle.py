@@ -73,8 +73,23 @@ def occupancy_iou(occupied: torch.Tensor, reference: torch.Tensor, valid: torch.
 
 
 @torch.no_grad()
-def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | None = None, limit: int | None = None) -> dict:
-    """Render the split's prompts with the trained generator and score them. Writes and returns the JSON report."""
+def balanced_prompts(prompts: list[str], train: set[str], n: int) -> list[str]:
+    """n of ``prompts``: half seen in training and half held out, the first of each in order (the other kind fills in
+    where one runs short), in their order in ``prompts``."""
+    seen = [p for p in prompts if p in train]
+    unseen = [p for p in prompts if p not in train]
+    n_unseen = min(len(unseen), n - min(len(seen), n // 2))
+    chosen = set(unseen[:n_unseen] + seen[: n - n_unseen])
+    return [p for p in prompts if p in chosen]
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | None = None, limit: int | None = None,
+                 balanced: int | None = None) -> dict:
+    """Render the split's prompts with the trained generator and score them. Writes and returns the JSON report.
+
+    limit: score only the first ``limit`` prompts, against every prompt of the split as candidates.
+    balanced: score ``balanced`` prompts, half seen in training and half held out (balanced_prompts), which are then
+    the only candidates: a fixed-size retrieval test for corpora of any size (the corpus-scale bench)."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
     cfg, generator, state = load_run(run_dir)
@@ -82,6 +97,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     prompts = corpus.split(split)
     if not prompts:
         raise ValueError(f"split {split!r} of corpus {cfg.corpus.name!r} is empty; choose another --split")
+    if balanced:
+        prompts = balanced_prompts(prompts, set(corpus.train), balanced)
     for p in prompts:
         parse_prompt(p)  # the oracle needs ShapeWorld prompts; this raises a clear error otherwise
     evaluated = prompts[:limit] if limit else prompts

@@ -1,4 +1,4 @@
-"""The generated ShapeWorld corpora: shapeworld-16 (the quickstart), shapeworld-4k and shapeworld-120k.
+"""The generated ShapeWorld corpora: shapeworld-16 (the quickstart), shapeworld-4k, shapeworld-20k and shapeworld-120k.
 
 Prompt splits {"train", "val", "test"}; test = seen train prompts followed by held-out
 prompts never in train. The larger corpora are drawn, with a fixed seed, from the whole
@@ -12,7 +12,7 @@ import random
 
 from amortized3d.shapeworld.grammar import COLORS, RELATIONS, SHAPES, SIZES, object_phrase, pair_prompt
 
-SHAPEWORLD_CORPORA: tuple[str, ...] = ("shapeworld-16", "shapeworld-4k", "shapeworld-120k")
+SHAPEWORLD_CORPORA: tuple[str, ...] = ("shapeworld-16", "shapeworld-4k", "shapeworld-20k", "shapeworld-120k")
 
 CORPUS_SEED = 20240531
 
@@ -53,8 +53,9 @@ _QUICKSTART_UNSEEN = (
     "a large yellow cube",
 )
 
-# name -> (pairs in train, held-out test prompts, val prompts)
-_CORPUS_SIZES = {"shapeworld-4k": (3800, 200, 40), "shapeworld-120k": (None, 1000, 1200)}
+# name -> (pairs in train, held-out test prompts, val prompts). shapeworld-20k is a subset of shapeworld-120k: the
+# same held-out and val prompts, the singles and the first 19,800 of its training pairs (the corpus-scale bench).
+_CORPUS_SIZES = {"shapeworld-4k": (3800, 200, 40), "shapeworld-20k": (19800, 1000, 1200), "shapeworld-120k": (None, 1000, 1200)}
 
 
 def prompt_space() -> tuple[list[str], list[str]]:
