@@ -141,6 +141,7 @@ class AnalyticPrior:
         self.std, self.uncond_mean, self.uncond_std = config.std, config.uncond_mean, config.uncond_std
         self.render_kwargs = dict(scene_radius=scene_radius, n_proposal=config.n_proposal, n_importance=config.n_importance, inv_std=inv_std)
         self.alphas_cumprod = stable_diffusion_alphas_cumprod()
+        self._render_cache: dict[tuple, tuple[torch.Tensor, int]] = {}  # _scene_renders
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] -> the prior's space (identity; ``generator`` is unused)."""
@@ -154,6 +155,33 @@ class AnalyticPrior:
 
     def perp_neg_weights(self, cameras: Cameras) -> torch.Tensor:
         raise ValueError("the analytic prior has no Perp-Neg negatives (prior.perp_neg needs a text-to-image prior)")
+
+    RENDER_CACHE = 64  # renders of (prompt, camera, size) kept for the next calls (fixed cameras: e(t), the 2D toy)
+
+    def _scene_renders(self, keys: list[tuple], prompts: list[str], cameras: Cameras, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scene renders of each (prompt, camera): -> (rgb [U, K, 3, H, W], valid [U, K]), K the largest count of
+        scenes among them. Renders of the last RENDER_CACHE keys are reused; the others are rendered in one batch."""
+        cache, fresh = self._render_cache, None
+        missing = [u for u, key in enumerate(keys) if key not in cache]
+        if missing:
+            idx = torch.tensor(missing, device=cameras.c2w.device)
+            rgb, valid = render_prompt_scenes([prompts[u] for u in missing], cameras[idx].reshape(len(missing), 1), H, W,
+                                              **self.render_kwargs)
+            for j, u in enumerate(missing):
+                cache[keys[u]] = (rgb[j, valid[j], 0], int(valid[j].sum()))
+            while len(cache) > self.RENDER_CACHE:
+                cache.pop(next(iter(cache)))  # the oldest
+            if len(missing) == len(keys):
+                fresh = rgb[:, :, 0], valid  # nothing reused: as rendered (training, whose cameras are random)
+        if fresh is not None:
+            return fresh
+        K = max(cache[key][1] for key in keys)
+        rgb = torch.zeros(len(keys), K, 3, H, W, device=cameras.c2w.device)
+        valid = torch.zeros(len(keys), K, dtype=torch.bool, device=cameras.c2w.device)
+        for u, key in enumerate(keys):
+            scenes, k = cache[key]
+            rgb[u, :k], valid[u, :k] = scenes, True
+        return rgb, valid
 
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, branch: torch.Tensor) -> torch.Tensor:
         """eps*(x_t, t, condition) for a batch mixing conditional and unconditional rows.
@@ -174,16 +202,13 @@ class AnalyticPrior:
         keys: dict[tuple, int] = {}
         unique_rows, row_to_unique = [], []
         for i in cond_rows:
-            key = (prompts[i], cameras.c2w[i].detach().cpu().numpy().tobytes(), float(cameras.fovy[i]))
+            key = (prompts[i], cameras.c2w[i].detach().cpu().numpy().tobytes(), float(cameras.fovy[i]), H, W)
             if key not in keys:
                 keys[key] = len(unique_rows)
                 unique_rows.append(i)
             row_to_unique.append(keys[key])
-        idx = torch.tensor(unique_rows, device=noisy.device)
-        means, valid = render_prompt_scenes(
-            [prompts[i] for i in unique_rows], cameras[idx].reshape(len(unique_rows), 1), H, W, **self.render_kwargs
-        )
-        means = means[:, :, 0].to(noisy.dtype)  # [U, K, 3, H, W]
+        means, valid = self._scene_renders(list(keys), [prompts[i] for i in unique_rows], cameras[torch.tensor(unique_rows, device=noisy.device)], H, W)
+        means = means.to(noisy.dtype)  # [U, K, 3, H, W]
         gather = torch.tensor(row_to_unique, device=noisy.device)
         rows = torch.tensor(cond_rows, device=noisy.device)
         eps = eps.clone()
