@@ -5,7 +5,9 @@
     amortized3d evaluate --checkpoint RUN_DIR [--clip MODEL]
     amortized3d corpus list | show NAME | info NAME | export NAME OUT.json | build cp100k --captions CSV
     amortized3d store build | info --corpus NAME [--config FILE] [section.key=value ...]
-    amortized3d plot RUN_DIR
+    amortized3d plot RUN_DIR | RUN_A RUN_B ... --out DIR
+    amortized3d noise-error RUN_DIR
+    amortized3d toy2d --method asd | all
     amortized3d gallery RUN_DIR
     amortized3d bench MATRIX.yaml --out DIR
     amortized3d describe CONFIG.yaml | --corpus NAME [section.key=value ...]
@@ -251,10 +253,36 @@ def run_gallery(args) -> int:
 
 
 def run_plot(args) -> int:
-    from amortized3d.evaluation.plots import plot_run
+    from amortized3d.evaluation.plots import plot_compare, plot_run
 
-    for path in plot_run(args.run_dir, args.out):
+    if len(args.run_dir) > 1 and args.out is None:
+        raise UsageError(f"comparing {len(args.run_dir)} runs needs --out DIR, the folder for the comparison panels")
+    paths = plot_run(args.run_dir[0], args.out) if len(args.run_dir) == 1 else plot_compare(args.run_dir, args.out)
+    for path in paths:
         print(path)
+    return 0
+
+
+def run_noise_error(args) -> int:
+    from amortized3d.evaluation.noise_error import noise_error
+
+    report = noise_error(args.run_dir, n_prompts=args.prompts, n_views=args.views, n_timesteps=args.timesteps, eta=args.eta,
+                         seed=args.seed, out=args.out)
+    folder = Path(args.out) if args.out else Path(args.run_dir) / "plots"
+    print(json.dumps({k: report[k] for k in ("run", "method", "prior", "step", "eta", "t_min") if k in report}
+                     | ({"finetuned_below_pretrained": report["finetuned_below_pretrained"]} if "e_finetuned" in report else {})
+                     | {"json": str(folder / "noise_error.json"), "png": str(folder / "noise_error.png")}, indent=1))
+    return 0
+
+
+def run_toy2d(args) -> int:
+    from amortized3d.evaluation.toy2d import toy2d
+
+    for s in toy2d(args.method, asd_shift=args.asd_shift, eta=args.eta, prompt=args.prompt, particles=args.particles,
+                   steps=args.steps, lr=args.lr, seed=args.seed, out=args.out):
+        print(f"{s['name']:<26} PSNR to the nearest mode {s['mean_psnr']:.2f} dB, {s['distinct_modes']} mode(s), "
+              f"final mean ||grad|| {sum(s['grad_norm'][-50:]) / len(s['grad_norm'][-50:]):.1f}, {s['seconds']} s")
+    print(f"written to {args.out}")
     return 0
 
 
@@ -350,10 +378,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", default=None, help="gallery folder (default RUN_DIR/gallery)")
     p.set_defaults(func=run_gallery)
-    p = sub.add_parser("plot", help="training curves (losses, gradient norm, schedule, throughput, evaluations) as PNG files")
-    p.add_argument("run_dir", help="run folder written by train")
-    p.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots)")
+    p = sub.add_parser("plot", help="training curves (losses, gradient norm, schedule, throughput, evaluations) as PNG files; "
+                                    "with several runs, their gradient norms and losses side by side")
+    p.add_argument("run_dir", nargs="+", help="run folder(s) written by train")
+    p.add_argument("--out", default=None, help="folder for the PNG files (default RUN_DIR/plots; needed with several runs)")
     p.set_defaults(func=run_plot)
+    p = sub.add_parser("noise-error", help="the noise-prediction error e(t) of the run's prior on its renders (ScaleDreamer Fig. 2)")
+    p.add_argument("run_dir", help="run folder written by train (a VSD run adds its fine-tuned branch's curve)")
+    p.add_argument("--prompts", type=int_in(1), default=4, help="the first N test prompts")
+    p.add_argument("--views", type=int_in(1, 360), default=4, help="orbit views per prompt at the evaluation camera")
+    p.add_argument("--timesteps", type=int_in(2, 1000), default=100, help="timesteps over the run's range")
+    p.add_argument("--eta", type=float_in(0, 1), default=None, help="the shifted curve's eta (default: the run's distill.eta)")
+    p.add_argument("--seed", type=int_in(0), default=0)
+    p.add_argument("--out", default=None, help="folder for noise_error.json and .png (default RUN_DIR/plots)")
+    p.set_defaults(func=run_noise_error)
+    p = sub.add_parser("toy2d", help="score distillation on images directly with the analytic prior (ScaleDreamer Fig. 3)")
+    p.add_argument("--method", required=True, help="a distill.method (asd, sds, csd, vsd, lods-embedding, lods-lora) or all")
+    p.add_argument("--asd-shift", default="paper", help="ASD's shift rule: paper, reference, deterministic or fixed")
+    p.add_argument("--eta", type=float_in(0, 1), default=0.1, help="ASD's eta")
+    p.add_argument("--prompt", default="a cube", help="a ShapeWorld prompt (\"a cube\": 16 modes, any color and size)")
+    p.add_argument("--particles", type=int_in(1, 64), default=4)
+    p.add_argument("--steps", type=int_in(1, 100000), default=500)
+    p.add_argument("--lr", type=float_in(1e-6, 10), default=0.01, help="Adam's learning rate on the pixels")
+    p.add_argument("--seed", type=int_in(0), default=0)
+    p.add_argument("--out", default="runs/toy2d", help="output folder")
+    p.set_defaults(func=run_toy2d)
     p = sub.add_parser("describe", help="print the resolved config and the generator's size")
     _add_train_arguments(p)
     p.set_defaults(func=run_describe)

@@ -72,3 +72,30 @@ def test_table_leaves_missing_metrics_empty():
     rows = [{"corpus": "c", "method": "vsd", "generator": "g", "train_s": 61.0, "device": "cuda", "device_hours": 0.017, "clip_r_at_1": 0.5}]
     text = table(rows)
     assert "| method | generator | R@1 | skipped | time | CUDA h |" in text and "| VSD | g | 0.500 |  | 1 min 1 s | 0.017 |" in text
+
+
+@pytest.mark.parametrize("name", ["shapeworld-scale", "shapeworld-eta"])
+def test_the_papers_matrices_run_end_to_end_at_a_tiny_size(name, tmp_path):
+    # The README's corpus-scale and Table 4 matrices, every cell, with tiny networks and one step per cell.
+    import yaml
+
+    from tests.fixtures import REPO
+
+    matrix = load_matrix(REPO / "benchmarks" / "matrices" / f"{name}.yaml")
+    tiny = tmp_path / "matrix.yaml"
+    tiny.write_text(yaml.safe_dump({**matrix, "overrides": [*TINY, "train.steps=1", "train.ckpt_every=1", "eval.n_views=1"],
+                                    "eval_prompts": 4}, sort_keys=False))
+    out = tmp_path / "bench"
+    results = __import__("amortized3d.evaluation.bench", fromlist=["run_bench"]).run_bench(tiny, out)
+    expected = [(c, m, v) for c in matrix["corpora"] for v in (matrix["variants"] or [None]) for m in matrix["methods"]]
+    assert [(r["corpus"], r["method"], r["variant"]) for r in results] == expected
+    for r in results:
+        assert r["skipped_steps"] == 0 and r["eval_prompts"] == 4 and 0 <= r["oracle_r_at_1"] <= 1
+        if r["corpus"] != "shapeworld-16":  # 2 seen + 2 held out; shapeworld-16's first 4 test prompts are all seen
+            assert r["oracle_r_at_1_seen"] is not None and r["oracle_r_at_1_unseen"] is not None
+    md = (out / "results.md").read_text()
+    assert md.count("| method | generator |") == len(matrix["corpora"])
+    if matrix["variants"]:
+        assert all(f"| ASD | hyper_ingp | {v} |" in md for v in matrix["variants"])
+        cfgs = {r["variant"]: r["config"]["distill"] for r in results}
+        assert cfgs["eta0"]["eta"] == 0 and cfgs["fixed-eta0.2"] == {**cfgs["fixed-eta0.2"], "asd_shift": "fixed", "eta": 0.2}

@@ -1,6 +1,7 @@
 """Training curves as PNG files, from a run's metrics.jsonl (and its evaluation reports).
 
-    amortized3d plot RUN_DIR [--out DIR]      -> RUN_DIR/plots/<panel>.png
+    amortized3d plot RUN_DIR [--out DIR]                 -> RUN_DIR/plots/<panel>.png
+    amortized3d plot RUN_A RUN_B ... --out DIR           -> DIR/compare_<key>.png and DIR/compare.json
 
 Panels (a panel is written when the run logged any of its keys):
     losses          loss (total), loss_sd (score distillation), adapter_loss (VSD / LODS branch)
@@ -14,6 +15,10 @@ Panels (a panel is written when the run logged any of its keys):
 
 Lines are drawn over the steps; a loss spanning more than two decades is drawn on a log axis.
 Non-finite values (skipped steps) are left out of the lines.
+
+With several runs (e.g. the cells of a bench), each key of COMPARED that any run logged gets one panel with a line
+per run, labelled by its method (and the run folder's name when methods repeat): the gradient norm of each method
+over training is ScaleDreamer's Fig. 3 (right) on 3D runs. compare.json holds the plotted series.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ PANELS = {
     "schedule": ("t_min", "t_max"),
     "throughput": ("steps_per_s", "peak_memory_mb"),
 }
+COMPARED = ("grad_sd_norm", "loss_sd", "adapter_loss")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -96,4 +102,51 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    return written
+
+
+def plot_compare(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
+    """One panel per COMPARED key with a line per run; writes OUT/compare_<key>.png and OUT/compare.json -> the PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from amortized3d.config import config_from_dict, load_yaml
+
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        folder = RunDir(run_dir)
+        if not folder.metrics.is_file() or not folder.config.is_file():
+            raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl and config.yaml; pass run folders written by train")
+        cfg = config_from_dict(load_yaml(folder.config), source=str(folder.config))
+        runs.append((run_dir, cfg.distill.method, read_metrics(folder.metrics)))
+    methods = [m for _, m, _ in runs]
+    labels = [m if methods.count(m) == 1 else f"{m} ({d.name})" for d, m, _ in runs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, written = {}, []
+    for key in COMPARED:
+        series = {label: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+                  for label, (_, _, rows) in zip(labels, runs)}
+        series = {label: points for label, points in series.items() if points}
+        if not series:
+            continue
+        data[key] = {label: {"step": [p[0] for p in points], "value": [p[1] for p in points]} for label, points in series.items()}
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, points in series.items():
+            ax.plot(*zip(*points), label=label, linewidth=1.2)
+        values = [v for points in series.values() for _, v in points]
+        if min(values) > 0 and max(values) / min(values) > 30:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(key, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"compare_{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    (out / "compare.json").write_text(json.dumps({"runs": [str(d) for d, _, _ in runs], "labels": labels, "series": data}))
     return written
