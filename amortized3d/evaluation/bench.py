@@ -20,7 +20,10 @@ A matrix file (see benchmarks/matrices/):
     gallery: 0                            # N > 0: a gallery of each cell's first N test prompts, and OUT/index.html
 
 Each cell trains into OUT/runs/<corpus>-<method>-<generator>[-<variant>][-seed<seed>]/ and is evaluated there; a cell with
-a results.json is skipped, so an interrupted bench resumes. Wall-clock time is measured per
+a results.json is skipped, so an interrupted bench resumes (a cell stopped mid-training continues from its
+latest checkpoint). Single-process benches can share one matrix and OUT, e.g. one per GPU or per CPU core: each
+claims a cell with a lock (OUT/runs/<cell>.lock) and skips the cells another holds; each writes the table of the
+cells it ran or found finished, so a rerun once all have ended writes the complete one. Wall-clock time is measured per
 cell; device hours are wall-clock x the number of processes (GPU hours on GPUs, CPU-process
 hours otherwise). OUT/results.json holds every cell; OUT/results.md a table per corpus: one row per
 method x generator x variant with its metrics (with several seeds: their mean, then each seed's value),
@@ -173,6 +176,22 @@ def table(results: list[dict]) -> str:
     return "\n".join(sections)
 
 
+def claim_cell(out: Path, name: str):
+    """An exclusive lock on OUT/runs/<name>.lock (fcntl), held until the returned file is closed, or False when another
+    process holds it. The operating system releases it when its process ends, so a killed bench leaves no stale lock."""
+    import fcntl
+
+    folder = out / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / f"{name}.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return False
+    return handle
+
+
 def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
     """Every cell of the matrix in order (corpus, generator, variant, method, seed); writes OUT/results.json and
     OUT/results.md."""
@@ -180,13 +199,23 @@ def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
 
     matrix = load_matrix(matrix_file)
     out = Path(out)
+    alone = Accelerator().num_processes == 1
     results = []
     for corpus in matrix["corpora"]:
         for generator, generator_config in matrix["generators"].items():
             for variant in matrix["variants"] or [None]:
                 for method in matrix["methods"]:
                     for seed in matrix["seeds"] or [None]:
-                        results.append(run_cell(matrix, corpus, method, generator, generator_config, out, variant, seed))
+                        name = cell_name(corpus, method, generator, variant, seed)
+                        claim = claim_cell(out, name) if alone else None
+                        if claim is False:
+                            print(f"{name}: another bench process is running this cell; skipped here", flush=True)
+                            continue
+                        try:
+                            results.append(run_cell(matrix, corpus, method, generator, generator_config, out, variant, seed))
+                        finally:
+                            if claim:
+                                claim.close()
     if Accelerator().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"matrix": matrix, "cells": [{k: v for k, v in r.items() if k != "config"} for r in results]}, indent=1))

@@ -107,19 +107,27 @@ def plot_noise_error(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(report["timesteps"], report["e_pretrained"], label="e_PT(t): pretrained", color="tab:blue")
-    if "e_finetuned" in report:
-        ax.plot(report["timesteps"], report["e_finetuned"], label="e_FT(t): VSD fine-tuned branch", color="tab:orange")
+    fig, (ax, ratio) = plt.subplots(1, 2, figsize=(10, 3.8))
+    t, e_pt = report["timesteps"], report["e_pretrained"]
     shifted = report["shifted"]
-    ax.plot(shifted["timesteps"], shifted["e_pretrained"], "--", color="tab:green",
-            label=f"e_PT(t + dt), dt = {report['eta']:g} (t - {report['t_min']})")
+    curves = [(t, e_pt, "-", "tab:blue", "e_PT(t): pretrained")]
+    if "e_finetuned" in report:
+        curves.append((t, report["e_finetuned"], "-", "tab:orange", "e_FT(t): VSD fine-tuned branch"))
+    curves.append((shifted["timesteps"], shifted["e_pretrained"], "--", "tab:green",
+                   f"e_PT(t + dt), dt = {report['eta']:g} (t - {report['t_min']})"))
+    by_t = dict(zip(t, e_pt))
+    for ts, values, style, color, label in curves:
+        ax.plot(ts, values, style, color=color, label=label)
+        ratio.plot(ts, [v / by_t[x] for x, v in zip(ts, values)], style, color=color, label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("timestep t")
     ax.set_ylabel("mean ||eps_pred - eps||^2 per value")
-    ax.set_title(f"{Path(report['run']).name} ({report['method']}, step {report['step']})", fontsize=10)
-    ax.grid(alpha=0.3)
+    ratio.set_ylabel("e(t) / e_PT(t)")
+    ratio.set_yscale("log")
+    for a in (ax, ratio):
+        a.set_xlabel("timestep t")
+        a.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(report['run']).name} ({report['method']}, step {report['step']})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
