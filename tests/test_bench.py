@@ -117,3 +117,23 @@ def test_a_cell_another_bench_process_holds_is_skipped(tmp_path, capsys):
     assert "shapeworld-16-asd-hyper_ingp: another bench process is running this cell" in capsys.readouterr().out
     other.close()  # the other process ends; a rerun trains the cell and writes the whole table
     assert [r["method"] for r in run_bench(matrix, out)] == ["asd", "sds"]
+
+
+def test_seeds_repeat_cells_and_the_table_gives_mean_and_each_seed(tmp_path):
+    from amortized3d.evaluation.bench import run_bench
+
+    base = {"corpora": ["shapeworld-16"], "methods": ["asd"], "overrides": [*TINY, "train.steps=2", "train.ckpt_every=2", "eval.n_views=1"]}
+    out = tmp_path / "bench"
+    one = tmp_path / "one.yaml"
+    one.write_text(json.dumps(base))
+    run_bench(one, out)
+    stamp = (out / "runs" / "shapeworld-16-asd-hyper_ingp" / "results.json").stat().st_mtime_ns
+    two = tmp_path / "two.yaml"
+    two.write_text(json.dumps({**base, "seeds": [0, 1]}))
+    results = run_bench(two, out)
+    assert [r["seed"] for r in results] == [0, 1]
+    assert (out / "runs" / "shapeworld-16-asd-hyper_ingp" / "results.json").stat().st_mtime_ns == stamp  # seed 0 reused
+    assert results[1]["config"]["train"]["seed"] == 1 and (out / "runs" / "shapeworld-16-asd-hyper_ingp-seed1").is_dir()
+    a, b = (r["iou"] for r in results)
+    row = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ASD |")][0]
+    assert f" {(a + b) / 2:.3f} ({a:.3f}, {b:.3f}) |" in row and "seeds 0, 1" in (out / "results.md").read_text()

@@ -11,7 +11,8 @@ A matrix file (see benchmarks/matrices/):
     overrides: [train.steps=1000]         # section.key=value for every cell
     variants:                             # optional: named override lists, each a row of its own (default: one row)
       eta0.1: [distill.eta=0.1]
-    seeds: [0, 1]                         # optional: train.seed of each repeat (default: the recipe's seed, once)
+    seeds: [0, 1]                         # optional: train.seed of each repeat (default: the recipe's seed, once);
+                                          # seed 0's cells keep the plain name, so adding seeds reuses them
     eval_prompts: null                    # N: the oracle scores N test prompts, half seen and half held out, with
                                           # only them as candidates (evaluate --balanced N); null: every test prompt
     clip: null                            # a CLIP model (amortized3d evaluate --clip) for CLIP R@1 and Sim
@@ -19,7 +20,8 @@ A matrix file (see benchmarks/matrices/):
     oracle: auto                          # ShapeWorld oracle R@1 and IoU: auto (ShapeWorld corpora), true, false
     gallery: 0                            # N > 0: a gallery of each cell's first N test prompts, and OUT/index.html
 
-Each cell trains into OUT/runs/<corpus>-<method>-<generator>[-<variant>][-seed<seed>]/ and is evaluated there; a cell with
+Each cell trains into OUT/runs/<corpus>-<method>-<generator>[-<variant>][-seed<seed>]/ (no suffix for seed 0) and
+is evaluated there; a cell with
 a results.json is skipped, so an interrupted bench resumes (a cell stopped mid-training continues from its
 latest checkpoint). Single-process benches can share one matrix and OUT, e.g. one per GPU or per CPU core: each
 claims a cell with a lock (OUT/runs/<cell>.lock) and skips the cells another holds; each writes the table of the
@@ -76,7 +78,7 @@ def load_matrix(path: str | Path) -> dict:
 
 def cell_name(corpus: str, method: str, generator: str, variant: str | None = None, seed: int | None = None) -> str:
     name = f"{Path(corpus).stem if Path(corpus).suffix else corpus}-{method}-{generator}"
-    return name + (f"-{variant}" if variant else "") + (f"-seed{seed}" if seed is not None else "")
+    return name + (f"-{variant}" if variant else "") + (f"-seed{seed}" if seed else "")  # seed 0: the plain name
 
 
 def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_config: str | None, out: Path,
