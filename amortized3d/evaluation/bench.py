@@ -209,7 +209,8 @@ def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
                 for method in matrix["methods"]:
                     for seed in matrix["seeds"] or [None]:
                         name = cell_name(corpus, method, generator, variant, seed)
-                        claim = claim_cell(out, name) if alone else None
+                        finished = (out / "runs" / name / "results.json").is_file()
+                        claim = claim_cell(out, name) if alone and not finished else None
                         if claim is False:
                             print(f"{name}: another bench process is running this cell; skipped here", flush=True)
                             continue
