@@ -124,3 +124,14 @@ def test_toy2d_command_rejects_unknown_settings(tmp_path, capsys):
     assert main(["toy2d", "--method", "asd", "--asd-shift", "random", "--out", str(tmp_path)]) == 2
     assert "paper, reference, deterministic, fixed" in capsys.readouterr().err
     assert main(["toy2d", "--method", "asd", "--prompt", "a frog", "--out", str(tmp_path)]) == 2
+
+
+def test_a_zeroed_camera_is_a_clear_error_not_nan():
+    # A zeroed camera-to-world matrix (VSD's camera dropout applies it to the learned term only) has no rays to render.
+    from amortized3d.rendering.cameras import Cameras
+
+    prior = build_prior(tiny_config())
+    cams = orbit_cameras(1, 15.0, 1.6, 50.0)
+    zeroed = Cameras(torch.zeros_like(cams.c2w), cams.fovy, cams.elevation, cams.azimuth, cams.distance)
+    with pytest.raises(ValueError, match="all-zero camera-to-world rotation"):
+        prior.predict_noise(torch.rand(1, 3, 8, 8), torch.tensor([500]), Conditioning(["a red cube"], zeroed), torch.full((1,), COND))

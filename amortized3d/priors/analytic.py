@@ -58,6 +58,10 @@ def render_prompt_scenes(
     prompts (N), cameras [N, V] -> (rgb [N, K, V, 3, H, W], valid [N, K] bool),
     K the largest number of scenes of any prompt; invalid slots are zero.
     """
+    singular = cameras.c2w[..., :3, :3].reshape(-1, 9).abs().sum(-1) == 0
+    if singular.any():
+        raise ValueError(f"{int(singular.sum())} camera(s) have an all-zero camera-to-world rotation, which renders no rays; "
+                         "pass real cameras (amortized3d.rendering.cameras.look_at_cameras)")
     scenes_per_prompt = [parse_prompt(p) for p in prompts]
     K = max(len(s) for s in scenes_per_prompt)
     flat_scenes, owner, slot = [], [], []
