@@ -153,21 +153,27 @@ def adapter_lr(cfg: ExperimentConfig) -> float:
     return cfg.distill.adapter_lr if cfg.distill.adapter_lr is not None else ADAPTER_LR[cfg.distill.method]
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, Generator, dict]:
-    """Rebuild a trained generator from RUN_DIR (its config.yaml and latest checkpoint).
-
-    -> (config, generator in eval mode on ``device``, checkpoint state).
-    """
+def run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The resolved config a training run wrote (RUN_DIR/config.yaml); a clear error for a folder that is not a run."""
     run_dir = Path(run_dir)
     config = RunDir(run_dir).config
     if not config.is_file():
         what = "does not exist" if not run_dir.exists() else "is not a folder" if not run_dir.is_dir() else "has no config.yaml"
         raise CheckpointError(f"{str(run_dir)!r} is not a training run folder: it {what}. Pass the folder that train wrote "
                               "(its --output), which holds config.yaml and checkpoints/")
+    return config_from_dict(load_yaml(config), source=str(config))
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, Generator, dict]:
+    """Rebuild a trained generator from RUN_DIR (its config.yaml and latest checkpoint).
+
+    -> (config, generator in eval mode on ``device``, checkpoint state).
+    """
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
     folder = latest_checkpoint(run_dir)
     if folder is None:
         raise CheckpointError(f"{str(run_dir)!r} has no checkpoint yet (no checkpoints/step_* folder); train longer or pass another run")
-    cfg = config_from_dict(load_yaml(config), source=str(config))
     generator = build_generator(cfg)
     state = load_checkpoint(folder, generator)
     return cfg, generator.to(device).eval(), state

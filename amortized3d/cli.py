@@ -268,7 +268,9 @@ def run_noise_error(args) -> int:
 
     report = noise_error(args.run_dir, n_prompts=args.prompts, n_views=args.views, n_timesteps=args.timesteps, eta=args.eta,
                          seed=args.seed, out=args.out)
-    folder = Path(args.out) if args.out else Path(args.run_dir) / "plots"
+    from amortized3d.run_dir import RunDir
+
+    folder = Path(args.out) if args.out else RunDir(args.run_dir).plots
     print(json.dumps({k: report[k] for k in ("run", "method", "prior", "step", "eta", "t_min") if k in report}
                      | ({"finetuned_below_pretrained": report["finetuned_below_pretrained"]} if "e_finetuned" in report else {})
                      | {"json": str(folder / "noise_error.json"), "png": str(folder / "noise_error.png")}, indent=1))

@@ -81,9 +81,10 @@ def cell_name(corpus: str, method: str, generator: str, variant: str | None = No
     return name + (f"-{variant}" if variant else "") + (f"-seed{seed}" if seed else "")  # seed 0: the plain name
 
 
-def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_config: str | None, out: Path,
+def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_config: str | None, out: Path, run: Path,
              variant: str | None = None, seed: int | None = None) -> dict:
-    """Train and evaluate one cell (every rank calls it); -> its results (rank 0 writes them)."""
+    """Train (or continue) and evaluate one cell in its folder ``run`` (every rank calls it); -> its results (rank 0
+    writes them to RUN/results.json)."""
     from accelerate import Accelerator
 
     from amortized3d.config import config_to_dict, load_config
@@ -94,9 +95,6 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
     from amortized3d.training.checkpoint import latest_checkpoint
     from amortized3d.training.train import train
 
-    run = out / "runs" / cell_name(corpus, method, generator, variant, seed)
-    if (run / "results.json").is_file():
-        return json.loads((run / "results.json").read_text())
     overrides = [f"distill.method={method}", f"generator.kind={generator}", *matrix["overrides"],
                  *(matrix["variants"][variant] if variant else []), *([f"train.seed={seed}"] if seed is not None else [])]
     cfg = load_config(corpus, generator_config or matrix["config"], overrides)
@@ -209,13 +207,16 @@ def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
                 for method in matrix["methods"]:
                     for seed in matrix["seeds"] or [None]:
                         name = cell_name(corpus, method, generator, variant, seed)
-                        finished = (out / "runs" / name / "results.json").is_file()
-                        claim = claim_cell(out, name) if alone and not finished else None
+                        run = out / "runs" / name
+                        if (run / "results.json").is_file():  # finished
+                            results.append(json.loads((run / "results.json").read_text()))
+                            continue
+                        claim = claim_cell(out, name) if alone else None
                         if claim is False:
                             print(f"{name}: another bench process is running this cell; skipped here", flush=True)
                             continue
                         try:
-                            results.append(run_cell(matrix, corpus, method, generator, generator_config, out, variant, seed))
+                            results.append(run_cell(matrix, corpus, method, generator, generator_config, out, run, variant, seed))
                         finally:
                             if claim:
                                 claim.close()

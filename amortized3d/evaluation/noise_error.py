@@ -5,7 +5,8 @@
 
 For fixed renders x of the run's generator (the first --prompts test prompts, --views orbit views at the
 evaluation camera, in the prior's space after prior.encode), one fixed noise eps per image and T timesteps t
-evenly spaced over [T_lo, T_hi] (the run's timestep range, distill.t_min[0] .. distill.t_max[0]):
+evenly spaced over [T_lo, T_hi], every timestep the run's annealed range reached (score_distillation.timestep_range
+at the start and the end of training; the recipes: 20 .. 980):
 
     x_t      = sqrt(abar_t) x + sqrt(1 - abar_t) eps
     e_PT(t)  = mean ||eps_phi(x_t, t, y) - eps||^2         the pretrained prior's conditional branch (no guidance)
@@ -16,8 +17,8 @@ evenly spaced over [T_lo, T_hi] (the run's timestep range, distill.t_min[0] .. d
 
 Each error is the mean over images and over the values of an image (||.||^2 / its size, so that priors with
 different image sizes share a scale). ScaleDreamer's argument: e_PT falls as t grows (Eq. 3), e_FT lies below e_PT,
-and e_PT(t + dt) approximates e_FT(t). The JSON holds every curve and, per curve, the fraction of timesteps where
-e_FT(t) < e_PT(t).
+and e_PT(t + dt) approximates e_FT(t). The JSON holds every curve and, for a VSD run, the fraction of timesteps
+where e_FT(t) < e_PT(t).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def error_curve(predict, x: torch.Tensor, noise: torch.Tensor, timesteps: list[i
 def noise_error(run_dir: str | Path, *, n_prompts: int = 4, n_views: int = 4, n_timesteps: int = 100, eta: float | None = None,
                 seed: int = 0, out: str | Path | None = None, device: str | torch.device = "cpu") -> dict:
     """Compute, write (JSON and PNG) and return the e(t) curves of the run's prior on the run's renders."""
-    from amortized3d.builders import build_adapter, build_generator, build_prior, build_text_encoder, load_run
+    from amortized3d.builders import build_adapter, build_prior, build_text_encoder, load_run
     from amortized3d.data.corpora import load_corpus
     from amortized3d.distillation.score_distillation import timestep_range
     from amortized3d.rendering.cameras import orbit_cameras
@@ -63,7 +64,7 @@ def noise_error(run_dir: str | Path, *, n_prompts: int = 4, n_views: int = 4, n_
     finetuned = None
     if cfg.distill.method == "vsd":
         finetuned, _ = build_adapter(cfg, prior)
-        load_checkpoint(latest_checkpoint(run_dir), build_generator(cfg), adapter=finetuned)  # the branch, beside the generator
+        load_checkpoint(latest_checkpoint(run_dir), generator, adapter=finetuned)  # the branch is saved beside the generator
         finetuned.to(device)
         finetuned.eval()
     rgb = render_validation(cfg, generator, text_encoder, prompts, device, n_views)  # [P, V, 3, R, R]
@@ -74,10 +75,10 @@ def noise_error(run_dir: str | Path, *, n_prompts: int = 4, n_views: int = 4, n_
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device)
     cond = Conditioning([p for p in prompts for _ in range(V)], cams.reshape(1, V)[[0] * P].reshape(P * V))
     abar = prior.alphas_cumprod.to(x.device)
-    lo, hi = min(cfg.distill.t_min), max(cfg.distill.t_max)
-    lo_t, hi_t = max(1, round(lo * 1000)), min(999, round(hi * 1000))
+    start, end = (timestep_range(p, tuple(cfg.distill.t_min), tuple(cfg.distill.t_max)) for p in (0.0, 1.0))
+    lo_t, hi_t = min(start[0], end[0]), max(start[1], end[1])
     timesteps = sorted({round(lo_t + (hi_t - lo_t) * i / max(n_timesteps - 1, 1)) for i in range(n_timesteps)})
-    t_min_final = timestep_range(1.0, tuple(cfg.distill.t_min), tuple(cfg.distill.t_max))[0]
+    t_min_final = end[0]
     eta = cfg.distill.eta if eta is None else eta
 
     cond_branch = torch.full((x.shape[0],), COND, dtype=torch.long, device=x.device)

@@ -112,15 +112,15 @@ def plot_compare(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from amortized3d.config import config_from_dict, load_yaml
+    from amortized3d.builders import run_config
 
     runs = []
     for run_dir in map(Path, run_dirs):
-        folder = RunDir(run_dir)
-        if not folder.metrics.is_file() or not folder.config.is_file():
-            raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl and config.yaml; pass run folders written by train")
-        cfg = config_from_dict(load_yaml(folder.config), source=str(folder.config))
-        runs.append((run_dir, cfg.distill.method, read_metrics(folder.metrics)))
+        cfg = run_config(run_dir)
+        metrics = RunDir(run_dir).metrics
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{str(run_dir)!r} has no metrics.jsonl; pass run folders written by train")
+        runs.append((run_dir, cfg.distill.method, read_metrics(metrics)))
     methods = [m for _, m, _ in runs]
     labels = [m if methods.count(m) == 1 else f"{m} ({d.name})" for d, m, _ in runs]
     out = Path(out)
