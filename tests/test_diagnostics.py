@@ -79,6 +79,7 @@ def test_noise_error_of_a_vsd_run(tmp_path):
         assert a == pytest.approx(b, rel=1e-4)
     shifted = report["shifted"]
     assert report["t_min"] == 20 and report["eta"] == 0.2
+    # ScaleDreamer Sec. 3.2: dt = eta (t - T_min), on the integers; T_min = 0.02 x 1000 at the end of the recipe's annealing
     assert shifted["t_plus_dt"] == [t + math.floor(0.2 * (t - 20)) for t in shifted["timesteps"]]
     assert all(s <= 980 for s in shifted["t_plus_dt"]) and len(shifted["e_pretrained"]) == len(shifted["timesteps"]) < 12
     # the shifted curve is the pretrained error at t + dt: where t + dt is itself a grid timestep, the values agree
