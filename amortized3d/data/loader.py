@@ -67,9 +67,14 @@ class PromptBatch:
         return PromptBatch(self.prompts, self.keys, pin(self.text), self.prior_texts, pin(self.prior_text))
 
     @classmethod
-    def encode(cls, prompts: list[str], text_encoder) -> "PromptBatch":
-        """A batch encoded on the spot (no store, no prior texts): for benchmarks and tests."""
-        return cls(list(prompts), [prompt_key(p) for p in prompts], text_encoder.encode(list(prompts)), [], None)
+    def encode(cls, prompts: list[str], text_encoder, prior_encoder=None, prior_suffixes: list[str] = ()) -> "PromptBatch":
+        """A batch encoded on the spot instead of read from a store, for benchmarks and tests: the generator's text by
+        ``text_encoder``, and with ``prior_encoder``, each prompt + suffix of ``prior_suffixes`` (what the store holds for the
+        prior: builders.prior_store_suffixes) by it."""
+        prompts = list(prompts)
+        prior_texts = [p + s for p in prompts for s in prior_suffixes] if prior_encoder is not None else []
+        prior_text = prior_encoder.encode(prior_texts) if prior_texts else None
+        return cls(prompts, [prompt_key(p) for p in prompts], text_encoder.encode(prompts), prior_texts, prior_text)
 
 
 def check_corpus_fits_a_step(n_prompts: int, batch_size: int, world: int) -> None:

@@ -29,6 +29,9 @@ the guidance through their components perpendicular to eps_c - eps_u, with weigh
 perp_neg_weights(cameras) (score_distillation combines them).
     alphas_cumprod [1000] from the checkpoint's own scheduler config.
 
+prior.model=random:stable-diffusion-2-1-base builds the real architecture with random weights and no download
+(amortized3d.priors.pretrained): for measuring FLOPs, time and memory (benchmarks/recipe_step.py) only.
+
 Cost of prior.resolution: the VAE encoder runs at r x r with gradient, and its activations
 dominate memory (they scale with r^2); the UNet runs on (r / 8)^2 latents, so r = 256 makes
 both about 4x cheaper than the reference 512 at the price of a prior that was trained at 512.
@@ -38,6 +41,7 @@ UNet uses channels_last memory format.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -180,13 +184,17 @@ class DiffusionPrior:
         import_torchvision_safely()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        from amortized3d.priors.pretrained import load_component, resolve_model_dir
+        from amortized3d.priors.pretrained import RandomWeightsWarning, is_random, load_component, resolve_model_dir
 
         if kind not in SUBFOLDERS:
             raise ValueError(f"prior kind {kind!r} is not a diffusers prior; choose one of {', '.join(SUBFOLDERS)}")
         device = torch.device(device)
         model = config.model if config.model is not None else DEFAULT_MODELS[kind]
         self.config, self.model_name, self.kind = config, model, kind
+        if is_random(model):
+            warnings.warn(f"prior.model={model!r} is the real architecture with random weights: a benchmarking mode for speed, "
+                          "FLOPs and memory; its predictions, and anything trained against them, are meaningless", RandomWeightsWarning,
+                          stacklevel=2)
         self.dtype = resolve_dtype(config.dtype, device)
         folder = resolve_model_dir(model, SUBFOLDERS[kind])
         self.text_encoder = text_encoder if text_encoder is not None else PretrainedTextEncoder(folder, model, device, self.dtype)

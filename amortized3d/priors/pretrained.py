@@ -6,12 +6,21 @@ touches the network. A hub id is looked up in the local cache first; only when i
 there, and downloads are allowed (HF_HUB_OFFLINE is not set), are the needed files fetched.
 Missing weights give one ``PretrainedLoadError`` that names the model, how to obtain the
 weights and how to point at a local folder.
+
+``random:NAME`` (e.g. ``prior.model=random:stable-diffusion-2-1-base``) is a benchmarking mode: the real
+architecture, from the configs shipped in amortized3d/priors/architectures/NAME (the checkpoint's own config.json
+files, architecture facts only), with random weights (seeded, so the same every time) and CLIP's real tokenizer.
+It needs no download and has the exact sizes, FLOPs and memory of the real model; its outputs are meaningless.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
+
+import torch
 
 # Weight files in formats other than safetensors, never fetched (the components load from safetensors).
 DOWNLOAD_IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.h5"]
@@ -36,6 +45,74 @@ def how_to_get(model: str) -> str:
     )
 
 
+RANDOM_PREFIX = "random:"
+ARCHITECTURES = Path(__file__).with_name("architectures")
+RANDOM_SEED = 0
+
+
+class RandomWeightsWarning(UserWarning):
+    """A prior or text encoder built with random weights (``random:NAME``): for measuring speed, FLOPs and memory."""
+
+
+def is_random(model: str | None) -> bool:
+    return bool(model) and model.startswith(RANDOM_PREFIX)
+
+
+def random_architectures() -> list[str]:
+    return sorted(p.name for p in ARCHITECTURES.iterdir() if p.is_dir())
+
+
+def random_model_dir(model: str) -> Path:
+    """The local diffusers-layout folder of ``random:NAME``: the shipped configs of NAME plus a tokenizer/ folder
+    (CLIP's BPE vocabulary, from open-clip-torch), written once to CACHE/random/NAME-<digest of the configs>."""
+    from amortized3d.data.embedding_store import cache_root
+
+    name = model[len(RANDOM_PREFIX):]
+    source = ARCHITECTURES / name
+    if not name or not source.is_dir():
+        raise PretrainedLoadError(f"{model!r} names no shipped architecture; choose one of "
+                                  f"{', '.join(RANDOM_PREFIX + a for a in random_architectures())}")
+    files = sorted(p for p in source.rglob("*.json"))
+    digest = hashlib.sha256(b"".join(str(p.relative_to(source)).encode() + p.read_bytes() for p in files)).hexdigest()[:12]
+    folder = cache_root() / "random" / f"{name}-{digest}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    import tempfile
+
+    from amortized3d.text.clip_vocabulary import clip_tokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as work:
+        staging = Path(work) / "folder"
+        for path in files:
+            target = staging / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+        clip_tokenizer(Path(work) / "bpe").save_pretrained(str(staging / "tokenizer"))  # SD 2.x pads with '!'
+        components = {p.parent.name: p.parent.name for p in files}
+        (staging / "model_index.json").write_text(json.dumps({"_random_architecture": name, "components": sorted(components)}))
+        try:
+            staging.rename(folder)
+        except OSError:  # another process wrote it first
+            if not (folder / "model_index.json").is_file():
+                raise
+    return folder
+
+
+def _random_weights(cls, folder: Path, subfolder: str, torch_dtype=None):
+    """``cls`` (a diffusers or transformers model class) built from folder/subfolder's config with seeded random weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        if hasattr(cls, "load_config"):  # diffusers ModelMixin
+            module = cls.from_config(cls.load_config(str(folder), subfolder=subfolder))
+        else:  # transformers PreTrainedModel
+            from transformers import AutoConfig
+
+            module = cls._from_config(AutoConfig.from_pretrained(str(folder), subfolder=subfolder))
+    # nn.Module.to: diffusers' own .to warns about casting after loading, which does not apply to fresh weights
+    return torch.nn.Module.to(module, torch_dtype) if torch_dtype is not None else module
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -47,6 +124,8 @@ def _looks_like_path(model: str) -> bool:
 def resolve_model_dir(model: str, subfolders: list[str]) -> Path:
     """Local folder holding ``subfolders`` of ``model`` (a folder path or a hub id such as
     'stabilityai/stable-diffusion-2-1-base'). Raises PretrainedLoadError when it is not available."""
+    if is_random(model):
+        return random_model_dir(model)
     path = Path(model).expanduser()
     if path.is_dir():
         missing = [s for s in subfolders if not (path / s).is_dir()]
@@ -80,7 +159,10 @@ def resolve_model_dir(model: str, subfolders: list[str]) -> Path:
 
 
 def load_component(cls, folder: Path, subfolder: str, model: str, **kwargs):
-    """``cls.from_pretrained(folder, subfolder=subfolder, **kwargs)`` with a clear error naming ``model``."""
+    """``cls.from_pretrained(folder, subfolder=subfolder, **kwargs)`` with a clear error naming ``model``; for a
+    ``random:`` model, models (classes with weights) are built from the config with random weights instead."""
+    if is_random(model) and hasattr(cls, "parameters"):
+        return _random_weights(cls, folder, subfolder, kwargs.get("torch_dtype"))
     try:
         return cls.from_pretrained(str(folder), subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as err:

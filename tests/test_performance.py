@@ -1,0 +1,143 @@
+"""The performance tooling: the stage profiler's FLOP counts against hand counts, the real architectures that
+`random:` models build (parameter counts of the published checkpoints, and hand counts from the architectures'
+formulas), and benchmarks/recipe_step.py end to end on tiny models."""
+
+import importlib.util
+import json
+import warnings
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from amortized3d.priors.pretrained import PretrainedLoadError, RandomWeightsWarning, load_component, random_model_dir
+from amortized3d.training.profiler import StageProfiler
+from tests.fixtures import REPO, SD_TINY
+
+RANDOM_SD = "random:stable-diffusion-2-1-base"
+
+
+def load_recipe_step():
+    spec = importlib.util.spec_from_file_location("recipe_step", REPO / "benchmarks" / "recipe_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_flops_equal_hand_counts_forward_and_backward():
+    """A matrix product [B, I] x [I, O] costs 2 B I O FLOPs; its backward computes the input's gradient (2 B I O)
+    when the input needs one and the weight's (2 B I O). A convolution: 2 Cout Cin k^2 Hout Wout B, the same per
+    gradient. Each backward is charged to the stage whose forward built it; the total equals FlopCounterMode's."""
+    torch.manual_seed(0)
+    conv, linear = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 6 * 6, 5)
+    x = torch.randn(2, 3, 6, 6)
+    profiler = StageProfiler()
+    with FlopCounterMode(display=False) as counter, profiler:
+        with profiler.stage("conv"):
+            h = conv(x).relu().flatten(1)
+        with profiler.stage("linear"):
+            y = linear(h).square().sum()
+        y.backward()
+    stats = profiler.table()
+    conv_flops = 2 * 8 * 3 * 3 * 3 * 6 * 6 * 2
+    linear_flops = 2 * 2 * (8 * 6 * 6) * 5
+    assert stats["conv"]["flops"] == conv_flops
+    assert stats["linear"]["flops"] == linear_flops
+    assert stats["linear backward"]["flops"] == 2 * linear_flops  # input and weight gradients
+    assert stats["conv backward"]["flops"] == conv_flops  # x needs no gradient: the weight's only
+    assert profiler.total_flops() == counter.get_total_flops() == 2 * conv_flops + 3 * linear_flops
+
+
+def test_attached_module_stage_and_condition():
+    """attach_stage charges a module's calls to its stage only while ``when`` holds, else to the enclosing stage."""
+    layer = torch.nn.Linear(4, 4)
+    profiler = StageProfiler()
+    handles = profiler.attach_stage(layer, "grad-free", when=lambda: not torch.is_grad_enabled())
+    x = torch.randn(3, 4)
+    with profiler:
+        with torch.no_grad():
+            layer(x)
+        with profiler.stage("outer"):
+            layer(x)
+    for h in handles:
+        h.remove()
+    assert profiler.stats["grad-free"]["flops"] == profiler.stats["outer"]["flops"] == 2 * 3 * 4 * 4
+
+
+def test_random_sd_builds_the_published_architectures():
+    """random:stable-diffusion-2-1-base builds its components through load_component (here on the meta device, no
+    memory): the UNet has the 865,910,724 parameters of stabilityai/stable-diffusion-2-1-base's unet weights; the
+    text encoder the count of OpenCLIP ViT-H/14's text tower without its last layer (SD 2.x uses the
+    penultimate one), computed from the architecture's formula."""
+    from amortized3d._compat import import_torchvision_safely
+
+    import_torchvision_safely()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = random_model_dir(RANDOM_SD)
+    assert random_model_dir(RANDOM_SD) == folder  # written once, then reused
+    with torch.device("meta"):
+        unet = load_component(UNet2DConditionModel, folder, "unet", RANDOM_SD)
+        vae = load_component(AutoencoderKL, folder, "vae", RANDOM_SD)
+        text = load_component(CLIPTextModel, folder, "text_encoder", RANDOM_SD)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(unet) == 865_910_724
+    d, ff, layers, vocab, positions = 1024, 4096, 23, 49408, 77
+    per_layer = 4 * (d * d + d) + (d * ff + ff) + (ff * d + d) + 2 * 2 * d  # q, k, v, out; MLP; two layer norms
+    assert count(text) == vocab * d + positions * d + layers * per_layer + 2 * d
+    assert vae.config.scaling_factor == 0.18215 and vae.config.latent_channels == 4
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 8  # 512 x 512 renders -> 64 x 64 latents
+
+
+def test_random_model_errors_and_warning():
+    with pytest.raises(PretrainedLoadError, match="random:stable-diffusion-2-1-base"):
+        random_model_dir("random:stable-diffusion-9")
+    from amortized3d.config import load_config
+    from amortized3d.priors.diffusers_prior import DiffusionPrior
+
+    cfg = load_config("mg15", overrides=[f"prior.model={RANDOM_SD}", "prior.resolution=64"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prior = DiffusionPrior.from_config(cfg)
+    assert any(issubclass(w.category, RandomWeightsWarning) and "meaningless" in str(w.message) for w in caught)
+    assert prior.vae_factor == 8 and prior.text_encoder.dim == 1024
+    latents = prior.encode(torch.rand(1, 3, 64, 64))
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
+    # seeded: a second build has the same weights
+    from diffusers import AutoencoderKL
+
+    again = load_component(AutoencoderKL, random_model_dir(RANDOM_SD), "vae", RANDOM_SD)
+    assert torch.equal(prior.vae.encoder.conv_in.weight, again.encoder.conv_in.weight)
+
+
+def test_recipe_step_counts_the_methods_passes(tiny_sd, tmp_path):
+    """The mg15 recipe (ASD with Perp-Neg) on the tiny SD folder: the step's UNet stage costs exactly 5 single-image
+    UNet forwards per image ([cond(t), uncond(t), neg1, neg2, cond(t + dt)]: ScaleDreamer Alg. 1 plus Perp-Neg's two
+    negatives), the VAE's forward and backward exactly one encoder pass each, so the floor's prior part equals them;
+    the stage totals equal FlopCounterMode's count of the same step."""
+    recipe_step = load_recipe_step()
+    out = tmp_path / "steps.json"
+    overrides = [f"--set={o}" for o in SD_TINY + [f"prior.model={tiny_sd}", "train.prompts_per_step=2", "train.views_per_prompt=2"]]
+    (row,) = recipe_step.main(["mg15", "--out", str(out), *overrides])
+    assert row["unet_passes_per_image"] == 5 and row["images_per_step"] == 4
+    stages, parts = row["stages"], row["floor_parts"]
+    assert stages["unet"]["gflop"] == pytest.approx(4 * 5 * parts["unet_forward_per_image"], rel=1e-9)
+    vae = stages["vae encode"]["gflop"] + stages["vae encode backward"]["gflop"]
+    assert vae == pytest.approx(4 * parts["vae_encode_forward_backward_per_image"], rel=1e-9)
+    assert row["ratio"] >= 1.0 and "text encoder" not in stages  # the store's embeddings: no text encoding in a step
+    saved = json.loads(out.read_text())
+    assert list(saved.values())[0]["recipe"] == "mg15"
+    # the same step counted by FlopCounterMode alone
+    recipe = recipe_step.Recipe("mg15", ["train.wandb=disabled", *SD_TINY, f"prior.model={tiny_sd}", "train.prompts_per_step=2",
+                                         "train.views_per_prompt=2"], torch.device("cpu"), {})
+    with FlopCounterMode(display=False) as counter:
+        recipe.step(1, 0.9)
+    profiler = recipe.profiled_step(1, 0.9)
+    assert profiler.total_flops() == counter.get_total_flops()
+
+
+def test_recipe_step_reports_recipes_that_cannot_run(tmp_path):
+    recipe_step = load_recipe_step()
+    (row,) = recipe_step.main(["dl17k", "--out", str(tmp_path / "x.json")])
+    assert "mvdream" in row["not_run"].lower()
