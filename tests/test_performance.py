@@ -141,3 +141,23 @@ def test_recipe_step_reports_recipes_that_cannot_run(tmp_path):
     recipe_step = load_recipe_step()
     (row,) = recipe_step.main(["dl17k", "--out", str(tmp_path / "x.json")])
     assert "mvdream" in row["not_run"].lower()
+
+
+def test_gpu_check_dry_run_writes_its_tables(tmp_path):
+    """benchmarks/gpu_check.py --dry-run on the CPU: the CUDA-only checks are skipped with their reason, the others
+    run (here the inference-latency one, which trains and times a tiny run), and the JSON and Markdown tables are
+    written; an unknown check name is refused."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "check"
+    report = gpu_check.main(["--dry-run", "--out", str(out), "--only", "nerfacc_sampling", "generate_latency", "deepspeed_zero2"])
+    checks = report["checks"]
+    assert checks["nerfacc_sampling"]["status"] == "skipped" and "CUDA" in checks["nerfacc_sampling"]["error"]
+    assert checks["deepspeed_zero2"]["status"] == "skipped"
+    assert checks["generate_latency"]["status"] == "ok", checks["generate_latency"].get("error")
+    assert all(row["bake_s"] > 0 for row in checks["generate_latency"]["rows"])
+    assert json.loads(out.with_suffix(".json").read_text())["dry_run"] is True
+    assert "| generate_latency | ok |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "--only", "nerfacc"])

@@ -1,0 +1,197 @@
+"""The checks that need a GPU, in one command (about 8 minutes on one H100/H200), with a JSON and a Markdown table.
+
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check] [--recipes mg15 df415 at2520 cp100k]
+    python benchmarks/gpu_check.py --dry-run        # the parts a CPU can run, at small sizes (about 2 minutes)
+    python benchmarks/gpu_check.py --only prior_precision recipe_steps
+
+Checks, each a row with its status (ok / failed / skipped and why), seconds and results:
+  nerfacc_sampling   nerfacc's CUDA importance sampling against the renderer's pure-torch sampling on the same
+                     edges and weights (amortized3d.rendering.volume); CUDA only
+  prior_precision    the random-weight SD 2.1-base UNet's noise prediction and the VAE's latents in fp16 and bf16
+                     against fp32 on the same inputs (relative L2 error); with random weights, so only a check that
+                     the half-precision paths run and stay close; the dry run: bf16 on the CPU at a 64 x 64 render
+  recipe_steps       benchmarks/recipe_step.py for each recipe in fp16 and bf16, 3 timed steps each: FLOPs, floor,
+                     step time, achieved TFLOP/s, peak memory; the dry run: mg15 in fp32 with a 64 x 64 prior input
+  generate_latency   train a ShapeWorld run briefly, then benchmarks/generate.py on it (seconds per prompt by stage)
+  deepspeed_zero2    the trainer under `accelerate launch --config_file launch/deepspeed_zero2.yaml` on one GPU:
+                     10 steps with checkpoints, then resumed from the last one to step 15; skipped in the dry run
+A failed check does not stop the others; the exit status is 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RANDOM_SD = "random:stable-diffusion-2-1-base"
+RECIPES = ["mg15", "df415", "at2520", "cp100k"]
+
+
+class Skip(Exception):
+    """A check that cannot run here; the message says why."""
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def nerfacc_sampling(device: torch.device, dry_run: bool, work: Path) -> dict:
+    if device.type != "cuda":
+        raise Skip("nerfacc's importance sampling is compiled for CUDA only")
+    from amortized3d.rendering.volume import _sample_from_pdf_nerfacc, sample_from_pdf
+
+    g = torch.Generator().manual_seed(0)
+    edges = torch.sort(torch.rand(4096, 65, generator=g) * 4.0, -1).values
+    weights = torch.rand(4096, 64, generator=g) ** 4
+    reference = sample_from_pdf(edges, weights, 32)
+    cuda = _sample_from_pdf_nerfacc(edges.to(device), weights.to(device), 32, stratified=False).cpu()
+    error = float((cuda - reference).abs().max())
+    return {"ok": error < 1e-4, "max_abs_difference": error, "rays": 4096, "samples": 32}
+
+
+def prior_precision(device: torch.device, dry_run: bool, work: Path) -> dict:
+    from amortized3d.config import load_config
+    from amortized3d.priors.diffusers_prior import DiffusionPrior
+
+    resolution = 64 if dry_run else 512
+    cfg = load_config("mg15", overrides=[f"prior.model={RANDOM_SD}", f"prior.resolution={resolution}", "prior.dtype=fp32"])
+    prior = DiffusionPrior.from_config(cfg, device=device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 64, 64, generator=g).to(device)
+    side = resolution // prior.vae_factor
+    noisy = torch.randn(2, 4, side, side, generator=g).to(device)
+    steps = torch.tensor([200, 700], device=device)
+    tokens = prior.text_encoder.encode(["a hamburger", ""]).tokens.to(device)
+    with torch.no_grad():
+        latents32 = prior.vae.encode(2 * images - 1).latent_dist.mean
+        eps32 = prior.unet_noise(noisy, steps, tokens)
+    result = {"resolution": resolution}
+    dtypes = ["bf16"] if device.type == "cpu" else ["fp16", "bf16"]
+    for name in dtypes:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[name]
+        prior.unet.to(dtype)
+        prior.vae.to(dtype)
+        prior.dtype = dtype
+        with torch.no_grad():
+            latents = prior.vae.encode((2 * images - 1).to(dtype)).latent_dist.mean
+            eps = prior.unet_noise(noisy, steps, tokens)
+        result[f"unet_{name}_relative_error"] = relative_error(eps, eps32)
+        result[f"vae_{name}_relative_error"] = relative_error(latents, latents32)
+    result["ok"] = all(v < 0.05 for k, v in result.items() if k.endswith("relative_error"))
+    return result
+
+
+def recipe_steps(device: torch.device, dry_run: bool, work: Path, recipes: list[str]) -> dict:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import recipe_step
+
+    out = work / "recipe_step.json"
+    rows = []
+    if dry_run:
+        rows += recipe_step.main(["mg15", "--steps", "0", "--dtype", "fp32", "--set", "prior.resolution=64", "--out", str(out)])
+    else:
+        for dtype in ("fp16", "bf16"):
+            rows += recipe_step.main([*recipes, "--steps", "3", "--dtype", dtype, "--out", str(out)])
+    summary = [{k: row.get(k) for k in ("recipe", "prior_dtype", "total_tflop", "floor_tflop", "ratio", "step_seconds",
+                                        "achieved_tflop_per_s", "peak_memory_gb", "not_run")} for row in rows]
+    return {"ok": all("not_run" in row or row.get("total_tflop") for row in rows), "rows": summary}
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    return done
+
+
+def generate_latency(device: torch.device, dry_run: bool, work: Path) -> dict:
+    run_dir = work / "generate-run"
+    steps = 2 if dry_run else 200
+    small = ["render.height=16", "render.width=16", "render.n_proposal=16", "render.n_importance=8"] if dry_run else []
+    run([sys.executable, "train.py", "--corpus", "shapeworld-16", "--output", str(run_dir), f"train.steps={steps}",
+         f"train.val_every={steps}", f"train.ckpt_every={steps}", *small])
+    out = work / "generate.json"
+    size = ["--frames", "4", "--image-size", "32", "--mesh-resolution", "32"] if dry_run else []
+    run([sys.executable, "benchmarks/generate.py", "--checkpoint", str(run_dir), "--out", str(out), *size])
+    result = json.loads(out.read_text())
+    return {"ok": True, "rows": result["rows"], "frames": result["frames"], "image_size": result["image_size"]}
+
+
+def deepspeed_zero2(device: torch.device, dry_run: bool, work: Path) -> dict:
+    if dry_run or device.type != "cuda":
+        raise Skip("DeepSpeed's ZeRO-2 run of the trainer is checked on a GPU")
+    run_dir = work / "deepspeed-run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/deepspeed_zero2.yaml", "--num_processes", "1",
+              "train.py", "--corpus", "shapeworld-16", "--output", str(run_dir), "train.ckpt_every=5", "train.val_every=1000"]
+    run([*launch, "train.steps=10"])
+    run([*launch, "--resume", "train.steps=15"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"ok": rows[-1]["step"] == 15 and rows[-1]["skipped_steps"] == 0, "last_step": rows[-1]["step"], "loss": rows[-1]["loss"]}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"GPU check, {report['date']}, {report['device']}, torch {report['torch']}" + (" (dry run)" if report["dry_run"] else ""), "",
+             "| check | status | seconds | result |", "|---|---|---|---|"]
+    for name, row in report["checks"].items():
+        shown = {k: v for k, v in row.items() if k not in ("status", "seconds", "rows", "error")}
+        if "rows" in row:
+            shown["rows"] = row["rows"]
+        text = row.get("error") or json.dumps(shown, default=str)
+        lines.append(f"| {name} | {row['status']} | {row['seconds']:.1f} | {text.replace('|', '/')[:1500]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="the CPU-possible parts at small sizes")
+    parser.add_argument("--out", default="benchmarks/results/gpu_check", help="writes OUT.json and OUT.md")
+    parser.add_argument("--recipes", nargs="+", default=RECIPES)
+    parser.add_argument("--only", nargs="+", default=None, metavar="CHECK", help="run only these checks")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.dry_run and device.type != "cuda":
+        parser.error("no GPU here: run with --dry-run for the CPU-possible parts")
+    checks = {"nerfacc_sampling": nerfacc_sampling, "prior_precision": prior_precision,
+              "recipe_steps": lambda d, dry, w: recipe_steps(d, dry, w, args.recipes), "generate_latency": generate_latency,
+              "deepspeed_zero2": deepspeed_zero2}
+    unknown = sorted(set(args.only or ()) - set(checks))
+    if unknown:
+        parser.error(f"--only {' '.join(unknown)}: no such check; the checks are {', '.join(checks)}")
+    checks = {name: check for name, check in checks.items() if args.only is None or name in args.only}
+    report = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+              "torch": torch.__version__, "dry_run": args.dry_run, "checks": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for name, check in checks.items():
+            start = time.perf_counter()
+            try:
+                row = check(device, args.dry_run, Path(work))
+                row = {"status": "ok" if row.pop("ok") else "failed", **row}
+            except Skip as why:
+                row = {"status": "skipped", "error": str(why)}
+            except Exception as err:  # noqa: BLE001 - one failed check must not hide the others
+                row = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
+            row["seconds"] = time.perf_counter() - start
+            report["checks"][name] = row
+            print(f"{name}: {row['status']} ({row['seconds']:.1f} s)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(row["status"] == "failed" for row in main()["checks"].values()) else 0)
