@@ -161,3 +161,25 @@ def test_gpu_check_dry_run_writes_its_tables(tmp_path):
     assert "| generate_latency | ok |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):
         gpu_check.main(["--dry-run", "--only", "nerfacc"])
+
+
+def test_random_clip_is_vit_large_14():
+    """random:clip-vit-large-patch14 through load_clip: ViT-L/14's parameter count from the architecture's formula
+    (text: 12 layers of width 768; vision: 24 layers of width 1024 on 16 x 16 patches of 14 pixels plus a class
+    token; projections to 768; the logit scale), 224-pixel input with OpenAI's normalization, and unit-norm
+    features of width 768."""
+    from amortized3d.evaluation.clip_models import load_clip
+
+    with pytest.warns(RandomWeightsWarning):
+        clip = load_clip("random:clip-vit-large-patch14")
+
+    def layers(n, d, ff):  # q, k, v, out projections; MLP; two layer norms
+        return n * (4 * (d * d + d) + (d * ff + ff) + (ff * d + d) + 2 * 2 * d)
+
+    text = 49408 * 768 + 77 * 768 + layers(12, 768, 3072) + 2 * 768
+    vision = 3 * 14 * 14 * 1024 + 1024 + (16 * 16 + 1) * 1024 + 2 * 1024 + layers(24, 1024, 4096) + 2 * 1024
+    assert sum(p.numel() for p in clip.model.parameters()) == text + vision + 768 * 768 + 1024 * 768 + 1
+    assert clip.image_size == 224 and clip.mean.tolist() == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert len(clip.tokenizer) == 49408
+    features = clip.encode_text(["a frog", "a hamburger"])
+    assert features.shape == (2, 768) and torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -12,6 +12,8 @@ per-channel normalization from the model's preprocessing config.
     load_clip("openai/clip-vit-large-patch14")       transformers: a hub id or a folder with
                                                      config.json, weights, tokenizer and
                                                      preprocessor_config.json (the reference protocol's model)
+    load_clip("random:clip-vit-large-patch14")     ViT-L/14's architecture with random weights: for measuring
+                                                     cost only (amortized3d.priors.pretrained)
     load_clip("open_clip:ViT-L-14@openai")           open_clip: architecture @ pretrained tag or weights file
                                                      (no tag: openai)
     load_clip("open_clip:ViT-B-32@laion2b_s34b_b79k")
@@ -59,10 +61,23 @@ class TransformersClip:
         import_torchvision_safely()
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
+        from amortized3d.priors.pretrained import is_random, load_component, random_model_dir
+
+        source = random_model_dir(model) if is_random(model) else model  # random:NAME: a benchmarking mode (priors.pretrained)
+        if is_random(model):
+            import warnings
+
+            from amortized3d.priors.pretrained import RandomWeightsWarning
+
+            warnings.warn(f"CLIP model {model!r} has random weights: a benchmarking mode for cost only; its scores are meaningless",
+                          RandomWeightsWarning, stacklevel=2)
         try:
-            self.model = CLIPModel.from_pretrained(model, torch_dtype=dtype).eval().requires_grad_(False).to(device)
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            processor = CLIPImageProcessor.from_pretrained(model)
+            if is_random(model):
+                self.model = load_component(CLIPModel, source, "", model, torch_dtype=dtype).eval().requires_grad_(False).to(device)
+            else:
+                self.model = CLIPModel.from_pretrained(model, torch_dtype=dtype).eval().requires_grad_(False).to(device)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            processor = CLIPImageProcessor.from_pretrained(source)
         except OSError as err:
             raise ClipLoadError(
                 f"cannot load the CLIP model {model!r} ({err}). Download it on a machine with internet access "
@@ -73,7 +88,7 @@ class TransformersClip:
         self.image_size = int(self.model.config.vision_config.image_size)
         self.mean, self.std = torch.tensor(processor.image_mean), torch.tensor(processor.image_std)
         self.device = torch.device(device)
-        local = Path(model)
+        local = Path(source)
         self.identity = f"transformers:{model}@{folder_fingerprint(local) if local.is_dir() else 'hub'}"
 
     @torch.no_grad()

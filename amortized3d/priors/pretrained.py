@@ -7,7 +7,7 @@ there, and downloads are allowed (HF_HUB_OFFLINE is not set), are the needed fil
 Missing weights give one ``PretrainedLoadError`` that names the model, how to obtain the
 weights and how to point at a local folder.
 
-``random:NAME`` (e.g. ``prior.model=random:stable-diffusion-2-1-base``) is a benchmarking mode: the real
+``random:NAME`` (``prior.model=random:stable-diffusion-2-1-base``, ``--clip random:clip-vit-large-patch14``) is a benchmarking mode: the real
 architecture, from the configs shipped in amortized3d/priors/architectures/NAME (the checkpoint's own config.json
 files, architecture facts only), with random weights (seeded, so the same every time) and CLIP's real tokenizer.
 It needs no download and has the exact sizes, FLOPs and memory of the real model; its outputs are meaningless.
@@ -63,8 +63,9 @@ def random_architectures() -> list[str]:
 
 
 def random_model_dir(model: str) -> Path:
-    """The local diffusers-layout folder of ``random:NAME``: the shipped configs of NAME plus a tokenizer/ folder
-    (CLIP's BPE vocabulary, from open-clip-torch), written once to CACHE/random/NAME-<digest of the configs>."""
+    """The local folder of ``random:NAME`` (the layout of the real checkpoint: diffusers' component subfolders, or
+    transformers' flat folder): the shipped configs of NAME, and CLIP's tokenizer (BPE vocabulary from open-clip-torch)
+    beside each shipped tokenizer_config.json, with its padding token; written once to CACHE/random/NAME-<digest>."""
     from amortized3d.data.embedding_store import cache_root
 
     name = model[len(RANDOM_PREFIX):]
@@ -88,9 +89,12 @@ def random_model_dir(model: str) -> Path:
             target = staging / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
-        clip_tokenizer(Path(work) / "bpe").save_pretrained(str(staging / "tokenizer"))  # SD 2.x pads with '!'
-        components = {p.parent.name: p.parent.name for p in files}
-        (staging / "model_index.json").write_text(json.dumps({"_random_architecture": name, "components": sorted(components)}))
+        for settings in source.rglob("tokenizer_config.json"):  # CLIP's vocabulary beside it, with the model's padding token
+            pad = json.loads(settings.read_text())["pad_token"]
+            where = staging / settings.parent.relative_to(source)
+            clip_tokenizer(Path(work) / "bpe", pad_token=pad).save_pretrained(str(where))
+        components = sorted({str(p.parent.relative_to(source)) for p in files} - {"."})
+        (staging / "model_index.json").write_text(json.dumps({"_random_architecture": name, "components": components}))
         try:
             staging.rename(folder)
         except OSError:  # another process wrote it first
