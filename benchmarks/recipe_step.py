@@ -21,7 +21,7 @@ methods), each priced by counting one UNet forward on one image alone, plus the 
 on one render alone, plus the generator and the renderer as measured in the step (what is trained). The ratio
 measured / floor shows what the step spends beyond that. Memory: on CUDA, the allocator's peak during the
 profiled step; on the CPU, the largest resident memory after any op of the step minus the resident memory before
-it (the loaded weights), labeled as such. Results are merged into --out (one entry per recipe, device and dtype)
+it (the loaded weights), labeled as such. Results are merged into --out (one entry per recipe, device, dtype and overrides)
 and printed as a table.
 """
 
@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(out.read_text()) if out.is_file() else {}
     for row in rows:
-        merged[f"{row['recipe']} | {row['device']} | {row.get('prior_dtype', '')}"] = row
+        row["overrides"] = args.overrides
+        merged[" | ".join([row["recipe"], row["device"], row.get("prior_dtype", ""), *args.overrides])] = row
     out.write_text(json.dumps(merged, indent=1))
     print(f"\nwrote {out}")
     return rows

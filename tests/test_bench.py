@@ -119,6 +119,45 @@ def test_a_cell_another_bench_process_holds_is_skipped(tmp_path, capsys):
     assert [r["method"] for r in run_bench(matrix, out)] == ["asd", "sds"]
 
 
+def test_cells_another_process_finishes_meanwhile_are_in_the_table(tmp_path, monkeypatch, capsys):
+    # Two bench processes: this one skips the cell the other holds, trains the next; the other finishes its cell
+    # meanwhile (simulated: its results.json appears while this one trains) -> this process's table has both cells.
+    from amortized3d.evaluation import bench
+
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(json.dumps({"corpora": ["shapeworld-16"], "methods": ["asd", "sds"],
+                                  "overrides": [*TINY, "train.steps=1", "train.ckpt_every=1", "eval.n_views=1"]}))
+    out = tmp_path / "bench"
+    other = bench.claim_cell(out, "shapeworld-16-asd-hyper_ingp")
+    run_cell = bench.run_cell
+
+    def other_finishes_meanwhile(matrix, corpus, method, *args):
+        result = run_cell(matrix, corpus, method, *args)
+        theirs = out / "runs" / "shapeworld-16-asd-hyper_ingp"
+        theirs.mkdir(parents=True)
+        (theirs / "results.json").write_text(json.dumps({**result, "method": "asd", "oracle_r_at_1": 0.5}))
+        return result
+
+    monkeypatch.setattr(bench, "run_cell", other_finishes_meanwhile)
+    results = bench.run_bench(matrix, out)
+    other.close()
+    assert [r["method"] for r in results] == ["asd", "sds"] and results[0]["oracle_r_at_1"] == 0.5
+    table = (out / "results.md").read_text()
+    assert "| ASD |" in table and "| SDS |" in table
+    assert "still running" not in capsys.readouterr().out
+
+
+def test_a_cell_still_running_elsewhere_is_named(tmp_path, capsys):
+    from amortized3d.evaluation.bench import claim_cell, run_bench
+
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(json.dumps({"corpora": ["shapeworld-16"], "methods": ["asd"], "overrides": [*TINY, "train.steps=1"]}))
+    other = claim_cell(tmp_path / "bench", "shapeworld-16-asd-hyper_ingp")
+    assert run_bench(matrix, tmp_path / "bench") == []
+    other.close()
+    assert "1 cell(s) still running in other bench processes (shapeworld-16-asd-hyper_ingp)" in capsys.readouterr().out
+
+
 def test_seeds_repeat_cells_and_the_table_gives_mean_and_each_seed(tmp_path):
     from amortized3d.evaluation.bench import run_bench
 

@@ -193,14 +193,15 @@ def claim_cell(out: Path, name: str):
 
 
 def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
-    """Every cell of the matrix in order (corpus, generator, variant, method, seed); writes OUT/results.json and
-    OUT/results.md."""
+    """Every cell of the matrix in order (corpus, generator, variant, method, seed), skipping finished cells and cells
+    another bench process holds; writes OUT/results.json and OUT/results.md from every finished cell (read back from
+    their RUN/results.json at the end, so cells that other processes finished meanwhile are in the table)."""
     from accelerate import Accelerator
 
     matrix = load_matrix(matrix_file)
     out = Path(out)
     alone = Accelerator().num_processes == 1
-    results = []
+    runs, elsewhere = [], []
     for corpus in matrix["corpora"]:
         for generator, generator_config in matrix["generators"].items():
             for variant in matrix["variants"] or [None]:
@@ -208,18 +209,26 @@ def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
                     for seed in matrix["seeds"] or [None]:
                         name = cell_name(corpus, method, generator, variant, seed)
                         run = out / "runs" / name
+                        runs.append(run)
                         if (run / "results.json").is_file():  # finished
-                            results.append(json.loads((run / "results.json").read_text()))
                             continue
                         claim = claim_cell(out, name) if alone else None
                         if claim is False:
                             print(f"{name}: another bench process is running this cell; skipped here", flush=True)
+                            elsewhere.append(run)
                             continue
                         try:
-                            results.append(run_cell(matrix, corpus, method, generator, generator_config, out, run, variant, seed))
+                            run_cell(matrix, corpus, method, generator, generator_config, out, run, variant, seed)
                         finally:
                             if claim:
                                 claim.close()
+    Accelerator().wait_for_everyone()  # the main process has written the last cell's results.json
+    # every finished cell, in the matrix's order, read back at the end: cells other bench processes finished meanwhile too
+    results = [json.loads((run / "results.json").read_text()) for run in runs if (run / "results.json").is_file()]
+    unfinished = [run.name for run in elsewhere if not (run / "results.json").is_file()]
+    if unfinished:
+        print(f"{len(unfinished)} cell(s) still running in other bench processes ({', '.join(unfinished)}): the table leaves them "
+              "out; run the same command again once they finish to write the whole table", flush=True)
     if Accelerator().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"matrix": matrix, "cells": [{k: v for k, v in r.items() if k != "config"} for r in results]}, indent=1))
