@@ -88,10 +88,9 @@ class Recipe:
     def __init__(self, recipe: str, overrides: list[str], device: torch.device, prior_cache: dict):
         from accelerate import Accelerator
 
-        probe = load_config(recipe, overrides=overrides)
-        random_prior = [f"prior.model={RANDOM_SD}"] if probe.prior.kind == "stable_diffusion" and not any(
-            o.startswith("prior.model=") for o in overrides) else []
-        cfg = load_config(recipe, overrides=[*random_prior, *overrides])
+        cfg = load_config(recipe, overrides=overrides)
+        if cfg.prior.kind == "stable_diffusion" and not any(o.startswith("prior.model=") for o in overrides):
+            cfg.prior.model = RANDOM_SD
         self.cfg, self.device = cfg, device
         key = json.dumps(cfg.prior.model_dump(), sort_keys=True, default=str)
         if key not in prior_cache:  # recipes with the same prior share it

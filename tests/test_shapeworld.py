@@ -447,8 +447,8 @@ def test_corpus_120k():
 
 
 def test_corpus_20k_is_a_subset_of_120k():
-    # What the corpus-scale bench needs (issue: "a larger subset of shapeworld-120k"): every training prompt is one of
-    # the 120k corpus's, with the same val and held-out prompts, all singles and 19,800 pairs; the seen test prompts are
+    # What the corpus-scale bench needs, a larger subset of shapeworld-120k: every training prompt is one of the 120k
+    # corpus's, with the same val and held-out prompts, all singles and 19,800 pairs; the seen test prompts are
     # 1,000 of its own training prompts.
     small, large = shapeworld_corpus("shapeworld-20k"), shapeworld_corpus("shapeworld-120k")
     assert len(small["train"]) == 200 + 19_800 and set(small["train"]) <= set(large["train"])

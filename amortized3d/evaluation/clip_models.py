@@ -63,16 +63,10 @@ class TransformersClip:
 
         from amortized3d.priors.pretrained import is_random, load_component, random_model_dir
 
-        source = random_model_dir(model) if is_random(model) else model  # random:NAME: a benchmarking mode (priors.pretrained)
-        if is_random(model):
-            import warnings
-
-            from amortized3d.priors.pretrained import RandomWeightsWarning
-
-            warnings.warn(f"CLIP model {model!r} has random weights: a benchmarking mode for cost only; its scores are meaningless",
-                          RandomWeightsWarning, stacklevel=2)
+        random = is_random(model)
+        source = random_model_dir(model) if random else model  # random:NAME: a benchmarking mode (priors.pretrained)
         try:
-            if is_random(model):
+            if random:
                 self.model = load_component(CLIPModel, source, "", model, torch_dtype=dtype).eval().requires_grad_(False).to(device)
             else:
                 self.model = CLIPModel.from_pretrained(model, torch_dtype=dtype).eval().requires_grad_(False).to(device)

@@ -41,7 +41,6 @@ UNet uses channels_last memory format.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -184,17 +183,13 @@ class DiffusionPrior:
         import_torchvision_safely()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        from amortized3d.priors.pretrained import RandomWeightsWarning, is_random, load_component, resolve_model_dir
+        from amortized3d.priors.pretrained import load_component, resolve_model_dir
 
         if kind not in SUBFOLDERS:
             raise ValueError(f"prior kind {kind!r} is not a diffusers prior; choose one of {', '.join(SUBFOLDERS)}")
         device = torch.device(device)
         model = config.model if config.model is not None else DEFAULT_MODELS[kind]
         self.config, self.model_name, self.kind = config, model, kind
-        if is_random(model):
-            warnings.warn(f"prior.model={model!r} is the real architecture with random weights: a benchmarking mode for speed, "
-                          "FLOPs and memory; its predictions, and anything trained against them, are meaningless", RandomWeightsWarning,
-                          stacklevel=2)
         self.dtype = resolve_dtype(config.dtype, device)
         folder = resolve_model_dir(model, SUBFOLDERS[kind])
         self.text_encoder = text_encoder if text_encoder is not None else PretrainedTextEncoder(folder, model, device, self.dtype)

@@ -65,7 +65,8 @@ def random_architectures() -> list[str]:
 def random_model_dir(model: str) -> Path:
     """The local folder of ``random:NAME`` (the layout of the real checkpoint: diffusers' component subfolders, or
     transformers' flat folder): the shipped configs of NAME, and CLIP's tokenizer (BPE vocabulary from open-clip-torch)
-    beside each shipped tokenizer_config.json, with its padding token; written once to CACHE/random/NAME-<digest>."""
+    beside each shipped tokenizer_config.json, with its padding token; written once to CACHE/random/NAME-<digest>.
+    Warns (RandomWeightsWarning) that what is built from it is meaningless."""
     from amortized3d.data.embedding_store import cache_root
 
     name = model[len(RANDOM_PREFIX):]
@@ -73,6 +74,10 @@ def random_model_dir(model: str) -> Path:
     if not name or not source.is_dir():
         raise PretrainedLoadError(f"{model!r} names no shipped architecture; choose one of "
                                   f"{', '.join(RANDOM_PREFIX + a for a in random_architectures())}")
+    import warnings
+
+    warnings.warn(f"{model!r} is the real architecture with random weights: a benchmarking mode for speed, FLOPs and memory; "
+                  "its outputs, and anything trained against them, are meaningless", RandomWeightsWarning, stacklevel=3)
     files = sorted(p for p in source.rglob("*.json"))
     digest = hashlib.sha256(b"".join(str(p.relative_to(source)).encode() + p.read_bytes() for p in files)).hexdigest()[:12]
     folder = cache_root() / "random" / f"{name}-{digest}"
@@ -128,9 +133,7 @@ def _looks_like_path(model: str) -> bool:
 def resolve_model_dir(model: str, subfolders: list[str]) -> Path:
     """Local folder holding ``subfolders`` of ``model`` (a folder path or a hub id such as
     'stabilityai/stable-diffusion-2-1-base'). Raises PretrainedLoadError when it is not available."""
-    if is_random(model):
-        return random_model_dir(model)
-    path = Path(model).expanduser()
+    path = random_model_dir(model) if is_random(model) else Path(model).expanduser()
     if path.is_dir():
         missing = [s for s in subfolders if not (path / s).is_dir()]
         if missing:

@@ -68,17 +68,23 @@ class StageProfiler(TorchDispatchMode):
         else:
             self._starts.append((seq, name))
 
+    def _push(self, name: str) -> None:
+        self._stack.append(name)
+        self._switch(name)
+
+    def _pop(self) -> None:
+        self._stack.pop()
+        self._switch(self._stack[-1])
+
     @contextlib.contextmanager
     def stage(self, name: str):
         """Ops run inside are charged to ``name`` (nested stages: to the innermost); the backward of the autograd nodes
         they create, to ``name + " backward"``."""
-        self._stack.append(name)
-        self._switch(name)
+        self._push(name)
         try:
             yield
         finally:
-            self._stack.pop()
-            self._switch(self._stack[-1])
+            self._pop()
 
     def attach_stage(self, module: torch.nn.Module, name: str, when=None) -> list:
         """Charge every forward call of ``module`` to stage ``name`` (``when()`` false: leave the call to the enclosing
@@ -89,13 +95,11 @@ class StageProfiler(TorchDispatchMode):
             active = when is None or when()
             entered.append(active)
             if active:
-                self._stack.append(name)
-                self._switch(name)
+                self._push(name)
 
         def post(_module, _args, _out):
             if entered.pop():
-                self._stack.pop()
-                self._switch(self._stack[-1])
+                self._pop()
 
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
