@@ -235,25 +235,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = args.steps if args.steps is not None else (5 if device.type == "cuda" else 0)
     overrides = ["train.wandb=disabled", *args.overrides] + ([f"prior.dtype={args.dtype}"] if args.dtype != "auto" else [])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(out.read_text()) if out.is_file() else {}
     rows, prior_cache = [], {}
     for name in args.recipes:
         try:
             recipe = Recipe(name, overrides, device, prior_cache)
         except ConfigError as err:
             print(f"\n{name}: not run: {err}")
-            rows.append({"recipe": name, "device": device_name(device), "not_run": str(err)})
-            continue
-        row = measure(recipe, steps, args.progress)
-        print_table([row])
-        rows.append(row)
-        del recipe
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    merged = json.loads(out.read_text()) if out.is_file() else {}
-    for row in rows:
+            row = {"recipe": name, "device": device_name(device), "not_run": str(err)}
+        else:
+            row = measure(recipe, steps, args.progress)
+            print_table([row])
+            del recipe
         row["overrides"] = args.overrides
+        rows.append(row)
         merged[" | ".join([row["recipe"], row["device"], row.get("prior_dtype", ""), *args.overrides])] = row
-    out.write_text(json.dumps(merged, indent=1))
+        out.write_text(json.dumps(merged, indent=1))  # after every recipe: a run stopped part-way keeps what finished
     print(f"\nwrote {out}")
     return rows
 

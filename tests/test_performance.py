@@ -143,13 +143,18 @@ def test_recipe_step_reports_recipes_that_cannot_run(tmp_path):
     assert "mvdream" in row["not_run"].lower()
 
 
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
 def test_gpu_check_dry_run_writes_its_tables(tmp_path):
     """benchmarks/gpu_check.py --dry-run on the CPU: the CUDA-only checks are skipped with their reason, the others
     run (here the inference-latency one, which trains and times a tiny run), and the JSON and Markdown tables are
     written; an unknown check name is refused."""
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     out = tmp_path / "check"
     report = gpu_check.main(["--dry-run", "--out", str(out), "--only", "nerfacc_sampling", "generate_latency", "deepspeed_zero2"])
     checks = report["checks"]
@@ -183,3 +188,39 @@ def test_random_clip_is_vit_large_14():
     assert len(clip.tokenizer) == 49408
     features = clip.encode_text(["a frog", "a hamburger"])
     assert features.shape == (2, 768) and torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_gpu_check_cdf_reference_inverts_the_torch_sampler():
+    """The nerfacc check's float64 CDF (gpu_check.cdf_at) against two independent facts: at the bin edges it is the
+    normalized cumulative mass, and the renderer's inverse-CDF samples land on u_j = (j + 0.5) / n (here with bins
+    of equal width and mass bounded away from 0, so float32 rounding moves the CDF by about 1e-7 only)."""
+    from amortized3d.rendering.volume import sample_from_pdf
+
+    gpu_check = load_gpu_check()
+    g = torch.Generator().manual_seed(3)
+    edges = torch.linspace(0.5, 4.5, 17).expand(64, 17).contiguous()
+    weights = torch.rand(64, 16, generator=g) + 0.1
+    at_edges = gpu_check.cdf_at(edges, weights, edges)
+    mass = torch.cumsum(weights.double(), -1) / weights.double().sum(-1, keepdim=True)
+    torch.testing.assert_close(at_edges[:, 1:], mass)
+    assert float(at_edges[:, 0].abs().max()) == 0.0
+    u = (torch.arange(8, dtype=torch.float64) + 0.5) / 8
+    assert float((gpu_check.cdf_at(edges, weights, sample_from_pdf(edges, weights, 8)) - u).abs().max()) < 1e-6
+
+
+def test_cpu_attention_is_counted_like_the_cuda_kernels():
+    """scaled_dot_product_attention on the CPU runs an op torch's FLOP registry has no formula for (it counted 0);
+    amortized3d.training.profiler registers it. Expected by hand: forward = the two products Q K^T and P V, each
+    2 s_q s_k d per head (2 m n k per matrix product); backward = five such products (dV, dP, dQ, dK, and Q K^T
+    recomputed, as fused attention kernels do), so forward + backward = 3.5 x forward."""
+    import amortized3d.training.profiler  # noqa: F401 - registers the CPU formulas
+
+    b, h, s, d = 2, 3, 40, 16
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    forward = 2 * (2 * s * s * d) * b * h
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == forward
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    assert counter.get_total_flops() == forward + 5 * (2 * s * s * d) * b * h

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +325,18 @@ def test_cuda_importance_sampling_matches_cpu():
     gpu = render_rays(field_cuda, origins.cuda(), dirs.cuda(), near.cuda(), far.cuda(), n_proposal=32, n_importance=16)
     torch.testing.assert_close(gpu.t_mid.cpu(), cpu.t_mid, atol=1e-4, rtol=0)
     torch.testing.assert_close(gpu.rgb.cpu(), cpu.rgb, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend, reason", [(None, "ModuleNotFoundError"), (types.SimpleNamespace(_C=None), "no CUDA toolkit")])
+def test_nerfacc_kernels_unavailable_means_torch_paths_with_a_warning(monkeypatch, backend, reason):
+    """A failed nerfacc build (the import raises) or no nvcc (nerfacc leaves _C = None, its _backend.py) must not
+    stop CUDA rendering: nerfacc_cuda_available says False once, with the reason, and the torch paths are used."""
+    from amortized3d.rendering import volume
+
+    monkeypatch.setitem(sys.modules, "nerfacc.cuda._backend", backend)
+    volume.nerfacc_cuda_available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=f"{reason}.*pure-torch"):
+            assert volume.nerfacc_cuda_available() is False
+    finally:
+        volume.nerfacc_cuda_available.cache_clear()

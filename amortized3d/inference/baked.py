@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from amortized3d.fields import Field, grid_points
 from amortized3d.rendering.cameras import Cameras, camera_rays
-from amortized3d.rendering.volume import proposal_weights, ray_sphere_near_far, render_rays
+from amortized3d.rendering.volume import nerfacc_cuda_available, proposal_weights, ray_sphere_near_far, render_rays
 
 BOX_MARGIN_IN_LAPLACE_SCALES = 7.0
 EMPTY_RAY_OPACITY = 1e-3
@@ -150,12 +150,13 @@ def ray_box_near_far(origins: torch.Tensor, dirs: torch.Tensor, lo: torch.Tensor
     t = (hi_a - o_a) / d_a; near is the largest entry, far the smallest exit. A ray that misses
     the box, or whose box lies wholly behind its origin (far <= 0), gets near = far = inf.
     On CUDA this is nerfacc.ray_aabb_intersect; nerfacc has no CPU kernel for it, so on the CPU
-    the same test runs in torch (``_ray_box_near_far_torch``). The two agree up to float rounding
+    the same test runs in torch (``_ray_box_near_far_torch``), as it does on CUDA when nerfacc's kernels cannot
+    be built (nerfacc_cuda_available). The two agree up to float rounding
     (nerfacc multiplies by 1 / d_a where torch divides by d_a).
 
     origins, dirs [..., 3], lo, hi [3] -> near, far [...].
     """
-    if not origins.is_cuda:
+    if not (origins.is_cuda and nerfacc_cuda_available()):
         return _ray_box_near_far_torch(origins, dirs, lo, hi)
     box = torch.cat([lo, hi]).to(device=origins.device, dtype=torch.float32).unsqueeze(0)  # [1, 6]
     near, far, _ = nerfacc.ray_aabb_intersect(origins.reshape(-1, 3).float(), dirs.reshape(-1, 3).float(), box)

@@ -13,6 +13,8 @@ Directions are unit vectors, so t is a distance along the ray.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import nerfacc
@@ -124,6 +126,27 @@ def sample_from_pdf(edges: torch.Tensor, weights: torch.Tensor, n_samples: int, 
     return t_lo + fraction * (t_hi - t_lo)
 
 
+@functools.cache
+def nerfacc_cuda_available() -> bool:
+    """Whether nerfacc's compiled CUDA kernels load (nerfacc builds them on first use with the CUDA toolkit's nvcc).
+
+    When they cannot (no nvcc, or a build error), CUDA tensors take the same pure-torch paths as CPU tensors
+    (sample_from_pdf, the torch ray-box test): the same results, slower; a warning says why, once per process.
+    """
+    try:
+        from nerfacc.cuda._backend import _C
+    except Exception as err:  # noqa: BLE001 - any build or import failure means: not available
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+    else:
+        if _C is not None:
+            return True
+        reason = "no CUDA toolkit (nvcc) found to build them"
+    warnings.warn(f"nerfacc's CUDA kernels are unavailable ({reason}); CUDA tensors use the pure-torch sampling and "
+                  "ray-box paths instead (same results, slower). To build them, install the CUDA toolkit whose version "
+                  "matches torch.version.cuda and put its nvcc on PATH.", stacklevel=2)
+    return False
+
+
 def _sample_from_pdf_nerfacc(edges: torch.Tensor, weights: torch.Tensor, n_samples: int, stratified: bool) -> torch.Tensor:
     """CUDA twin of sample_from_pdf via nerfacc.importance_sampling (same u_j, same interpolation).
 
@@ -187,7 +210,7 @@ def _importance_positions(field, origins, dirs, near, far, n_proposal, n_importa
             return uniform_edges(near, far, n_proposal, proposal_jitter)
         edges, weights = proposal_weights(field, origins, dirs, near, far, n_proposal, inv_std, proposal_jitter)
         weights = weights + PDF_FLOOR
-        if edges.is_cuda:
+        if edges.is_cuda and nerfacc_cuda_available():
             extra = _sample_from_pdf_nerfacc(edges, weights, n_importance, stratified=importance_bias is not None)
         else:
             extra = sample_from_pdf(edges, weights, n_importance, importance_bias)

@@ -5,6 +5,8 @@ Layout of RUN_DIR/checkpoints/step_00001000/:
     optimizer.safetensors  optimizer tensors, keyed "state.<param index>.<name>"
     adapter.safetensors, adapter_optimizer.safetensors
                            the learned guidance branch of VSD / LODS and its optimizer, when there is one
+    deepspeed/zero/        instead of optimizer.safetensors in a DeepSpeed run: each process's ZeRO shard of the
+                           optimizer state, written and read by DeepSpeed itself (save_deepspeed_shards)
     state.json             step, optimizer param groups, counters, and "files": the sha256 of each file above
 
 A checkpoint is written into a temporary folder and renamed into place, then the
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from amortized3d.files import sha256_file, write_text_atomic
 from amortized3d.run_dir import RunDir
 
 STEP_FOLDER = re.compile(r"^step_(\d+)$")
+DEEPSPEED_FOLDER, DEEPSPEED_TAG = "deepspeed", "zero"  # a DeepSpeed run's optimizer shards: step_N/deepspeed/zero/
 
 
 class CheckpointError(ValueError):
@@ -72,11 +76,16 @@ def step_folders(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2,
+    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, extra: dict, keep: int = 2,
     adapter: torch.nn.Module | None = None, adapter_optimizer: torch.optim.Optimizer | None = None,
+    optimizer_shards: Path | None = None,
 ) -> Path:
     """Write RUN_DIR/checkpoints/step_XXXXXXXX atomically and point ``latest`` at it; keep the newest ``keep``.
-    -> its folder."""
+    -> its folder.
+
+    Under DeepSpeed the generator's optimizer state is sharded across the processes: pass optimizer=None and the
+    folder every process wrote its shard into (save_deepspeed_shards); it moves into the checkpoint as deepspeed/.
+    """
     final = RunDir(run_dir).checkpoint(step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -86,8 +95,12 @@ def save_checkpoint(
     tmp.mkdir()
     model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(model_state, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    if optimizer_shards is not None:
+        os.replace(optimizer_shards, tmp / DEEPSPEED_FOLDER)
+        opt_meta = {"deepspeed_shards": DEEPSPEED_FOLDER}
+    else:
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     meta = {"step": step, "optimizer": opt_meta, **extra}
     if adapter is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(tmp / "adapter.safetensors"))
@@ -104,6 +117,41 @@ def save_checkpoint(
         if old != final:
             shutil.rmtree(old)
     return final
+
+
+def save_deepspeed_shards(engine, run_dir: Path, step: int, barrier: Callable[[], None], is_main: bool) -> Path:
+    """Every process writes its ZeRO shard of the optimizer state (and DeepSpeed's copy of the weights) into a staging
+    folder next to the checkpoints, with DeepSpeed's own save_checkpoint; call on all processes. -> the folder, for
+    save_checkpoint(optimizer_shards=...) on the main process."""
+    staging = RunDir(run_dir).checkpoints / f".deepspeed_step_{step:08d}"
+    if is_main:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False)
+    barrier()
+    return staging
+
+
+def load_deepspeed_shards(engine, folder: Path, world: int) -> None:
+    """Load the ZeRO optimizer shards (and weights) a DeepSpeed run saved in checkpoint ``folder``; all processes.
+
+    ZeRO shards fit only the number of processes that wrote them: another count is an error that says how to resume.
+    """
+    state = _read_state(folder)
+    if "deepspeed_shards" not in state.get("optimizer", {}):
+        raise CheckpointError(f"checkpoint {folder} was written without DeepSpeed (its optimizer state is optimizer.safetensors): "
+                              "resume it with the launch that wrote it, or start the DeepSpeed run anew in a new --output folder")
+    saved_world = state.get("world_size")
+    if saved_world != world:
+        raise CheckpointError(f"checkpoint {folder} holds DeepSpeed ZeRO optimizer shards of {saved_world} processes, and this run "
+                              f"has {world}: resume with --num_processes {saved_world} under the same DeepSpeed config")
+    loaded, _ = engine.load_checkpoint(str(folder / DEEPSPEED_FOLDER), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_strict=True)
+    if loaded is None:
+        raise CheckpointError(f"checkpoint {folder}: DeepSpeed could not load {folder / DEEPSPEED_FOLDER} (incomplete or damaged). "
+                              f"{_recovery(folder)}")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -186,6 +234,11 @@ def load_checkpoint(
     _load_into(model, _load_tensors(folder, "model.safetensors", state), folder, "generator")
     try:
         if optimizer is not None:
+            if "deepspeed_shards" in state["optimizer"]:
+                raise CheckpointError(f"checkpoint {folder} was written under DeepSpeed ({state.get('world_size')} processes): its "
+                                      "optimizer state is ZeRO shards. Resume it under DeepSpeed with as many processes (e.g. "
+                                      "accelerate launch --config_file launch/deepspeed_zero2.yaml --num_processes "
+                                      f"{state.get('world_size')} train.py ... --resume); generate and evaluate read it as any checkpoint")
             _restore_optimizer(optimizer, _load_tensors(folder, "optimizer.safetensors", state), state["optimizer"])
         if adapter is not None:
             if not (folder / "adapter.safetensors").is_file():

@@ -17,6 +17,10 @@ the sequence number it was created with, and the profiler records the sequence n
 stage. Time is the wall time of each op (with a device synchronisation after each op on CUDA, so the stage times
 add up but the step runs slower than it would unmeasured); memory is the allocated bytes after each op on CUDA and
 the process's resident memory after each op on the CPU, the largest value per stage.
+
+The registry has attention formulas for the CUDA kernels only; importing this module adds the same formulas
+(4 b h s_q s_k d forward, 2.5 times that backward) for the CPU's fused attention op, which scaled_dot_product_attention
+runs on the CPU and which ``FlopCounterMode`` would otherwise count as 0.
 """
 
 from __future__ import annotations
@@ -28,11 +32,24 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 OTHER = "other"
 GRADIENT_ACCUMULATION = "gradient accumulation"  # AccumulateGrad nodes: writing .grad of the leaves
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _register_cpu_attention_flops() -> None:
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+        register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)(
+            lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value))
+    if aten._scaled_dot_product_flash_attention_for_cpu_backward not in flop_registry:
+        register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)(
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad_out, query, key, value))
+
+
+_register_cpu_attention_flops()
 
 
 def op_flops(func, args, kwargs, out) -> int:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 from tqdm import tqdm
 
 from amortized3d.builders import (adapter_lr, build_adapter, build_generator, build_optimizer, build_prior, build_text_encoder,
@@ -31,7 +31,8 @@ from amortized3d.data.loader import batch_loader, check_corpus_fits_a_step
 from amortized3d.run_dir import RunDir
 from amortized3d.shapeworld import PromptError, parse_prompt
 from amortized3d.seeding import derived_seed
-from amortized3d.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from amortized3d.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_deepspeed_shards, save_checkpoint,
+                                             save_deepspeed_shards)
 from amortized3d.training.guard import TrainingDiverged, all_finite, all_ranks_agree, diverged, guarded_optimizer_step
 from amortized3d.training.monitor import MetricsLog, PromptLog, keep_log_rows, peak_memory_mb, reset_peak_memory
 from amortized3d.training.previews import has_validation, write_validation
@@ -85,6 +86,13 @@ def resume_from_checkpoint(cfg: ExperimentConfig, run_dir: Path, accelerator, ge
         say(accelerator, f"warning: the run was checkpointed with {before[0]} processes x train.prompts_per_step={before[1]}, and resumes "
                          f"with {world} x {cfg.train.prompts_per_step}: from here the prompt order differs from the original run's "
                          "(within the current epoch some prompts may repeat or be left out)")
+    if optimizer is not None:  # under DeepSpeed: after its shards are loaded (train())
+        apply_config_learning_rates(cfg, accelerator, optimizer, adapter_optimizer)
+    return state
+
+
+def apply_config_learning_rates(cfg: ExperimentConfig, accelerator, optimizer, adapter_optimizer) -> None:
+    """Set the optimizers' learning rates to the config's (a resumed run takes the config's), saying which changed."""
     groups = list(zip(optimizer.param_groups, optimizer_learning_rates(cfg)))
     if adapter_optimizer is not None:
         groups += [(group, adapter_lr(cfg)) for group in adapter_optimizer.param_groups]
@@ -94,7 +102,18 @@ def resume_from_checkpoint(cfg: ExperimentConfig, run_dir: Path, accelerator, ge
                          + ", ".join(f"{new:g} (checkpoint: {old:g})" for old, new in changed))
     for group, lr in groups:
         group["lr"] = lr
-    return state
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg: ExperimentConfig) -> None:
+    """Make a DeepSpeed run train as the same run without it. DeepSpeed reads the micro-batch, the accumulation and
+    gradient clipping from its own config, where Accelerate fills what is unset from a DataLoader (this trainer has
+    none) or its defaults (clipping at norm 1.0): set them to the run's, train.prompts_per_step, train.grad_accum
+    and no clipping (this trainer clips nowhere else)."""
+    plugin = accelerator.state.deepspeed_plugin
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.prompts_per_step
+    plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.train.grad_accum
+    plugin.deepspeed_config["gradient_clipping"] = 0.0
+    accelerator.gradient_accumulation_steps = cfg.train.grad_accum
 
 
 def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_steps: int | None = None,
@@ -113,7 +132,14 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     if cfg.train.eval_every and not hooks:
         raise ValueError("train.eval_every is set but no evaluation hook was passed: train(..., hooks=[eval_every_hook(cfg)]) "
                          "with amortized3d.evaluation.oracle.eval_every_hook, or set train.eval_every=0")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision)
+    # several processes without CUDA talk over gloo (DeepSpeed would otherwise ask for its own CPU backend)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    process_group = [InitProcessGroupKwargs(backend="gloo")] if several and not torch.cuda.is_available() else []
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
+                              kwargs_handlers=process_group)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        configure_deepspeed(accelerator, cfg)
     device = accelerator.device
     if cfg.train.mixed_precision == "fp16" and device.type == "cpu":
         say(accelerator, f"warning: train.mixed_precision=fp16 has no effect on {device.type} (Accelerate runs fp16 autocast with its "
@@ -140,7 +166,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     del corpus, train_prompts  # from here on, prompts come from the store's shards
     adapter, adapter_optimizer = build_adapter(cfg, prior)
     optimizer = build_optimizer(cfg, generator)
-    state = resume_from_checkpoint(cfg, run_dir, accelerator, generator, optimizer, adapter, adapter_optimizer) if resume else {}
+    resume_optimizer = None if deepspeed else optimizer  # DeepSpeed's optimizer state loads after prepare, below
+    state = resume_from_checkpoint(cfg, run_dir, accelerator, generator, resume_optimizer, adapter, adapter_optimizer) if resume else {}
     start_step, bad_total = state.get("step", 0), state.get("skipped_steps", 0)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +175,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         # rows past the checkpoint were logged by the interrupted run, which this one repeats
         keep_log_rows(run.metrics, lambda row: row.get("step", 0) <= start_step)
     generator, optimizer = accelerator.prepare(generator, optimizer)
+    if resume and deepspeed:  # generator is DeepSpeed's engine here
+        load_deepspeed_shards(generator, latest_checkpoint(run_dir), world)
+        apply_config_learning_rates(cfg, accelerator, optimizer, adapter_optimizer)
     model = accelerator.unwrap_model(generator)
     if accelerator.scaler is not None and "grad_scaler" in state:  # a resumed fp16 run continues with the scale it had
         accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -218,13 +248,15 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                 if not all_finite(list(model.parameters()) + ([] if adapter is None else list(adapter.parameters()))):
                     raise diverged(run_dir, f"the parameters are not finite after step {done} (its loss and gradients were), so no "
                                    "checkpoint was written", "Lower optim.lr_geometry (or optim.lr_background, distill.adapter_lr)")
+                shards = save_deepspeed_shards(generator, run_dir, done, accelerator.wait_for_everyone,
+                                               accelerator.is_main_process) if deepspeed else None
                 if accelerator.is_main_process:
                     extra = {"skipped_steps": bad_total, "generator_config": model.config.model_dump(), "world_size": world,
                              "prompts_per_step": cfg.train.prompts_per_step}
                     if accelerator.scaler is not None:  # so that a resumed fp16 run continues with the scale it had
                         extra["grad_scaler"] = accelerator.scaler.state_dict()
-                    save_checkpoint(run_dir, done, model, optimizer, extra, keep=cfg.train.keep_checkpoints, adapter=adapter,
-                                    adapter_optimizer=adapter_optimizer)
+                    save_checkpoint(run_dir, done, model, None if deepspeed else optimizer, extra, keep=cfg.train.keep_checkpoints,
+                                    adapter=adapter, adapter_optimizer=adapter_optimizer, optimizer_shards=shards)
                     for hook in hooks:
                         hook(run_dir, done)
             if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
