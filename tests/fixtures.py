@@ -8,6 +8,7 @@ scaled_linear_alphas_cumprod  Stable Diffusion's noise schedule, written out by 
 cosine_alphas_cumprod         DeepFloyd IF's noise schedule, written out by hand
 SphereField                   an analytic single-prompt sphere field
 free_port                     a free TCP port on localhost, for multi-process launches
+load_benchmark                a script of benchmarks/ imported as a module
 hide_viewer                   make an installed 3D model-viewer invisible to the gallery
 """
 
@@ -103,3 +104,13 @@ def hide_viewer(monkeypatch, empty_dir) -> None:
     monkeypatch.delenv(gallery_module.VIEWER_ENV, raising=False)
     monkeypatch.setattr(gallery_module, "CHECKOUT", empty_dir)
     monkeypatch.setattr(gallery_module, "npm_global_root", lambda: None)
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

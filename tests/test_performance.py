@@ -2,7 +2,6 @@
 `random:` models build (parameter counts of the published checkpoints, and hand counts from the architectures'
 formulas), and benchmarks/recipe_step.py end to end on tiny models."""
 
-import importlib.util
 import json
 import warnings
 
@@ -12,16 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from amortized3d.priors.pretrained import PretrainedLoadError, RandomWeightsWarning, load_component, random_model_dir
 from amortized3d.training.profiler import StageProfiler
-from tests.fixtures import REPO, SD_TINY
+from tests.fixtures import SD_TINY, load_benchmark
 
 RANDOM_SD = "random:stable-diffusion-2-1-base"
-
-
-def load_recipe_step():
-    spec = importlib.util.spec_from_file_location("recipe_step", REPO / "benchmarks" / "recipe_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_stage_flops_equal_hand_counts_forward_and_backward():
@@ -116,7 +108,7 @@ def test_recipe_step_counts_the_methods_passes(tiny_sd, tmp_path):
     UNet forwards per image ([cond(t), uncond(t), neg1, neg2, cond(t + dt)]: ScaleDreamer Alg. 1 plus Perp-Neg's two
     negatives), the VAE's forward and backward exactly one encoder pass each, so the floor's prior part equals them;
     the stage totals equal FlopCounterMode's count of the same step."""
-    recipe_step = load_recipe_step()
+    recipe_step = load_benchmark("recipe_step")
     out = tmp_path / "steps.json"
     overrides = [f"--set={o}" for o in SD_TINY + [f"prior.model={tiny_sd}", "train.prompts_per_step=2", "train.views_per_prompt=2"]]
     (row,) = recipe_step.main(["mg15", "--out", str(out), *overrides])
@@ -138,23 +130,16 @@ def test_recipe_step_counts_the_methods_passes(tiny_sd, tmp_path):
 
 
 def test_recipe_step_reports_recipes_that_cannot_run(tmp_path):
-    recipe_step = load_recipe_step()
+    recipe_step = load_benchmark("recipe_step")
     (row,) = recipe_step.main(["dl17k", "--out", str(tmp_path / "x.json")])
     assert "mvdream" in row["not_run"].lower()
-
-
-def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    return gpu_check
 
 
 def test_gpu_check_dry_run_writes_its_tables(tmp_path):
     """benchmarks/gpu_check.py --dry-run on the CPU: the CUDA-only checks are skipped with their reason, the others
     run (here the inference-latency one, which trains and times a tiny run), and the JSON and Markdown tables are
     written; an unknown check name is refused."""
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     out = tmp_path / "check"
     report = gpu_check.main(["--dry-run", "--out", str(out), "--only", "nerfacc_sampling", "generate_latency", "deepspeed_zero2"])
     checks = report["checks"]
@@ -196,7 +181,7 @@ def test_gpu_check_cdf_reference_inverts_the_torch_sampler():
     of equal width and mass bounded away from 0, so float32 rounding moves the CDF by about 1e-7 only)."""
     from amortized3d.rendering.volume import sample_from_pdf
 
-    gpu_check = load_gpu_check()
+    gpu_check = load_benchmark("gpu_check")
     g = torch.Generator().manual_seed(3)
     edges = torch.linspace(0.5, 4.5, 17).expand(64, 17).contiguous()
     weights = torch.rand(64, 16, generator=g) + 0.1

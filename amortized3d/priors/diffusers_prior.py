@@ -12,7 +12,8 @@ The prior implements the same interface as the analytic prior:
     encode(images [B, 3, H, W] in [0, 1]) -> latents [B, 4, r/f, r/f], differentiable
         resize to r x r (prior.resolution, bilinear), map to [-1, 1], VAE-encode, take a posterior
         sample and multiply by the VAE's scaling factor (0.18215 for SD); f is the VAE's
-        downsampling factor (8 for SD), so r = 512 gives 64 x 64 latents.
+        downsampling factor (8 for SD), so r = 512 gives 64 x 64 latents. With prior.tiny_encoder
+        (TAESD) its encoder gives the scaled latents directly, about a tenth of the VAE encoder's FLOPs.
     decode(latents) -> images [B, 3, r, r] in [0, 1]
         (deepfloyd_if: encode resizes to the UNet's sample size and maps to [-1, 1]; decode maps back)
     predict_noise(x_t, t, cond, branch) -> eps [N, 4, h, w]
@@ -76,6 +77,10 @@ class DiffusionPriorConfig(ConfigModel):
 
     model: hub id or local diffusers folder; null: the kind's default (DEFAULT_MODELS).
     resolution: renders are resized to this before the VAE (stable_diffusion; IF uses its UNet's size).
+    tiny_encoder: null, or a tiny autoencoder (diffusers AutoencoderTiny: the hub id madebyollin/taesd, a folder, or
+    random:taesd) whose encoder replaces the VAE's on the gradient path (stable_diffusion only). TAESD is distilled
+    to give SD's latents (already scaled) for 1.2 M parameters instead of the VAE encoder's 34 M; decoding (the
+    one-step previews) stays the VAE's.
     dtype: of the weights: auto = fp16 on CUDA, fp32 on CPU; or fp16, bf16, fp32.
     view_dependent: append ", front view" / ", side view" / ... to prompts by camera.
     perp_neg: Perp-Neg negative view prompts in the guidance; the final weight of each negative is
@@ -85,6 +90,7 @@ class DiffusionPriorConfig(ConfigModel):
 
     model: str | None = None
     resolution: Int = Field(512, ge=8, le=4096)
+    tiny_encoder: str | None = None
     dtype: Literal[("auto", *DTYPES)] = "auto"
     view_dependent: bool = False
     perp_neg: bool = False
@@ -181,9 +187,9 @@ class DiffusionPrior:
         from amortized3d._compat import import_torchvision_safely
 
         import_torchvision_safely()
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
 
-        from amortized3d.priors.pretrained import load_component, resolve_model_dir
+        from amortized3d.priors.pretrained import is_random, load_component, random_model_dir, resolve_model_dir
 
         if kind not in SUBFOLDERS:
             raise ValueError(f"prior kind {kind!r} is not a diffusers prior; choose one of {', '.join(SUBFOLDERS)}")
@@ -196,7 +202,15 @@ class DiffusionPrior:
         self.unet = load_component(UNet2DConditionModel, folder, "unet", model, torch_dtype=self.dtype)
         self.vae = load_component(AutoencoderKL, folder, "vae", model, torch_dtype=self.dtype) if kind == "stable_diffusion" else None
         scheduler = load_component(DDPMScheduler, folder, "scheduler", model)
-        for module in (self.unet, self.vae):
+        self.tiny_encoder = None
+        if config.tiny_encoder is not None:
+            if self.vae is None:
+                raise ValueError(f"prior.tiny_encoder={config.tiny_encoder!r}: a {kind} prior works in pixel space and encodes "
+                                 "nothing; set prior.tiny_encoder=null")
+            tiny = config.tiny_encoder
+            self.tiny_encoder = load_component(AutoencoderTiny, random_model_dir(tiny) if is_random(tiny) else tiny, None, tiny,
+                                               torch_dtype=self.dtype)
+        for module in (self.unet, self.vae, self.tiny_encoder):
             if module is not None:
                 module.requires_grad_(False).eval().to(device)
         self.unet.to(memory_format=torch.channels_last)
@@ -215,6 +229,13 @@ class DiffusionPrior:
             self.resolution = config.resolution
             self.latent_scale = float(self.vae.config.scaling_factor)
             self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.tiny_encoder is not None:
+            tiny_factor = 2 ** (len(self.tiny_encoder.config.encoder_block_out_channels) - 1)
+            if (tiny_factor, self.tiny_encoder.config.latent_channels) != (self.vae_factor, self.vae.config.latent_channels):
+                raise ValueError(f"prior.tiny_encoder={config.tiny_encoder!r} gives {self.tiny_encoder.config.latent_channels} channels "
+                                 f"at 1/{tiny_factor} of the image size, but {model!r}'s latents are "
+                                 f"{self.vae.config.latent_channels} channels at 1/{self.vae_factor}: use a tiny autoencoder "
+                                 "distilled for this model's VAE (madebyollin/taesd for Stable Diffusion 1.x and 2.x)")
         if self.resolution % self.vae_factor:
             raise ValueError(f"prior.resolution={config.resolution} must be a multiple of the VAE's downsampling factor {self.vae_factor}")
         self.prediction_type = scheduler.config.prediction_type
@@ -230,6 +251,8 @@ class DiffusionPrior:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
         if self.vae is None:
             return 2.0 * x.float() - 1.0
+        if self.tiny_encoder is not None:  # its latents are the VAE's already multiplied by latent_scale (deterministic)
+            return self.tiny_encoder.encode((2.0 * x - 1.0).to(self.dtype)).latents.float()
         posterior = self.vae.encode((2.0 * x - 1.0).to(self.dtype)).latent_dist
         return posterior.sample(generator=generator).float() * self.latent_scale
 
