@@ -1,13 +1,20 @@
-"""Inference time by stage for a trained run, and the turntable speed-up of the baked field.
+"""Inference time by stage, for a trained run or a recipe's generator at its real size, and the turntable speed-up of the
+baked field.
 
     python benchmarks/generate.py --checkpoint runs/quickstart [--prompts "a large red cube" ...]
-        [--frames 36] [--image-size 128] [--mesh-resolution 128] [--out benchmarks/results/generate.json]
+        [--frames 36] [--image-size 128] [--mesh-resolution 128] [--device cuda|cpu] [--skip-exact]
+        [--out benchmarks/results/generate.json]
+    python benchmarks/generate.py --recipe cp100k [--set KEY=VALUE ...] ...
 
-For each prompt: seconds for text + generator + baking the field on the export grid,
-marching cubes with vertex colors, the turntable rendered from the baked field (only rays
-near the surface), and the same turntable rendered from the network field with every ray
-(what the renderer does during training and evaluation). Prints a table, writes JSON.
-The ratio column is exact-render time / baked-render time on the same machine.
+For each prompt, after an untimed warm-up prompt: seconds for the text encoding, the generator, baking the field on
+the export grid, marching cubes with vertex colors (text to mesh: the sum of these four), the turntable rendered
+from the baked field (only rays near the surface), and the same turntable rendered from the network field with every
+ray (what the renderer does during training and evaluation; --skip-exact leaves it out). The ratio column is
+exact-render time / baked-render time on the same device.
+
+--recipe builds the recipe's generator with random weights (and, for the Stable Diffusion recipes, the prior's text
+encoder as random:stable-diffusion-2-1-base): the generator's and the field's cost are the real ones, but the
+surface is arbitrary, so the mesh and near-surface rendering times only show the order of magnitude.
 """
 
 from __future__ import annotations
@@ -16,15 +23,20 @@ import argparse
 import json
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from amortized3d.builders import build_text_encoder, load_run
+from amortized3d.builders import build_generator, build_text_encoder, load_run
+from amortized3d.config import load_config
 from amortized3d.inference.baked import bake_field, render_baked
 from amortized3d.inference.export import extract_mesh
+from amortized3d.priors.pretrained import RandomWeightsWarning
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
+
+RANDOM_SD = "random:stable-diffusion-2-1-base"
 
 
 def sync(device):
@@ -32,54 +44,89 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def build(args, device):
+    """-> (config, generator in eval mode on device, text encoder) from --checkpoint or --recipe."""
+    if args.checkpoint:
+        cfg, generator, _ = load_run(args.checkpoint, device)
+        return cfg, generator, build_text_encoder(cfg, device)
+    cfg = load_config(args.recipe, overrides=["train.wandb=disabled", *args.overrides])
+    if cfg.text.encoder == "prior" and cfg.prior.kind == "stable_diffusion" and not any(o.startswith("prior.model=") for o in args.overrides):
+        cfg.prior.model = RANDOM_SD
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # said once, below
+        encoder = build_text_encoder(cfg, device)
+    cfg.text.dim = encoder.dim
+    torch.manual_seed(0)
+    print(f"{args.recipe}: {cfg.generator.kind} with random weights; the surface is arbitrary, so mesh and near-surface rendering "
+          "times only show their order of magnitude")
+    return cfg, build_generator(cfg).to(device).eval(), encoder
+
+
+def time_prompt(prompt, cfg, generator, encoder, cameras, args, device) -> dict:
+    render = cfg.render.volume_kwargs()
+    stamps = [time.perf_counter()]
+
+    def stamp():
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    text = encoder.encode([prompt]).to(device)
+    stamp()
+    field = generator(text.pooled, text.tokens)
+    stamp()
+    baked = bake_field(field, args.mesh_resolution, cfg.sampling_radius(), device=device)
+    stamp()
+    extract_mesh(baked)
+    stamp()
+    fast = render_baked(baked, cameras, args.image_size, args.image_size, **render)
+    stamp()
+    seconds = [b - a for a, b in zip(stamps, stamps[1:])]
+    row = {"prompt": prompt, **{f"{k}_s": round(v, 3) for k, v in zip(("text", "generator", "bake", "mesh", "turntable_baked"), seconds)},
+           "to_mesh_s": round(sum(seconds[:4]), 3)}
+    if not args.skip_exact:
+        exact = render_images(field, cameras.reshape(1, -1), args.image_size, args.image_size,
+                              chunk_rays=rays_per_chunk(render["n_proposal"], render["n_importance"]), **render).rgb[0]
+        stamp()
+        row.update(turntable_exact_s=round(stamps[-1] - stamps[-2], 3),
+                   exact_over_baked=round((stamps[-1] - stamps[-2]) / seconds[4], 1),
+                   turntable_mean_abs_diff=round(float((fast - exact.clamp(0, 1)).abs().mean()), 5))
+    return row
+
+
 @torch.no_grad()
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoint", required=True)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a trained run folder")
+    source.add_argument("--recipe", help="a recipe (corpus name or config file): its generator at real size, random weights")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override (--recipe)")
     parser.add_argument("--prompts", nargs="+", default=["a large red cube", "a small purple torus on top of a large cyan octahedron"])
     parser.add_argument("--frames", type=int, default=36)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--mesh-resolution", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-exact", action="store_true", help="leave out the turntable rendered from the network field")
     parser.add_argument("--out", default="benchmarks/results/generate.json")
-    args = parser.parse_args()
-    cfg, generator, _ = load_run(args.checkpoint)
-    device = next(generator.parameters()).device
-    encoder = build_text_encoder(cfg)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cfg, generator, encoder = build(args, device)
     cameras = orbit_cameras(args.frames, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy).to(device)
-    render = cfg.render.volume_kwargs()
-    bound = cfg.sampling_radius()
-    rows = []
-    for prompt in args.prompts:
-        stamps = [time.perf_counter()]
-        text = encoder.encode([prompt]).to(device)
-        field = generator(text.pooled, text.tokens)
-        baked = bake_field(field, args.mesh_resolution, bound, device=device)
-        sync(device)
-        stamps.append(time.perf_counter())
-        extract_mesh(baked)
-        stamps.append(time.perf_counter())
-        fast = render_baked(baked, cameras, args.image_size, args.image_size, **render)
-        sync(device)
-        stamps.append(time.perf_counter())
-        exact = render_images(field, cameras.reshape(1, -1), args.image_size, args.image_size,
-                              chunk_rays=rays_per_chunk(render["n_proposal"], render["n_importance"]), **render).rgb[0]
-        sync(device)
-        stamps.append(time.perf_counter())
-        bake_s, mesh_s, baked_s, exact_s = (b - a for a, b in zip(stamps, stamps[1:]))
-        rows.append({
-            "prompt": prompt, "bake_s": round(bake_s, 3), "mesh_s": round(mesh_s, 3), "turntable_baked_s": round(baked_s, 3),
-            "turntable_exact_s": round(exact_s, 3), "exact_over_baked": round(exact_s / baked_s, 1),
-            "turntable_mean_abs_diff": round(float((fast - exact.clamp(0, 1)).abs().mean()), 5),
-        })
+    # warm-up on a prompt of its own (text encoders cache their encodings): kernels, allocator
+    time_prompt("a warm-up prompt", cfg, generator, encoder, cameras, args, device)
+    rows = [time_prompt(prompt, cfg, generator, encoder, cameras, args, device) for prompt in args.prompts]
     header = list(rows[0])
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row[k]) for k in header))
-    result = {"device": str(device), "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-              "frames": args.frames, "image_size": args.image_size, "mesh_resolution": args.mesh_resolution, "rows": rows}
+    result = {"source": args.checkpoint or args.recipe, "generator": cfg.generator.kind,
+              "generator_parameters": sum(p.numel() for p in generator.parameters()),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+              "torch_threads": torch.get_num_threads(), "frames": args.frames, "image_size": args.image_size,
+              "mesh_resolution": args.mesh_resolution, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

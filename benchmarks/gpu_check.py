@@ -14,7 +14,8 @@ Checks, in this order, each a row with its status (ok / failed / skipped and why
   recipe_steps       benchmarks/recipe_step.py for each recipe in each of --dtypes (fp16, bf16), 3 timed steps each:
                      FLOPs, floor, step time, achieved TFLOP/s, peak memory, written to OUT-recipe_step.json recipe
                      by recipe; the dry run: mg15 in fp32 with a 64 x 64 prior input
-  generate_latency   train a ShapeWorld run briefly, then benchmarks/generate.py on it (seconds per prompt by stage)
+  generate_latency   train a ShapeWorld run briefly, then benchmarks/generate.py on it (seconds per prompt by stage),
+                     and on the mg15, df415 and cp100k generators at their real size with random weights
   deepspeed_zero2    the trainer under `accelerate launch --config_file launch/deepspeed_zero2.yaml` on one GPU:
                      15 steps with checkpoints (twice), and resumed from its step-10 checkpoint; the final weights'
                      differences are reported (exactness is tested on the CPU); skipped in the dry run
@@ -148,16 +149,23 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def generate_latency(device: torch.device, dry_run: bool, work: Path) -> dict:
+    """benchmarks/generate.py on a briefly trained ShapeWorld run, and (not in the dry run) on the recipes' generators at
+    their real size with random weights (text to mesh; the turntable from the network field left out)."""
     run_dir = work / "generate-run"
     steps = 2 if dry_run else 200
     small = ["render.height=16", "render.width=16", "render.n_proposal=16", "render.n_importance=8"] if dry_run else []
     run([sys.executable, "train.py", "--corpus", "shapeworld-16", "--output", str(run_dir), f"train.steps={steps}",
          f"train.val_every={steps}", f"train.ckpt_every={steps}", *small])
-    out = work / "generate.json"
     size = ["--frames", "4", "--image-size", "32", "--mesh-resolution", "32"] if dry_run else []
-    run([sys.executable, "benchmarks/generate.py", "--checkpoint", str(run_dir), "--out", str(out), *size])
-    result = json.loads(out.read_text())
-    return {"ok": True, "rows": result["rows"], "frames": result["frames"], "image_size": result["image_size"]}
+    results = {}
+    for name, source in [("shapeworld-16 run", ["--checkpoint", str(run_dir)])] + ([] if dry_run else [
+            (recipe, ["--recipe", recipe, "--skip-exact", "--prompts", "a hamburger", "a red motorcycle"]) for recipe in ("mg15", "df415", "cp100k")]):
+        out = work / "generate.json"
+        run([sys.executable, "benchmarks/generate.py", *source, "--out", str(out), *size])
+        result = json.loads(out.read_text())
+        results[name] = {k: result[k] for k in ("device", "generator", "generator_parameters", "rows")}
+    return {"ok": True, "frames": result["frames"], "image_size": result["image_size"], "mesh_resolution": result["mesh_resolution"],
+            "rows": results}
 
 
 def deepspeed_zero2(device: torch.device, dry_run: bool, work: Path) -> dict:

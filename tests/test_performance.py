@@ -146,7 +146,7 @@ def test_gpu_check_dry_run_writes_its_tables(tmp_path):
     assert checks["nerfacc_sampling"]["status"] == "skipped" and "CUDA" in checks["nerfacc_sampling"]["error"]
     assert checks["deepspeed_zero2"]["status"] == "skipped"
     assert checks["generate_latency"]["status"] == "ok", checks["generate_latency"].get("error")
-    assert all(row["bake_s"] > 0 for row in checks["generate_latency"]["rows"])
+    assert all(row["bake_s"] > 0 and row["to_mesh_s"] >= row["bake_s"] for row in checks["generate_latency"]["rows"]["shapeworld-16 run"]["rows"])
     assert json.loads(out.with_suffix(".json").read_text())["dry_run"] is True
     assert "| generate_latency | ok |" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):

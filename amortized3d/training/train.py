@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import broadcast
 from tqdm import tqdm
 
 from amortized3d.builders import (adapter_lr, build_adapter, build_generator, build_optimizer, build_prior, build_text_encoder,
@@ -165,6 +166,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                           barrier=accelerator.wait_for_everyone, progress=accelerator.is_local_main_process)
     del corpus, train_prompts  # from here on, prompts come from the store's shards
     adapter, adapter_optimizer = build_adapter(cfg, prior)
+    if adapter is not None and world > 1:  # one learned branch for all ranks: rank 0's initial weights (the generator's
+        for p in adapter.parameters():     # come from accelerator.prepare); its averaged gradients keep them equal
+            p.data.copy_(broadcast(p.data, from_process=0))
     optimizer = build_optimizer(cfg, generator)
     resume_optimizer = None if deepspeed else optimizer  # DeepSpeed's optimizer state loads after prepare, below
     state = resume_from_checkpoint(cfg, run_dir, accelerator, generator, resume_optimizer, adapter, adapter_optimizer) if resume else {}
