@@ -32,13 +32,13 @@ def launch(*args: str, deepspeed: bool) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
 
 
-def train(run, extensions, *extra: str, deepspeed: bool) -> subprocess.CompletedProcess:
+def train(run, extensions, *extra: str, deepspeed: bool, script=REPO / "train.py") -> subprocess.CompletedProcess:
     # DeepSpeed on the CPU is the run's DeepSpeed plugin (ACCELERATE_USE_CPU would silently drop it); DDP on the CPU
     # needs ACCELERATE_USE_CPU. DeepSpeed builds a small C++ op on first use, into TORCH_EXTENSIONS_DIR.
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(extensions))
     if not deepspeed:
         env["ACCELERATE_USE_CPU"] = "1"
-    cmd = launch(str(REPO / "train.py"), "--corpus", "shapeworld-16", "--output", str(run), *SETTINGS, *extra, deepspeed=deepspeed)
+    cmd = launch(str(script), "--corpus", "shapeworld-16", "--output", str(run), *SETTINGS, *extra, deepspeed=deepspeed)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -107,3 +107,18 @@ def test_zero2_checkpoint_loads_for_inference_and_refuses_a_resume_without_deeps
     plain = runs / "ddp" / "checkpoints" / "step_00000004"
     with pytest.raises(CheckpointError, match="written without DeepSpeed"):
         load_deepspeed_shards(None, plain, world=2)
+
+
+def test_zero2_skips_a_non_finite_step_on_every_rank(runs, tmp_path):
+    """The non-finite guard under ZeRO-2: rank 1's second step has a NaN loss (tests/test_distributed.py's script);
+    every rank skips that step's backward (DeepSpeed steps inside it), counts it, and the ranks stay identical."""
+    from tests.test_distributed import NAN_ON_RANK_1
+
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    run = tmp_path / "run"
+    train(run, runs / "extensions", "distill.method=asd", "train.record_prompts=true", deepspeed=True, script=script)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    digests = [json.loads((run / "prompts" / f"rank{rank}.jsonl").read_text().splitlines()[-1])["parameters_sha256"] for rank in (0, 1)]
+    assert digests[0] == digests[1]

@@ -82,6 +82,36 @@ def test_random_sd_builds_the_published_architectures():
     assert 2 ** (len(vae.config.block_out_channels) - 1) == 8  # 512 x 512 renders -> 64 x 64 latents
 
 
+def test_random_deepfloyd_if_builds_the_published_architectures():
+    """random:deepfloyd-if-I-XL-v1.0 on the meta device. UNet: DeepFloyd's stage I XL is 4.3 B parameters (model card),
+    and its fp16 weights file is 8.61 GB (2 bytes a parameter); its original config has model_channels 704 with
+    channel_mult 1, 2, 3, 4, and 4096-d T5 tokens projected to 2816. Text encoder: T5 v1.1 XXL's encoder by its
+    formula (gated-GELU feed-forward, no biases, relative position buckets in the first layer only). Tokens: 77, in
+    T5's layout (end token, then padding id 0), ids inside the encoder's vocabulary."""
+    from amortized3d._compat import import_torchvision_safely
+
+    import_torchvision_safely()
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    model = "random:deepfloyd-if-I-XL-v1.0"
+    folder = random_model_dir(model)
+    with torch.device("meta"):
+        unet = load_component(UNet2DConditionModel, folder, "unet", model)
+        text = load_component(T5EncoderModel, folder, "text_encoder", model)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert round(count(unet) / 1e9, 1) == 4.3 and round(2 * count(unet) / 1e9, 2) == 8.61
+    assert list(unet.config.block_out_channels) == [704 * m for m in (1, 2, 3, 4)]
+    assert (unet.encoder_hid_proj.in_features, unet.encoder_hid_proj.out_features) == (4096, 2816)
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (3, 6, 64)
+    d, ff, heads, d_kv, layers, vocab, buckets = 4096, 10240, 64, 64, 24, 32128, 32
+    per_layer = 4 * d * heads * d_kv + 3 * d * ff + 2 * d  # q, k, v, o; wi_0, wi_1, wo; two RMS norms
+    assert count(text) == vocab * d + layers * per_layer + buckets * heads + d
+    tokenizer = load_component(AutoTokenizer, folder, "tokenizer", model)
+    ids = tokenizer(["a hamburger"], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    assert len(ids) == 77 and ids[2] == tokenizer.eos_token_id == 1 and set(ids[3:]) == {0} and max(ids) < vocab
+
+
 def test_random_model_errors_and_warning():
     with pytest.raises(PretrainedLoadError, match="random:stable-diffusion-2-1-base"):
         random_model_dir("random:stable-diffusion-9")

@@ -64,8 +64,9 @@ def random_architectures() -> list[str]:
 
 def random_model_dir(model: str) -> Path:
     """The local folder of ``random:NAME`` (the layout of the real checkpoint: diffusers' component subfolders, or
-    transformers' flat folder): the shipped configs of NAME, and CLIP's tokenizer (BPE vocabulary from open-clip-torch)
-    beside each shipped tokenizer_config.json, with its padding token; written once to CACHE/random/NAME-<digest>.
+    transformers' flat folder): the shipped configs of NAME, and beside each shipped tokenizer_config.json CLIP's
+    tokenizer (BPE vocabulary from open-clip-torch) with its padding token, or for a T5 tokenizer (DeepFloyd IF) a
+    word-level tokenizer in T5's layout over CLIP's words; written once to CACHE/random/NAME-<digest>.
     Warns (RandomWeightsWarning) that what is built from it is meaningless."""
     from amortized3d.data.embedding_store import cache_root
 
@@ -85,7 +86,7 @@ def random_model_dir(model: str) -> Path:
         return folder
     import tempfile
 
-    from amortized3d.text.clip_vocabulary import clip_tokenizer
+    from amortized3d.text.clip_vocabulary import clip_tokenizer, t5_style_tokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as work:
@@ -94,10 +95,13 @@ def random_model_dir(model: str) -> Path:
             target = staging / path.relative_to(source)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
-        for settings in source.rglob("tokenizer_config.json"):  # CLIP's vocabulary beside it, with the model's padding token
-            pad = json.loads(settings.read_text())["pad_token"]
+        for settings in source.rglob("tokenizer_config.json"):  # a vocabulary beside it, with the model's padding token
+            declared = json.loads(settings.read_text())
             where = staging / settings.parent.relative_to(source)
-            clip_tokenizer(Path(work) / "bpe", pad_token=pad).save_pretrained(str(where))
+            if declared.get("tokenizer_class") == "T5Tokenizer":  # no sentencepiece model without a download: T5's layout
+                t5_style_tokenizer().save_pretrained(str(where))
+            else:
+                clip_tokenizer(Path(work) / "bpe", pad_token=declared["pad_token"]).save_pretrained(str(where))
         components = sorted({str(p.parent.relative_to(source)) for p in files} - {"."})
         (staging / "model_index.json").write_text(json.dumps({"_random_architecture": name, "components": components}))
         try:

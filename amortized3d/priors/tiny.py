@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.text.clip_vocabulary import clip_tokenizer, clip_vocabulary
+from amortized3d.text.clip_vocabulary import clip_tokenizer, t5_style_tokenizer
 
 TEXT_DIM = 32
 VAE_FACTOR = 2
@@ -77,23 +77,6 @@ def make_tiny_stable_diffusion(path: str | Path, seed: int = 0) -> Path:
     )
     pipeline.save_pretrained(str(path))
     return path
-
-
-def t5_style_tokenizer():
-    """A word-level tokenizer in T5's layout (<pad> 0, </s> 1, <unk> 2, end token appended, no begin token),
-    whose words are CLIP's vocabulary (about 32,000 distinct words): a real T5 sentencepiece model
-    cannot be made without downloads, and the tests need a realistic vocabulary size."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab, _ = clip_vocabulary()
-    words = sorted({t[: -len("</w>")] for t in vocab if t.endswith("</w>") and t[:-4].isalnum()})
-    table = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=77)
 
 
 def make_tiny_deepfloyd_if(path: str | Path, seed: int = 0) -> Path:

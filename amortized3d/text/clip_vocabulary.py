@@ -1,5 +1,7 @@
 """CLIP's tokenizer built from the BPE vocabulary that the open-clip-torch package ships (no download): for the
-tiny test models (amortized3d.priors.tiny) and for counting prompt tokens (`amortized3d corpus info`)."""
+tiny test models (amortized3d.priors.tiny), the random: architectures (amortized3d.priors.pretrained) and for
+counting prompt tokens (`amortized3d corpus info`); and a word-level tokenizer in T5's layout over the same words,
+for the T5 text encoders of DeepFloyd IF."""
 
 from __future__ import annotations
 
@@ -46,6 +48,23 @@ def clip_tokenizer(workdir: Path, pad_token: str = "!"):
     (workdir / "vocab.json").write_text(json.dumps(vocab))
     (workdir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(str(workdir / "vocab.json"), str(workdir / "merges.txt"), pad_token=pad_token, model_max_length=77)
+
+
+def t5_style_tokenizer():
+    """A word-level tokenizer in T5's layout (<pad> 0, </s> 1, <unk> 2, end token appended, no begin token),
+    whose words are CLIP's vocabulary (about 32,000 distinct words): a real T5 sentencepiece model
+    cannot be made without downloads, and the tests need a realistic vocabulary size."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, _ = clip_vocabulary()
+    words = sorted({t[: -len("</w>")] for t in vocab if t.endswith("</w>") and t[:-4].isalnum()})
+    table = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=77)
 
 
 def clip_token_counter():
