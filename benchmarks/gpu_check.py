@@ -1,4 +1,5 @@
-"""The checks that need a GPU, in one command (about 6 minutes on one H200), with a JSON and a Markdown table.
+"""The checks that need a GPU, in one command (6 minutes on one H200 before the IF
+stage I step and the real-size generate runs were added), with a JSON and a Markdown table.
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check] [--recipes mg15 df415 at2520 cp100k]
     python benchmarks/gpu_check.py --dry-run        # the parts a CPU can run, at small sizes (about 2 minutes)
