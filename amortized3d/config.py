@@ -29,6 +29,7 @@ from pydantic.fields import FieldInfo
 
 from amortized3d.distillation.methods import METHODS
 from amortized3d.distillation.methods.asd import ASD_SHIFTS
+from amortized3d.distillation.score_distillation import T_SCHEDULES
 from amortized3d.generators import GENERATORS
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import DEFAULT_MODELS
@@ -141,6 +142,10 @@ class DistillConfig(ConfigModel):
     # (null: VSD 1e-4, lods-embedding 1e-5, lods-lora 5e-7) and LoRA rank
     adapter_lr: float | None = Field(None, gt=0, le=1)
     lora_rank: Int = Field(4, ge=1, le=1024)
+    # how t is chosen in [T_min, T_max]: "random" U{T_min..T_max} per image; or HiFA's annealing, one deterministic t
+    # per step, t = T_max - (T_max - T_min) f(progress), f = sqrt (HiFA Eq. 5), linear or cosine (its ablation);
+    # HiFA keeps the bounds fixed: distill.t_min=[0.02,0.02] distill.t_max=[0.98,0.98]
+    t_schedule: Literal[T_SCHEDULES] = "random"
     # [start, end], fractions of 1000
     t_min: list[StepFraction] = Field([0.5, 0.02], json_schema_extra=hint("fractions of the 1000 diffusion steps, e.g. [0.5, 0.02]"))
     t_max: list[StepFraction] = Field([0.98, 0.5], json_schema_extra=hint("fractions of the 1000 diffusion steps, e.g. [0.98, 0.5]"))

@@ -226,3 +226,48 @@ def test_regularizers():
     assert opacity_entropy_loss(torch.tensor([0.0, 1.0])).item() < 1e-3
     g = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
     assert eikonal_loss(g).item() == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("schedule, progress, expected", [
+    # HiFA Eq. 5, t = t_max - (t_max - t_min) sqrt(p), with its code's bounds 20 and 980, by hand
+    ("sqrt", 0.0, 980), ("sqrt", 0.25, 500), ("sqrt", 0.01, 884), ("sqrt", 1.0, 20),
+    # its ablation's linear and cosine rates: f(p) = p and (1 - cos(pi p)) / 2 (HiFA code, nerf/sd.py)
+    ("linear", 0.25, 740), ("linear", 0.5, 500), ("cosine", 0.5, 500), ("cosine", 1 / 3, 740), ("cosine", 1.0, 20),
+])
+def test_hifa_timestep_annealing_by_hand(schedule, progress, expected):
+    from amortized3d.distillation.score_distillation import annealed_timestep
+
+    assert annealed_timestep(schedule, progress, 20, 980) == expected
+
+
+def test_hifa_timestep_annealing_properties():
+    """Each schedule falls from t_max to t_min without rising; sqrt falls fastest early (sqrt(p) >= p >= cosine's
+    (1 - cos(pi p)) / 2 on [0, 1/2])."""
+    from amortized3d.distillation.score_distillation import annealed_timestep
+
+    grid = [i / 200 for i in range(201)]
+    for schedule in ("sqrt", "linear", "cosine"):
+        ts = [annealed_timestep(schedule, p, 20, 980) for p in grid]
+        assert ts[0] == 980 and ts[-1] == 20 and all(a >= b for a, b in zip(ts, ts[1:]))
+    for p in grid[:101]:
+        assert annealed_timestep("sqrt", p, 20, 980) <= annealed_timestep("linear", p, 20, 980) <= annealed_timestep("cosine", p, 20, 980)
+
+
+@pytest.mark.parametrize("method, rule", [("sds", "paper"), ("asd", "paper"), ("asd", "fixed")])
+def test_annealed_schedule_gives_every_image_the_same_timestep_below_the_method_ceiling(method, rule):
+    """With t_schedule="sqrt" no timestep is drawn: all images get Eq. 5's t between T_min and the method's ceiling
+    (ASD keeps room for its shifted timestep, which stays <= T_max)."""
+    from amortized3d.distillation.score_distillation import annealed_timestep
+
+    prior, x, t_range = RandomPredictor((3, 4, 4)), torch.randn(6, 3, 4, 4), (20, 980)
+    ceiling = asd_timestep_ceiling(t_range, 0.1, rule) if method == "asd" else 980  # "fixed" keeps eta T_max of room
+    out = score_distillation(prior, x, Conditioning(["p"] * 6, orbit_cameras(6, 15.0, 1.5, 70.0)), method=method, guidance_scale=7.5,
+                             t_range=t_range, eta=0.1, generator=torch.Generator().manual_seed(0), t_schedule="sqrt", progress=0.25,
+                             asd_shift=rule)
+    assert out.timesteps.tolist() == [annealed_timestep("sqrt", 0.25, 20, ceiling)] * 6
+    if method == "asd":
+        assert (rule == "fixed") == (ceiling < 980)
+        assert (out.shifted_timesteps <= 980).all() and (out.shifted_timesteps >= out.timesteps).all()
+    with pytest.raises(ValueError, match="t_schedule='sqr'.*random, sqrt, linear, cosine"):
+        score_distillation(prior, x, Conditioning(["p"] * 6, orbit_cameras(6, 15.0, 1.5, 70.0)), method=method, guidance_scale=7.5,
+                           t_range=t_range, eta=0.1, generator=torch.Generator(), t_schedule="sqr")

@@ -32,6 +32,8 @@ d loss_b / d x_b = grad_b.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,18 @@ def sample_timesteps(batch: int, t_min: int, t_max: int, generator: torch.Genera
     return torch.randint(t_min, t_max + 1, (batch,), generator=generator).to(device)
 
 
+T_SCHEDULES = ("random", "sqrt", "linear", "cosine")
+
+
+def annealed_timestep(schedule: str, progress: float, t_min: int, t_max: int) -> int:
+    """HiFA's deterministic timesteps (Eq. 5 and its ablation, Fig. 7): t = floor(t_max - (t_max - t_min) f(p)) at
+    training progress p in [0, 1], with f(p) = sqrt(p) ("sqrt", HiFA's choice), p ("linear") or (1 - cos(pi p)) / 2
+    ("cosine"), as HiFA's code computes them (nerf/sd.py: percentage; t = (max - min)(1 - percentage) + min)."""
+    p = min(max(progress, 0.0), 1.0)
+    fraction = {"sqrt": math.sqrt(p), "linear": p, "cosine": (1.0 - math.cos(math.pi * p)) / 2.0}[schedule]
+    return int(math.floor(t_max - (t_max - t_min) * fraction))
+
+
 def distillation_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """loss_b = 0.5 ||x_b - stopgrad(x_b - grad_b)||^2, so d loss_b / d x_b = grad_b.
 
@@ -97,22 +111,31 @@ def score_distillation(
     generator: torch.Generator,
     adapter=None,
     asd_shift: str = "paper",
+    t_schedule: str = "random",
+    progress: float = 0.0,
 ) -> DistillationOutput:
     """One score-distillation step on a batch of rendered images.
 
     x [B, C, H, W] in the prior's space (after prior.encode), cond of B rows (amortized3d.interfaces.Conditioning);
     ``method`` a name in amortized3d.distillation.methods.METHODS; ``adapter`` is the learned branch of VSD / LODS
     (amortized3d.distillation.adapters); ``asd_shift`` the rule of ASD's timestep shift (methods/asd.py).
-    Draws t ~ U{T_min, ..., ceiling} and eps, then the method's gradient; non-finite gradients are kept as they
-    are so the training loop's guard can see them.
+    Draws t ~ U{T_min, ..., ceiling} (t_schedule "random"), or takes every image's t from HiFA's annealing at
+    ``progress`` between T_min and the ceiling (annealed_timestep), draws eps, then the method's gradient; non-finite
+    gradients are kept as they are so the training loop's guard can see them.
     """
     if method not in METHODS:
         raise ValueError(f"distill.method={method!r} is not known; choose one of {', '.join(METHODS)}")
     spec = METHODS[method]
     if (adapter is None) == spec.learned_branch:
         raise ValueError(f"distill.method={method!r} {'needs' if adapter is None else 'takes no'} learned branch (adapter)")
+    if t_schedule not in T_SCHEDULES:
+        raise ValueError(f"distill.t_schedule={t_schedule!r} is not known; choose one of {', '.join(T_SCHEDULES)}")
     B = x.shape[0]
-    t = sample_timesteps(B, t_range[0], spec.timestep_ceiling(t_range, eta, asd_shift), generator, x.device)
+    ceiling = spec.timestep_ceiling(t_range, eta, asd_shift)
+    if t_schedule == "random":
+        t = sample_timesteps(B, t_range[0], ceiling, generator, x.device)
+    else:
+        t = torch.full((B,), annealed_timestep(t_schedule, progress, t_range[0], ceiling), dtype=torch.long, device=x.device)
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     abar = prior.alphas_cumprod.to(x.device)
     weight = (1 - abar[t]).to(x.dtype)

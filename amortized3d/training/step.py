@@ -82,7 +82,8 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     guidance = cfg.distill.guidance_scale if cfg.distill.guidance_scale is not None else DEFAULT_GUIDANCE[cfg.distill.method]
     t_range = timestep_range(progress, tuple(cfg.distill.t_min), tuple(cfg.distill.t_max))
     out = score_distillation(prior, images, cond, method=cfg.distill.method, guidance_scale=guidance, t_range=t_range,
-                             eta=cfg.distill.eta, generator=rng, adapter=adapter, asd_shift=cfg.distill.asd_shift)
+                             eta=cfg.distill.eta, generator=rng, adapter=adapter, asd_shift=cfg.distill.asd_shift,
+                             t_schedule=cfg.distill.t_schedule, progress=progress)
     loss_sd = out.loss.mean()
     total = loss_sd
     metrics = {"loss_sd": loss_sd.item(), "t_min": t_range[0], "t_max": t_range[1], "grad_sd_norm": out.grad.flatten(1).norm(dim=1).mean().item()}
