@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -35,13 +34,9 @@ from amortized3d.inference.export import extract_mesh
 from amortized3d.priors.pretrained import RandomWeightsWarning
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
+from recipe_step import device_name, sync  # benchmarks/, beside this script
 
 RANDOM_SD = "random:stable-diffusion-2-1-base"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(args, device):
@@ -120,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(" | ".join(str(row[k]) for k in header))
     result = {"source": args.checkpoint or args.recipe, "generator": cfg.generator.kind,
               "generator_parameters": sum(p.numel() for p in generator.parameters()),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
-              "torch_threads": torch.get_num_threads(), "frames": args.frames, "image_size": args.image_size,
+              "device": device_name(device), "torch_threads": torch.get_num_threads(), "frames": args.frames, "image_size": args.image_size,
               "mesh_resolution": args.mesh_resolution, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

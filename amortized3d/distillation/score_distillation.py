@@ -33,7 +33,6 @@ d loss_b / d x_b = grad_b.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

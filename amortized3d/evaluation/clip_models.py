@@ -61,10 +61,10 @@ class TransformersClip:
         import_torchvision_safely()
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-        from amortized3d.priors.pretrained import is_random, load_component, random_model_dir
+        from amortized3d.priors.pretrained import is_random, load_component, model_source
 
         random = is_random(model)
-        source = random_model_dir(model) if random else model  # random:NAME: a benchmarking mode (priors.pretrained)
+        source = model_source(model)  # random:NAME: a benchmarking mode (priors.pretrained)
         try:
             if random:
                 self.model = load_component(CLIPModel, source, "", model, torch_dtype=dtype).eval().requires_grad_(False).to(device)

@@ -189,7 +189,7 @@ class DiffusionPrior:
         import_torchvision_safely()
         from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
 
-        from amortized3d.priors.pretrained import is_random, load_component, random_model_dir, resolve_model_dir
+        from amortized3d.priors.pretrained import load_component, model_source, resolve_model_dir
 
         if kind not in SUBFOLDERS:
             raise ValueError(f"prior kind {kind!r} is not a diffusers prior; choose one of {', '.join(SUBFOLDERS)}")
@@ -208,8 +208,7 @@ class DiffusionPrior:
                 raise ValueError(f"prior.tiny_encoder={config.tiny_encoder!r}: a {kind} prior works in pixel space and encodes "
                                  "nothing; set prior.tiny_encoder=null")
             tiny = config.tiny_encoder
-            self.tiny_encoder = load_component(AutoencoderTiny, random_model_dir(tiny) if is_random(tiny) else tiny, None, tiny,
-                                               torch_dtype=self.dtype)
+            self.tiny_encoder = load_component(AutoencoderTiny, model_source(tiny), None, tiny, torch_dtype=self.dtype)
         for module in (self.unet, self.vae, self.tiny_encoder):
             if module is not None:
                 module.requires_grad_(False).eval().to(device)

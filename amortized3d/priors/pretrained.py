@@ -134,10 +134,15 @@ def _looks_like_path(model: str) -> bool:
     return not HUB_ID.match(model) or model.startswith(".")
 
 
+def model_source(model: str) -> str | Path:
+    """What ``from_pretrained`` reads for ``model``: the written folder of a ``random:`` model, else the hub id or path."""
+    return random_model_dir(model) if is_random(model) else model
+
+
 def resolve_model_dir(model: str, subfolders: list[str]) -> Path:
     """Local folder holding ``subfolders`` of ``model`` (a folder path or a hub id such as
     'stabilityai/stable-diffusion-2-1-base'). Raises PretrainedLoadError when it is not available."""
-    path = random_model_dir(model) if is_random(model) else Path(model).expanduser()
+    path = Path(model_source(model)).expanduser()
     if path.is_dir():
         missing = [s for s in subfolders if not (path / s).is_dir()]
         if missing:

@@ -76,15 +76,16 @@ def step_folders(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, extra: dict, keep: int = 2,
+    run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, keep: int = 2,
     adapter: torch.nn.Module | None = None, adapter_optimizer: torch.optim.Optimizer | None = None,
     optimizer_shards: Path | None = None,
 ) -> Path:
     """Write RUN_DIR/checkpoints/step_XXXXXXXX atomically and point ``latest`` at it; keep the newest ``keep``.
     -> its folder.
 
-    Under DeepSpeed the generator's optimizer state is sharded across the processes: pass optimizer=None and the
-    folder every process wrote its shard into (save_deepspeed_shards); it moves into the checkpoint as deepspeed/.
+    Under DeepSpeed the generator's optimizer state is sharded across the processes: pass the folder every process
+    wrote its shard into (save_deepspeed_shards); it moves into the checkpoint as deepspeed/, in place of the
+    optimizer's own state.
     """
     final = RunDir(run_dir).checkpoint(step)
     root = final.parent

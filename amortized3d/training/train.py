@@ -259,8 +259,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                              "prompts_per_step": cfg.train.prompts_per_step}
                     if accelerator.scaler is not None:  # so that a resumed fp16 run continues with the scale it had
                         extra["grad_scaler"] = accelerator.scaler.state_dict()
-                    save_checkpoint(run_dir, done, model, None if deepspeed else optimizer, extra, keep=cfg.train.keep_checkpoints,
-                                    adapter=adapter, adapter_optimizer=adapter_optimizer, optimizer_shards=shards)
+                    save_checkpoint(run_dir, done, model, optimizer, extra, keep=cfg.train.keep_checkpoints, adapter=adapter,
+                                    adapter_optimizer=adapter_optimizer, optimizer_shards=shards)
                     for hook in hooks:
                         hook(run_dir, done)
             if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
