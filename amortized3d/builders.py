@@ -109,21 +109,29 @@ def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.de
     return PRIORS[cfg.prior.kind].from_config(cfg, text_encoder, device)
 
 
-def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, float]:
-    """The learning rates of build_optimizer's parameter groups, in their order: geometry, background."""
-    return cfg.optim.lr_geometry, cfg.optim.lr_background
+def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, ...]:
+    """The learning rates of build_optimizer's parameter groups, in their order: geometry, background, and the decoders
+    when optim.lr_decoder is set."""
+    decoder = () if cfg.optim.lr_decoder is None else (cfg.optim.lr_decoder,)
+    return cfg.optim.lr_geometry, cfg.optim.lr_background, *decoder
 
 
 def build_optimizer(cfg: ExperimentConfig, generator) -> torch.optim.Optimizer:
-    """Adam or Adan over two groups: geometry (optim.lr_geometry) and background (optim.lr_background)."""
-    lr_geometry, lr_background = optimizer_learning_rates(cfg)
-    groups = [{"params": list(generator.geometry_parameters()), "lr": lr_geometry},
-              {"params": list(generator.background_parameters()), "lr": lr_background}]
+    """Adam, AdamW or Adan over the groups of optimizer_learning_rates: geometry (optim.lr_geometry), background
+    (optim.lr_background), and with optim.lr_decoder the decoding MLPs (taken out of the geometry group)."""
+    rates = optimizer_learning_rates(cfg)
+    geometry = list(generator.geometry_parameters())
+    groups = [{"params": geometry, "lr": rates[0]}, {"params": list(generator.background_parameters()), "lr": rates[1]}]
+    if cfg.optim.lr_decoder is not None:
+        decoders = {id(p) for p in generator.decoder_parameters()}
+        groups[0]["params"] = [p for p in geometry if id(p) not in decoders]
+        groups.append({"params": list(generator.decoder_parameters()), "lr": rates[2]})
     if cfg.optim.name == "adan":
         from pytorch_optimizer import Adan
 
         return Adan(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    return torch.optim.Adam(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+    return optimizer(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
 ADAPTER_LR = {"vsd": 1e-4, "lods-embedding": 1e-5, "lods-lora": 5e-7}
@@ -186,7 +194,7 @@ def describe_generator(generator: torch.nn.Module, cfg: ExperimentConfig | None 
     their gradients and two Adam moments; the generator's largest activations for the step's
     prompts; and the renderer's per-sample tensors kept for the backward pass (positions,
     features, hidden activations, outputs), for prompts_per_step x views_per_prompt renders of
-    H x W rays with n_proposal + n_importance samples. The prior's weights and activations are
+    H x W rays (the largest of render.size_schedule) with n_proposal + n_importance samples. The prior's weights and activations are
     not included: they depend on the checkpoint (Stable Diffusion 2.1-base: about 1.3 B parameters).
     """
     total = sum(p.numel() for p in generator.parameters())
@@ -199,7 +207,8 @@ def describe_generator(generator: torch.nn.Module, cfg: ExperimentConfig | None 
     if cfg is not None:
         mb = 4 / 2**20
         P = cfg.train.prompts_per_step
-        rays = P * cfg.train.views_per_prompt * cfg.render.height * cfg.render.width
+        height, width = max(cfg.render.size_at(progress) for progress in [0.0, *(k[0] for k in cfg.render.size_schedule)])
+        rays = P * cfg.train.views_per_prompt * height * width  # at the largest render size
         samples = rays * (cfg.render.n_proposal + cfg.render.n_importance)  # samples rendered with gradient
         sizes = generator.describe()
         activations = P * sizes["activations_per_prompt"]

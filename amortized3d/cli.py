@@ -68,6 +68,12 @@ def _add_debug_argument(parser: argparse.ArgumentParser) -> None:
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None, help="named corpus (see `amortized3d corpus list`); selects the recipe")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="a per-prompt run: optimize one asset for TEXT (corpus prompt:TEXT; recipe configs/prompt-shapeworld.yaml, "
+                             "or configs/prompt-nerf.yaml with --prior, or the --config file alone)")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="independent per-prompt runs, one for each prompt of FILE (.txt, .json or .csv; a JSON file's train "
+                             "split), each in its own folder under --output")
     parser.add_argument("--config", default=None, help="YAML file applied on top of the corpus recipe")
     parser.add_argument("--corpus-dir", default=None, help="folder with reference corpus JSON files")
     parser.add_argument("--prior", default=None, metavar="MODEL",
@@ -78,15 +84,64 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200 distill.method=sds")
 
 
-def _resolve_config(args):
-    from amortized3d.config import load_config
+def _resolve_config(args, prompt: str | None = None):
+    """The experiment config of the train arguments; ``prompt``: the one prompt of a per-prompt run (default --prompt)."""
+    from amortized3d.config import CONFIG_DIR, load_config
+    from amortized3d.data.corpora import PROMPT_PREFIX
 
+    _check_train_sources(args)
+    if prompt is None:
+        _one_prompt_only(args)
+    prompt = prompt or args.prompt
     overrides = list(args.overrides)
     if args.prior:
         overrides = ["prior.kind=stable_diffusion", f"prior.model={args.prior}", "text.encoder=prior", *overrides]
     if args.corpus_dir:
         overrides.append(f"corpus.dir={args.corpus_dir}")
-    return load_config(args.corpus, args.config, overrides)
+    if prompt is None:
+        return load_config(args.corpus, args.config, overrides)
+    config = args.config or (str(CONFIG_DIR / "prompt-nerf.yaml") if args.prior else None)
+    return load_config(PROMPT_PREFIX + prompt, config, overrides)
+
+
+def _check_train_sources(args) -> None:
+    given = [flag for flag, value in (("--corpus", args.corpus), ("--prompt", args.prompt), ("--prompts", args.prompts)) if value]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} both say what to train on; give one: --corpus NAME (a generator of many prompts), "
+                         "--prompt TEXT (one asset) or --prompts FILE (one asset per prompt)")
+
+
+def _one_prompt_only(args) -> None:
+    if args.prompts:
+        raise UsageError("--prompts FILE starts one training run per prompt (`amortized3d train --prompts FILE`); here, name one "
+                         "prompt with --prompt TEXT")
+
+
+def run_prompt_batch(args) -> int:
+    """`train --prompts FILE`: one per-prompt run per prompt, in OUTPUT/<name of the prompt>; with --resume, finished runs
+    are kept and unfinished ones continue."""
+    from amortized3d.data.corpora import load_file
+    from amortized3d.inference.export import safe_output_names
+    from amortized3d.training.checkpoint import latest_checkpoint, step_of
+    from amortized3d.training.train import train
+
+    corpus = load_file(args.prompts)
+    prompts = list(dict.fromkeys(corpus.train + corpus.val + corpus.test))
+    root = Path(args.output or f"runs/prompts-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    _folder_argument(str(root), "--output")
+    configs = [_resolve_config(args, prompt) for prompt in prompts]  # every prompt's config is checked before the first run
+    for i, (prompt, name, cfg) in enumerate(zip(prompts, safe_output_names(prompts), configs)):
+        run_dir = root / name
+        last = latest_checkpoint(run_dir)
+        if args.resume and last is not None and step_of(last) >= cfg.train.steps:
+            print(f"[{i + 1}/{len(prompts)}] {prompt!r}: finished in {run_dir}")
+            continue
+        print(f"[{i + 1}/{len(prompts)}] {prompt!r} -> {run_dir}", flush=True)
+        from amortized3d.evaluation.oracle import eval_every_hook
+
+        train(cfg, run_dir, resume=args.resume and last is not None, hooks=eval_every_hook(cfg))
+    print(f"runs folder: {root}")
+    return 0
 
 
 def check_pretrained_weights(cfg) -> None:
@@ -99,9 +154,13 @@ def check_pretrained_weights(cfg) -> None:
 
 
 def run_train(args) -> int:
+    if args.prompts:
+        _check_train_sources(args)
+        return run_prompt_batch(args)
     cfg = _resolve_config(args)
     check_pretrained_weights(cfg)
     from amortized3d.evaluation.oracle import eval_every_hook
+    from amortized3d.inference.export import safe_output_names
     from amortized3d.training.train import train
 
     output = args.output or cfg.train.output_dir
@@ -109,7 +168,8 @@ def run_train(args) -> int:
         if args.resume:
             raise UsageError("--resume needs --output RUN_DIR naming the run to continue")
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        output = f"runs/{cfg.corpus.name}-{cfg.distill.method}-{stamp}"
+        name = f"prompt-{safe_output_names([args.prompt], 48)[0]}" if args.prompt else cfg.corpus.name
+        output = f"runs/{name}-{cfg.distill.method}-{stamp}"
     run_dir = train(cfg, output, resume=args.resume, hooks=eval_every_hook(cfg))
     print(f"run folder: {run_dir}")
     return 0

@@ -89,10 +89,27 @@ class RenderConfig(ConfigModel):
     scene_radius: float = Field(2.0, gt=0, le=100)  # near/far come from this bounding sphere
     random_background_prob: float = Field(0.2, ge=0, le=1)
     eikonal_points: Int = Field(4096, ge=0, le=10_000_000)  # ray samples per step used for the eikonal term
+    # HiFA's kernel smoothing of the proposal weights before importance sampling (rendering/volume.py smooth_weights):
+    # an odd-length kernel, e.g. [1, 1, 1] (HiFA); [] : off
+    importance_kernel: list[Annotated[float, Field(ge=0, le=1e6)]] = Field(
+        [], json_schema_extra=hint("an odd number of weights >= 0, e.g. [1, 1, 1]"))
+    # training render size by progress: [[progress, size], ...], from each knot's progress on the renders are size x size
+    # (the reference per-prompt recipe: 64^2, then 256^2 from step 10k of 25k: [[0.4, 256]]); [] : height x width throughout
+    size_schedule: list[list[Annotated[float, Field(ge=0, le=4096)]]] = Field(
+        [], json_schema_extra=hint("each knot is [progress in [0, 1], size in pixels], e.g. [[0.4, 256]]"))
+
+    def size_at(self, progress: float) -> tuple[int, int]:
+        """(height, width) of the training renders at training progress in [0, 1] (size_schedule)."""
+        size = (self.height, self.width)
+        for at, side in self.size_schedule:
+            if progress >= at:
+                size = (int(side), int(side))
+        return size
 
     def volume_kwargs(self) -> dict:
         """The volume renderer's settings, as keyword arguments of render_images, render_baked and render_prompt_scenes."""
-        return dict(scene_radius=self.scene_radius, n_proposal=self.n_proposal, n_importance=self.n_importance, inv_std=self.inv_std)
+        return dict(scene_radius=self.scene_radius, n_proposal=self.n_proposal, n_importance=self.n_importance, inv_std=self.inv_std,
+                    importance_kernel=tuple(self.importance_kernel))
 
 
 Elevation = Annotated[float, Field(ge=-90, le=90)]
@@ -142,13 +159,20 @@ class DistillConfig(ConfigModel):
     # (null: VSD 1e-4, lods-embedding 1e-5, lods-lora 5e-7) and LoRA rank
     adapter_lr: float | None = Field(None, gt=0, le=1)
     lora_rank: Int = Field(4, ge=1, le=1024)
+    # HiFA's SDS+ (Eq. 4): the image-space term lambda_rgb beta(t)/2 ||x - D(z_hat)||^2 on top of the method's loss (whose
+    # latent part, for SDS, is HiFA's latent residual); HiFA: 0.1 with distill.method=sds; 0: off
+    rgb_weight: float = Field(0.0, ge=0, le=1e6)
     # how t is chosen in [T_min, T_max]: "random" U{T_min..T_max} per image; or HiFA's annealing, one deterministic t
     # per step, t = T_max - (T_max - T_min) f(progress), f = sqrt (HiFA Eq. 5), linear or cosine (its ablation);
     # HiFA keeps the bounds fixed: distill.t_min=[0.02,0.02] distill.t_max=[0.98,0.98]
     t_schedule: Literal[T_SCHEDULES] = "random"
-    # [start, end], fractions of 1000
-    t_min: list[StepFraction] = Field([0.5, 0.02], json_schema_extra=hint("fractions of the 1000 diffusion steps, e.g. [0.5, 0.02]"))
-    t_max: list[StepFraction] = Field([0.98, 0.5], json_schema_extra=hint("fractions of the 1000 diffusion steps, e.g. [0.98, 0.5]"))
+    # the bounds of t as fractions of 1000: [start, end] (linear over the run), or StableDreamer's piecewise-linear
+    # annealing as [[progress, fraction], ...] knots (constant before the first and after the last), e.g.
+    # t_max=[[0, 0.98], [0.5, 0.6], [1, 0.3]] t_min=[[0, 0.4], [0.5, 0.25], [1, 0.2]]
+    t_min: list[StepFraction] | list[list[float]] = Field(
+        [0.5, 0.02], json_schema_extra=hint("fractions of the 1000 diffusion steps, e.g. [0.5, 0.02]"))
+    t_max: list[StepFraction] | list[list[float]] = Field(
+        [0.98, 0.5], json_schema_extra=hint("fractions of the 1000 diffusion steps, e.g. [0.98, 0.5]"))
 
 
 Knot = list[Annotated[float, Field(ge=0, le=1_000_000)]]  # [progress, weight]
@@ -160,12 +184,20 @@ class RegularizerConfig(ConfigModel):
     sparsity: list[Knot] = Field([[0.0, 20.0]], json_schema_extra=KNOT_HINT)
     opacity_entropy: list[Knot] = Field([[0.8, 0.0], [1.0, 10.0]], json_schema_extra=KNOT_HINT)
     eikonal: list[Knot] = Field([[0.0, 100.0], [0.1, 1.0]], json_schema_extra=KNOT_HINT)
+    # HiFA's z-variance loss (Eq. 8: the depth variance of the rays with opacity > 0.5, averaged over all rays); HiFA's
+    # lambda_zvar 3 with its code's ramp min(1, 2 progress): [[0.0, 0.0], [0.5, 3.0]]
+    z_variance: list[Knot] = Field([], json_schema_extra=KNOT_HINT)
 
 
 class OptimConfig(ConfigModel):
-    name: Literal["adam", "adan"] = "adam"  # adam (torch) or adan (pytorch-optimizer's Adan; betas then have three entries)
+    # adam (torch), adamw (torch, its default weight decay 0.01, as threestudio's per-prompt recipes) or adan
+    # (pytorch-optimizer's Adan; betas then have three entries)
+    name: Literal["adam", "adamw", "adan"] = "adam"
     lr_geometry: float = Field(4e-3, gt=0, le=1)
     lr_background: float = Field(1e-3, gt=0, le=1)
+    # the decoding MLPs' own rate (the generator's decoder_parameters; the reference per-prompt recipe: grid 1e-2,
+    # MLPs 1e-3); null: they train at lr_geometry
+    lr_decoder: float | None = Field(None, gt=0, le=1)
     betas: list[Annotated[float, Field(ge=0, lt=1)]] = [0.0, 0.99]
     eps: float = Field(1e-15, gt=0, lt=1, json_schema_extra=hint("e.g. 1e-15 (Adam's term added to the denominator)"))
 
@@ -233,10 +265,14 @@ class ExperimentConfig(ConfigModel):
             if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
                 raise ConfigError(f"camera.{name}={lo_hi!r} must be [low, high] with low <= high")
         for name in ("t_min", "t_max"):
-            pair = getattr(self.distill, name)
-            if len(pair) != 2:
-                raise ConfigError(f"distill.{name}={pair!r} must be [start, end], fractions of 1000 steps in (0, 1), e.g. [0.5, 0.02]")
-        for name in ("sparsity", "opacity_entropy", "eikonal"):
+            bound = getattr(self.distill, name)
+            flat = all(isinstance(v, (int, float)) for v in bound)
+            knots = [] if flat else bound
+            if (flat and len(bound) != 2) or not bound or any(len(k) != 2 or not 0 <= k[0] <= 1 or not 0 < k[1] < 1 for k in knots) or \
+                    [k[0] for k in knots] != sorted(k[0] for k in knots):
+                raise ConfigError(f"distill.{name}={bound!r} must be [start, end], fractions of 1000 steps in (0, 1), e.g. [0.5, 0.02], "
+                                  "or [[progress, fraction], ...] knots with progress in [0, 1] increasing, e.g. [[0, 0.98], [0.5, 0.6], [1, 0.3]]")
+        for name in ("sparsity", "opacity_entropy", "eikonal", "z_variance"):
             knots = getattr(self.regularizers, name)
             if any(len(k) == 2 and k[0] > 1 for k in knots):
                 raise ConfigError(f"regularizers.{name}={knots!r}: each knot's progress must lie in [0, 1] (the fraction of train.steps)")
@@ -258,15 +294,34 @@ class ExperimentConfig(ConfigModel):
         if self.train.eval_every and self.prior.kind != "analytic":
             raise ConfigError("train.eval_every runs the ShapeWorld oracle, which needs the analytic prior's ShapeWorld corpora; "
                               "evaluate other runs' checkpoints with `amortized3d evaluate --checkpoint RUN_DIR --clip MODEL`")
-        if any(lo > hi for lo, hi in zip(self.distill.t_min, self.distill.t_max)):
+        from amortized3d.distillation.regularizers import scheduled_weight
+        from amortized3d.distillation.score_distillation import bound_knots
+
+        lows, highs = bound_knots(self.distill.t_min), bound_knots(self.distill.t_max)
+        if any(scheduled_weight(lows, at) > scheduled_weight(highs, at) for at, _ in lows + highs):  # both piecewise linear
             raise ConfigError(f"distill.t_min={self.distill.t_min!r} and distill.t_max={self.distill.t_max!r}: at the start and at the end "
-                              "of training T_min must not exceed T_max; e.g. distill.t_min=[0.5,0.02] distill.t_max=[0.98,0.5]")
+                              "of training (and at every knot) T_min must not exceed T_max; e.g. distill.t_min=[0.5,0.02] distill.t_max=[0.98,0.5]")
         if self.generator.spectral_norm and self.generator.kind != "hyper_ingp":
             raise ConfigError(f"generator.spectral_norm=true applies to the Hyper-iNGP hypernetwork, not "
                               f"generator.kind={self.generator.kind!r}; set generator.spectral_norm=false (or null)")
         if self.generator.sphere_radius >= self.generator.bound:
             raise ConfigError(f"generator.sphere_radius={self.generator.sphere_radius} must be smaller than "
                               f"generator.bound={self.generator.bound}: the initial sphere must fit in the generator's box")
+        kernel = self.render.importance_kernel
+        if kernel and (len(kernel) % 2 == 0 or sum(kernel) <= 0):
+            raise ConfigError(f"render.importance_kernel={kernel!r} must hold an odd number of weights >= 0, not all 0 (centered on the "
+                              "bin), e.g. [1, 1, 1] (HiFA); or [] for no smoothing")
+        schedule = self.render.size_schedule
+        if any(len(k) != 2 or not 0 <= k[0] <= 1 or k[1] < 1 or k[1] != int(k[1]) for k in schedule) or \
+                [k[0] for k in schedule] != sorted(k[0] for k in schedule):
+            raise ConfigError(f"render.size_schedule={schedule!r} must be [[progress, size], ...] with progress in [0, 1] increasing "
+                              "and sizes whole pixels >= 1, e.g. [[0.4, 256]]; or [] for render.height x render.width throughout")
+        from amortized3d.data.corpora import single_prompt
+
+        if self.generator.kind == "ngp" and single_prompt(self.corpus.name) is None:
+            raise ConfigError(f"generator.kind=ngp is the field of one prompt, but corpus {self.corpus.name!r} is not one prompt; "
+                              "train it with `amortized3d train --prompt TEXT` (corpus prompt:TEXT), or pick a generator of many "
+                              "prompts (generator.kind=hyper_ingp, conv3d or triplane)")
         n_betas = 3 if self.optim.name == "adan" else 2
         if len(self.optim.betas) != n_betas:
             raise ConfigError(f"optim.betas={self.optim.betas!r}: {self.optim.name} takes {n_betas} betas in [0, 1), e.g. "
@@ -361,7 +416,7 @@ def _explain(error: dict, merged: dict, sources: dict) -> str:
         extra = (field.json_schema_extra or {}).get("hint")
         return (f"{where}{name}={_value(value)}: {what} must be a finite number in {field_interval(field)}"
                 f"{f' ({extra})' if extra else ''}; set {name} to such a value")
-    path = name + "".join(f"[{i}]" for i in loc[2:])
+    path = name + "".join(f"[{i}]" for i in loc[2:] if isinstance(i, int))  # (a union's branch names are left out)
     if kind in TYPE_NAMES:
         must, example = TYPE_NAMES[kind]
         return f"{where}{path}={_value(error['input'])} must be {must}, e.g. {path}={example}"
@@ -475,9 +530,10 @@ def load_config(corpus: str | None = None, config_file: str | None = None, overr
     """Defaults <- corpus recipe <- config file <- overrides, merged, then validated.
 
     A corpus without a recipe of its own can be trained with an explicit config file
-    (e.g. --corpus df415 --config configs/mg15.yaml), which then replaces the recipe.
+    (e.g. --corpus df415 --config configs/mg15.yaml), which then replaces the recipe; so does a config file given for
+    a per-prompt corpus ("prompt:TEXT", whose own recipe is the CPU one, configs/prompt-shapeworld.yaml).
     """
-    from amortized3d.data.corpora import CorpusError, recipe_for_corpus
+    from amortized3d.data.corpora import CorpusError, recipe_for_corpus, single_prompt
 
     user = load_yaml(config_file) if config_file else {}
     override_maps = [parse_override(o) for o in overrides]
@@ -489,7 +545,8 @@ def load_config(corpus: str | None = None, config_file: str | None = None, overr
     name = name or CorpusConfig().name
     layers = []
     try:
-        layers.append((f"recipe for {name}", load_yaml(recipe_path(recipe_for_corpus(name)))))
+        if not (config_file and single_prompt(name) is not None):
+            layers.append((f"recipe for {name}", load_yaml(recipe_path(recipe_for_corpus(name)))))
     except CorpusError as err:
         if not (config_file and "has no training recipe" in str(err)):
             raise

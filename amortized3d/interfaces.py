@@ -9,7 +9,8 @@
                      embeddings when they were read from the embedding store; plain data, passed explicitly
     Prior            a frozen diffusion model: images <-> its space, and one batched noise prediction
 
-Implementations: generators in amortized3d/generators/ (hyper_ingp.py, conv3d.py, triplane.py),
+Implementations: generators in amortized3d/generators/ (hyper_ingp.py, conv3d.py, triplane.py; ngp.py, the field of
+one prompt that a per-prompt run optimizes),
 representations in amortized3d/rendering/volume.py (SDFRepresentation) and the generators' field classes, priors in
 amortized3d/priors/ (analytic.py, diffusers_prior.py). Every attribute named here exists on every
 implementation (no probing with getattr); a new implementation is one file that provides them,
@@ -61,6 +62,10 @@ class Generator(Protocol):
 
     def geometry_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters of shape and color (optimizer group at optim.lr_geometry)."""
+
+    def decoder_parameters(self) -> list[torch.nn.Parameter]:
+        """The MLPs that decode features into SDF and color, a part of geometry_parameters (their own optimizer group
+        at optim.lr_decoder when it is set; [] where the decoders are not parameters, as Hyper-iNGP's)."""
 
     def background_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters of the background (optimizer group at optim.lr_background)."""

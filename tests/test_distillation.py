@@ -198,6 +198,19 @@ def test_timestep_annealing_endpoints():
     assert timestep_range(0.5, (0.5, 0.02), (0.98, 0.5)) == (260, 740)
 
 
+def test_piecewise_linear_bounds_stabledreamer():
+    """StableDreamer Sec. 4.1: both bounds piecewise linear in training progress, converging by the end. Expected values by
+    hand-interpolating the knots: T_max 980 -> 600 over the first half, 600 -> 300 over the second; T_min 400 -> 250 -> 200."""
+    t_max = [[0.0, 0.98], [0.5, 0.6], [1.0, 0.3]]
+    t_min = [[0.0, 0.4], [0.5, 0.25], [1.0, 0.2]]
+    expected = {0.0: (400, 980), 0.25: (325, 790), 0.5: (250, 600), 0.8: (220, 420), 1.0: (200, 300)}
+    for progress, bounds in expected.items():
+        assert timestep_range(progress, t_min, t_max) == bounds
+    assert timestep_range(0.3, [[0.4, 0.3], [0.6, 0.1]], [[0.4, 0.9], [0.6, 0.5]]) == (300, 900)  # before the first knot: its value
+    for progress in (0.0, 0.3, 0.77, 1.0):  # [start, end] is the two-knot schedule
+        assert timestep_range(progress, [0.5, 0.02], [0.98, 0.5]) == timestep_range(progress, [[0, 0.5], [1, 0.02]], [[0, 0.98], [1, 0.5]])
+
+
 def test_default_guidance_scales_from_the_paper():
     # ScaleDreamer: SDS 100, CSD 1, ASD 7.5, VSD 7.5 (on the pretrained branch); LODS: 1000 for 3D generation.
     assert DEFAULT_GUIDANCE == {"sds": 100.0, "csd": 1.0, "asd": 7.5, "vsd": 7.5, "lods-embedding": 1000.0, "lods-lora": 1000.0}

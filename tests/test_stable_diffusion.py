@@ -315,3 +315,35 @@ def test_stored_embeddings_reach_the_prior_as_data(prior):
     torch.testing.assert_close(with_tokens, torch.stack([stored[0], own[2], stored[1]]))
     without = prior.text_condition(Conditioning(["a frog", "a chair", "a chair"], cameras), branch)
     torch.testing.assert_close(without, torch.stack([own[0], own[2], own[1]]))
+
+
+def test_sds_plus_image_term_and_the_latent_residual_identity(prior):
+    """HiFA SDS+ (Eq. 2-4) on the tiny SD: (a) Eq. 2's identity, w(t) (eps_cfg - eps) = beta(t) (z - z_hat) with
+    beta = w sqrt(abar) / sqrt(1 - abar) and z_hat = (z_t - sqrt(1 - abar) eps_cfg) / sqrt(abar); (b) the image term's
+    gradient lambda beta (x - D(z_hat)), with eps_cfg and D computed directly from the UNet and the VAE decoder."""
+    from amortized3d.distillation.score_distillation import image_residual_loss
+
+    B, guidance, t_range, lam = 2, 100.0, (50, 950), 0.1
+    images = torch.rand(B, 3, 16, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    latents = prior.encode(images, generator=torch.Generator().manual_seed(4)).detach()
+    prompts = ["a frog", "a castle"]
+    gen = torch.Generator().manual_seed(12)
+    replay = torch.Generator().set_state(gen.get_state())
+    out = score_distillation(prior, latents, Conditioning(prompts, orbit_cameras(B, 15.0, 1.5, 70.0)), method="sds",
+                             guidance_scale=guidance, t_range=t_range, eta=0.0, generator=gen)
+    t = torch.randint(t_range[0], t_range[1] + 1, (B,), generator=replay)
+    noise = torch.randn(latents.shape, generator=replay)
+    a = scaled_linear_alphas_cumprod()[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+    with torch.no_grad():
+        unet = lambda words: prior.unet(z_t, t, encoder_hidden_states=prior.text_encoder.encode(words).tokens).sample  # noqa: E731
+        eps_u, eps_c = unet(["", ""]), unet(prompts)
+    eps_cfg = eps_u + guidance * (eps_c - eps_u)
+    z_hat = (z_t - (1 - a).sqrt() * eps_cfg) / a.sqrt()
+    beta = (1 - a) * a.sqrt() / (1 - a).sqrt()
+    torch.testing.assert_close(out.denoised, z_hat, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out.grad, beta * (latents - z_hat), atol=1e-3, rtol=1e-3)  # (a)
+    with torch.no_grad():
+        x_hat = ((prior.vae.decode(z_hat / 0.18215).sample + 1) / 2).clamp(0, 1)
+    image_residual_loss(prior, images, out.denoised, out.timesteps, lam).sum().backward()
+    torch.testing.assert_close(images.grad, lam * beta * (images.detach() - x_hat), atol=1e-4, rtol=1e-3)  # (b)

@@ -6,6 +6,7 @@
     load_corpus("/path/to/prompts.txt")     one prompt per line (all train)
     load_corpus("/path/to/prompts.csv")     the column "prompt" (else "caption", else "text"), all train;
     load_corpus("/path/to/prompts.csv#col") or the column named after '#'
+    load_corpus("prompt:a hamburger")       one prompt, in every split: a per-prompt run (`train --prompt`)
 
 The corpus folder for file corpora is, in order: the ``corpus_dir`` argument
 (``--corpus-dir``, ``corpus.dir``), the AMORTIZED3D_CORPORA environment variable,
@@ -111,13 +112,27 @@ def corpus_dir(explicit: str | None = None) -> Path:
     return Path.home() / ".cache" / "amortized3d" / "corpora"
 
 
+PROMPT_PREFIX = "prompt:"
+PROMPT_RECIPE = "prompt-shapeworld"  # the recipe of a per-prompt run without --config (CPU, analytic prior)
+
+
+def single_prompt(name: str) -> str | None:
+    """The prompt of a per-prompt corpus name ("prompt:TEXT" -> TEXT, checked like any prompt), or None for any
+    other corpus name."""
+    if not name.startswith(PROMPT_PREFIX):
+        return None
+    return check_prompt(name[len(PROMPT_PREFIX):], f"corpus {_excerpt(name)}")
+
+
 def recipe_for_corpus(name: str) -> str:
     entries = catalog()
+    if single_prompt(name) is not None:
+        return PROMPT_RECIPE
     if name not in entries:
         if is_file_spec(name):
             return "shapeworld"  # ShapeWorld prompts train as they are; others need --config or --prior (train() checks)
         raise CorpusError(f"unknown corpus {name!r}; use one of the known corpora ({', '.join(entries)}) or pass the path of a "
-                          ".json, .txt or .csv file (`amortized3d corpus list` shows them)")
+                          ".json, .txt or .csv file, or write prompt:TEXT for one prompt (`amortized3d corpus list` shows them)")
     recipe = entries[name].get("recipe")
     if recipe is None:
         trainable = [n for n, e in entries.items() if e.get("recipe")]
@@ -546,13 +561,17 @@ def is_file_spec(name: str) -> bool:
 
 
 def load_corpus(name: str, directory: str | None = None) -> Corpus:
-    """A named corpus from the catalog, or a JSON file path. -> Corpus with train/val/test lists."""
+    """A named corpus from the catalog, a corpus file's path, or "prompt:TEXT" (that one prompt in every split, the
+    corpus of a per-prompt run). -> Corpus with train/val/test lists."""
+    prompt = single_prompt(name)
+    if prompt is not None:
+        return Corpus(name, [prompt], [prompt], [prompt])
     entries = catalog()
     if name not in entries:
         if is_file_spec(name):
             return load_file(name)
-        raise CorpusError(f"unknown corpus {name!r}; use one of the known corpora ({', '.join(entries)}) or pass the path of a "
-                          ".json, .txt or .csv file (`amortized3d corpus list` shows them)")
+        raise CorpusError(f"unknown corpus {name!r}; use one of the known corpora ({', '.join(entries)}), pass the path of a "
+                          ".json, .txt or .csv file, or write prompt:TEXT for one prompt (`amortized3d corpus list` shows them)")
     entry = entries[name]
     if entry["source"] == "shapeworld":
         splits = shapeworld_corpus(name)

@@ -27,7 +27,9 @@ class Draw:
     x [B, C, H, W] the images in the prior's space (detached here); cond of B rows; t long [B]; noise eps and
     x_t [B, C, H, W]; weight w(t) [B]; abar [T] the prior's schedule; guidance_scale g; t_range (T_min, T_max) of
     this step; eta, asd_shift: ASD's shift settings; generator: the step's random stream; adapter: the learned
-    branch of VSD / LODS (None otherwise). A method that draws a second timestep records it in shifted_timesteps.
+    branch of VSD / LODS (None otherwise). A method that draws a second timestep records it in shifted_timesteps;
+    every method records its guided prediction at (x_t, t) in eps_guided [B, C, H, W] (eps_cfg; LODS: its learned
+    unconditional branch guided, eps_l + g (eps_c - eps_l)), from which the one-step denoised image comes.
     """
 
     prior: Prior
@@ -45,6 +47,7 @@ class Draw:
     generator: torch.Generator
     adapter: object | None = None
     shifted_timesteps: torch.Tensor | None = None
+    eps_guided: torch.Tensor | None = None
 
     def rows(self, code: int) -> torch.Tensor:
         """The branch code for every image: long [B]."""
@@ -91,4 +94,5 @@ def guided_prediction(d: Draw, extra: list[tuple[torch.Tensor, torch.Tensor, int
         eps_cfg = perp_neg_guidance(eps_cond, eps_uncond, eps[2:4], negative_weights, d.guidance_scale)
     else:
         eps_cfg = eps_uncond + d.guidance_scale * (eps_cond - eps_uncond)
+    d.eps_guided = eps_cfg
     return eps_cfg, eps_uncond, list(eps[n - len(extra):])

@@ -36,6 +36,13 @@ def opacity_entropy_loss(opacity: torch.Tensor, eps: float = 1e-5) -> torch.Tens
     return (-o * torch.log(o) - (1 - o) * torch.log(1 - o)).mean()
 
 
+def z_variance_loss(opacity: torch.Tensor, z_variance: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """HiFA Eq. 8: E_r[delta_r sigma^2_r], delta_r = 1 where the ray's opacity exceeds ``threshold`` (0.5), else 0 (the
+    mask carries no gradient); sigma^2_r the depth variance of the ray's weights (Eq. 7, volume.z_variance).
+    opacity, z_variance [...] (one value per ray) -> scalar, the mean over all rays."""
+    return (z_variance * (opacity.detach() > threshold)).mean()
+
+
 def eikonal_loss(sdf_grad: torch.Tensor) -> torch.Tensor:
     """mean (|grad sdf| - 1)^2. sdf_grad [..., 3] -> scalar."""
     return ((sdf_grad.norm(dim=-1) - 1.0) ** 2).mean()

@@ -47,14 +47,25 @@ ADAPTER_METHODS = tuple(name for name, method in METHODS.items() if method.learn
 DEFAULT_GUIDANCE = {name: method.default_guidance for name, method in METHODS.items()}
 
 
-def timestep_range(progress: float, t_min: tuple[float, float], t_max: tuple[float, float]) -> tuple[int, int]:
-    """Linearly annealed timestep bounds (the reference recipe: T_min 0.5 -> 0.02, T_max 0.98 -> 0.5).
+def bound_knots(bound) -> list[tuple[float, float]]:
+    """A timestep bound of the config as (progress, fraction of 1000) knots: [start, end] (linear over the run) is
+    [(0, start), (1, end)]; [[progress, fraction], ...] (StableDreamer's piecewise-linear annealing) as given."""
+    if all(isinstance(v, (int, float)) for v in bound):
+        return [(0.0, float(bound[0])), (1.0, float(bound[1]))]
+    return [(float(p), float(v)) for p, v in bound]
 
-    progress in [0, 1]; t_min, t_max = (start, end) as fractions of 1000 -> integer (T_min, T_max).
+
+def timestep_range(progress: float, t_min, t_max) -> tuple[int, int]:
+    """The annealed timestep bounds at training progress in [0, 1]: T_min and T_max piecewise linear in progress
+    between their knots (bound_knots; the reference recipe: T_min 0.5 -> 0.02, T_max 0.98 -> 0.5, linear).
+
+    t_min, t_max: [start, end] or [[progress, fraction], ...], fractions of 1000 -> integer (T_min, T_max).
     """
+    from amortized3d.distillation.regularizers import scheduled_weight
+
     p = min(max(progress, 0.0), 1.0)
-    lo = t_min[0] + (t_min[1] - t_min[0]) * p
-    hi = t_max[0] + (t_max[1] - t_max[0]) * p
+    lo = scheduled_weight(bound_knots(t_min), p)
+    hi = scheduled_weight(bound_knots(t_max), p)
     lo_t = int(round(lo * NUM_TRAIN_TIMESTEPS))
     hi_t = int(round(hi * NUM_TRAIN_TIMESTEPS))
     lo_t = min(max(lo_t, 1), NUM_TRAIN_TIMESTEPS - 1)
@@ -90,12 +101,42 @@ def distillation_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DistillationOutput:
-    """loss [B] per image, grad [B, C, H, W], timesteps [B], shifted timesteps [B] (ASD only)."""
+    """loss [B] per image, grad [B, C, H, W], timesteps [B], shifted timesteps [B] (ASD only), and denoised [B, C, H, W]:
+    the one-step estimate of the clean image from the method's guided prediction, x_hat = (x_t - sqrt(1 - abar_t)
+    eps_guided) / sqrt(abar_t) (StableDreamer Prop. 1's pseudo ground truth; HiFA's z_hat)."""
 
     loss: torch.Tensor
     grad: torch.Tensor
     timesteps: torch.Tensor
     shifted_timesteps: torch.Tensor | None
+    denoised: torch.Tensor
+
+
+def one_step_denoised(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """x_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t). x_t, eps [B, C, H, W], abar_t [B] -> [B, C, H, W]."""
+    a = abar_t.reshape(-1, 1, 1, 1).to(x_t.dtype)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def reconstruction_weight(abar_t: torch.Tensor) -> torch.Tensor:
+    """beta(t) = w(t) sqrt(abar_t) / sqrt(1 - abar_t), w(t) = 1 - abar_t: the weight with which the SDS gradient
+    w(t) (eps_hat - eps) equals the gradient of beta(t)/2 ||x - x_hat||^2 (StableDreamer Prop. 1, HiFA Eq. 2). [B] -> [B]."""
+    return (1 - abar_t) * abar_t.sqrt() / (1 - abar_t).sqrt()
+
+
+def image_residual_loss(prior, images: torch.Tensor, denoised: torch.Tensor, timesteps: torch.Tensor, rgb_weight: float) -> torch.Tensor:
+    """HiFA's image-space term of SDS+ (Eq. 4): rgb_weight beta(t) / 2 ||x - D(z_hat)||^2 per image, with D(z_hat) the
+    prior's decoding of the one-step denoised latent (no gradient) and x the render resized (bilinear) to its size, as
+    HiFA's code compares them at the VAE's 512^2. The latent term of Eq. 4 is the SDS loss itself (reconstruction_weight).
+
+    images [B, 3, H, W] in [0, 1], denoised [B, C, h, w], timesteps long [B] -> loss [B]."""
+    with torch.no_grad():
+        target = prior.decode(denoised).to(images.dtype)
+    x = images
+    if x.shape[-2:] != target.shape[-2:]:
+        x = torch.nn.functional.interpolate(x, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    beta = reconstruction_weight(prior.alphas_cumprod.to(images.device)[timesteps]).to(images.dtype)
+    return 0.5 * rgb_weight * beta * (x - target).square().flatten(1).sum(1)
 
 
 def score_distillation(
@@ -142,4 +183,5 @@ def score_distillation(
         x_t = add_noise(x.detach(), noise, t, abar)
         draw = Draw(prior, x.detach(), cond, t, noise, x_t, weight, abar, guidance_scale, t_range, eta, asd_shift, generator, adapter)
         grad = spec.gradient(draw)
-    return DistillationOutput(distillation_loss(x, grad), grad, t, draw.shifted_timesteps)
+        denoised = one_step_denoised(x_t, draw.eps_guided, abar[t])
+    return DistillationOutput(distillation_loss(x, grad), grad, t, draw.shifted_timesteps, denoised)

@@ -77,6 +77,14 @@ def load_matrix(path: str | Path) -> dict:
 
 
 def cell_name(corpus: str, method: str, generator: str, variant: str | None = None, seed: int | None = None) -> str:
+    """The cell's folder name: corpus (a file's stem; a per-prompt corpus prompt:TEXT as prompt-<slug of TEXT>), method,
+    generator, then the variant and the seed (none for seed 0)."""
+    from amortized3d.data.corpora import single_prompt
+    from amortized3d.inference.export import safe_output_names
+
+    prompt = single_prompt(corpus)
+    if prompt is not None:
+        corpus = "prompt-" + safe_output_names([prompt], 48)[0]
     name = f"{Path(corpus).stem if Path(corpus).suffix else corpus}-{method}-{generator}"
     return name + (f"-{variant}" if variant else "") + (f"-seed{seed}" if seed else "")  # seed 0: the plain name
 

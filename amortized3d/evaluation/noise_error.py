@@ -75,7 +75,7 @@ def noise_error(run_dir: str | Path, *, n_prompts: int = 4, n_views: int = 4, n_
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device)
     cond = Conditioning([p for p in prompts for _ in range(V)], cams.reshape(1, V)[[0] * P].reshape(P * V))
     abar = prior.alphas_cumprod.to(x.device)
-    start, end = (timestep_range(p, tuple(cfg.distill.t_min), tuple(cfg.distill.t_max)) for p in (0.0, 1.0))
+    start, end = (timestep_range(p, cfg.distill.t_min, cfg.distill.t_max) for p in (0.0, 1.0))
     lo_t, hi_t = min(start[0], end[0]), max(start[1], end[1])
     timesteps = sorted({round(lo_t + (hi_t - lo_t) * i / max(n_timesteps - 1, 1)) for i in range(n_timesteps)})
     t_min_final = end[0]

@@ -74,7 +74,7 @@ def run_toy(method: str, asd_shift: str, eta: float, *, prompt: str = DEFAULT_PR
     norms = []
     start = time.perf_counter()
     for step in range(steps):
-        t_range = timestep_range(step / steps, tuple(cfg.distill.t_min), tuple(cfg.distill.t_max))
+        t_range = timestep_range(step / steps, cfg.distill.t_min, cfg.distill.t_max)
         out = score_distillation(prior, x, cond, method=method, guidance_scale=guidance, t_range=t_range, eta=eta,
                                  generator=rng, adapter=adapter, asd_shift=asd_shift)
         optimizer.zero_grad()

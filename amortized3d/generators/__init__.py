@@ -8,8 +8,10 @@ come from this mapping.
 
 from amortized3d.generators.conv3d import Conv3DGenerator
 from amortized3d.generators.hyper_ingp import HyperINGP
+from amortized3d.generators.ngp import PromptNGP
 from amortized3d.generators.triplane import TriplaneTransformer
 
-GENERATORS = {"hyper_ingp": HyperINGP, "conv3d": Conv3DGenerator, "triplane": TriplaneTransformer}
+# ngp: not a generator of many prompts but the Instant-NGP field of one (per-prompt runs: corpus "prompt:TEXT")
+GENERATORS = {"hyper_ingp": HyperINGP, "conv3d": Conv3DGenerator, "triplane": TriplaneTransformer, "ngp": PromptNGP}
 
-__all__ = ["GENERATORS", "Conv3DGenerator", "HyperINGP", "TriplaneTransformer"]
+__all__ = ["GENERATORS", "Conv3DGenerator", "HyperINGP", "PromptNGP", "TriplaneTransformer"]

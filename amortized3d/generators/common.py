@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from amortized3d.rendering.volume import SDFRepresentation
-from amortized3d.schema import ConfigModel
+from amortized3d.schema import ConfigModel, Int
 
 
 class GeneratorBaseConfig(ConfigModel):
@@ -29,6 +29,24 @@ class GeneratorBaseConfig(ConfigModel):
 
     sphere_radius: float = Field(0.5, gt=0, le=100)
     bound: float = Field(2.0, gt=0, le=100)
+
+
+class HashGridConfig(GeneratorBaseConfig):
+    """The sizes of a multi-resolution hash grid (amortized3d.generators.hash_grid.HashGrid), for the generators built
+    on one (Hyper-iNGP, the per-prompt Instant-NGP field). Defaults: Instant-NGP's 16 levels x 2 features, 2^19 rows,
+    resolutions 16 to about 4096."""
+
+    n_levels: Int = Field(16, ge=1, le=32)
+    n_features_per_level: Int = Field(2, ge=1, le=8)
+    log2_hashmap_size: Int = Field(19, ge=4, le=26)
+    base_resolution: Int = Field(16, ge=1, le=4096)
+    per_level_scale: float = Field(1.4473, ge=1, le=8)
+    mlp_hidden: Int = Field(64, ge=1, le=4096)
+
+    def grid_sizes(self) -> dict:
+        """HashGrid's keyword arguments for this config (its box is [-bound, bound]^3)."""
+        return dict(n_levels=self.n_levels, n_features_per_level=self.n_features_per_level, log2_hashmap_size=self.log2_hashmap_size,
+                    base_resolution=self.base_resolution, per_level_scale=self.per_level_scale, bound=self.bound)
 
 
 class EnvironmentMap(nn.Module):

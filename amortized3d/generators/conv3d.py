@@ -154,6 +154,10 @@ class Conv3DGenerator(nn.Module):
     def geometry_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("background.")]
 
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """The SDF and color MLPs (part of geometry_parameters)."""
+        return list(self.sdf_mlp.parameters()) + list(self.color_mlp.parameters())
+
     def background_parameters(self) -> list[nn.Parameter]:
         return list(self.background.parameters())
 

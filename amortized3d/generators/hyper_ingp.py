@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as add_spectral_norm
 
-from amortized3d.generators.common import GeneratorBaseConfig
+from amortized3d.generators.common import HashGridConfig
 from amortized3d.generators.hash_grid import HashGrid
 from amortized3d.rendering.volume import SDFRepresentation
 from amortized3d.schema import Int
@@ -42,7 +42,7 @@ from amortized3d.schema import Int
 BACKGROUND = dict(n_levels=4, base_resolution=2, per_level_scale=2.0, log2_hashmap_size=16, hidden=32, hyper_hidden=64)
 
 
-class HyperINGPConfig(GeneratorBaseConfig):
+class HyperINGPConfig(HashGridConfig):
     """Hyper-iNGP's config: the hash grid's sizes, the hypernetwork's and the per-prompt MLPs' widths.
 
     spectral_norm: on the hypernetwork's linear layers; null in a config means on for SDS (ScaleDreamer Sec. 4.2
@@ -50,13 +50,7 @@ class HyperINGPConfig(GeneratorBaseConfig):
     otherwise (the experiment config resolves it; the model reads null as off).
     """
 
-    n_levels: Int = Field(16, ge=1, le=32)
-    n_features_per_level: Int = Field(2, ge=1, le=8)
-    log2_hashmap_size: Int = Field(19, ge=4, le=26)
-    base_resolution: Int = Field(16, ge=1, le=4096)
-    per_level_scale: float = Field(1.4473, ge=1, le=8)
     hyper_hidden: Int = Field(64, ge=1, le=4096)
-    mlp_hidden: Int = Field(64, ge=1, le=4096)
     spectral_norm: bool | None = None
 
 
@@ -132,8 +126,7 @@ class HyperINGP(nn.Module):
         self.text_dim, self.z_dim = text_dim, 0  # no latent: one asset per prompt
         self.mlp_hidden = config.mlp_hidden
         self.sphere_radius = config.sphere_radius
-        self.grid = HashGrid(config.n_levels, config.n_features_per_level, config.log2_hashmap_size, config.base_resolution,
-                             config.per_level_scale, config.bound)
+        self.grid = HashGrid(**config.grid_sizes())
         enc = self.grid.output_dim
         # Layer order: SDF hidden, SDF out, color hidden, color out.
         h, spectral_norm = config.mlp_hidden, bool(config.spectral_norm)
@@ -168,6 +161,10 @@ class HyperINGP(nn.Module):
     def geometry_parameters(self) -> list[nn.Parameter]:
         """Hash grid and SDF/color hypernetwork (the geometry learning rate)."""
         return list(self.grid.parameters()) + list(self.hypernet.parameters())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """None: the per-prompt MLPs that decode the grid's features are the hypernetwork's output, not parameters."""
+        return []
 
     def background_parameters(self) -> list[nn.Parameter]:
         """Direction grid and background hypernetwork (the background learning rate)."""

@@ -200,6 +200,7 @@ def render_baked(
     n_importance: int,
     inv_std: float,
     chunk_rays: int = 65536,
+    importance_kernel: tuple[float, ...] = (),
 ) -> torch.Tensor:
     """Deterministic renders of a baked field from V cameras; only rays through its surface box are marched.
 
@@ -221,7 +222,7 @@ def render_baked(
             rays = hits[start : start + chunk_rays]
             part = render_rays(
                 baked, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays],
-                n_proposal=n_proposal, n_importance=n_importance, inv_std=inv_std,
+                n_proposal=n_proposal, n_importance=n_importance, inv_std=inv_std, importance_kernel=importance_kernel,
             )
             rgb[:, rays] = part.rgb
     return rgb.reshape(V, height, width, 3).permute(0, 3, 1, 2).clamp(0.0, 1.0)

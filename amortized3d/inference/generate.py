@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from amortized3d.builders import build_text_encoder, load_run
-from amortized3d.data.corpora import check_prompts
+from amortized3d.data.corpora import CorpusError, check_prompts, single_prompt
 from amortized3d.inference.baked import bake_field, render_baked
 from amortized3d.inference.export import contact_sheet, extract_mesh, safe_output_names, save_mesh, to_uint8, write_video
 from amortized3d.rendering.cameras import orbit_cameras
@@ -32,6 +32,11 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
     """
     prompts = check_prompts(prompts, example='generate "a red cube" --checkpoint RUN_DIR')
     cfg, generator, _ = load_run(run_dir)
+    trained = single_prompt(cfg.corpus.name)
+    if cfg.generator.kind == "ngp" and any(prompt != trained for prompt in prompts):
+        other = next(prompt for prompt in prompts if prompt != trained)
+        raise CorpusError(f"{str(run_dir)!r} is a per-prompt run: it optimized one asset, for {trained!r}, and cannot make one for "
+                          f"{other!r}. Pass {trained!r}, or train that prompt: amortized3d train --prompt {other!r}")
     text_encoder = build_text_encoder(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ def render_prompt_scenes(
     n_importance: int,
     inv_std: float,
     chunk_rays: int | None = None,
+    importance_kernel: tuple[float, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ShapeWorld renders of every scene each prompt can mean.
 
@@ -82,6 +83,7 @@ def render_prompt_scenes(
             n_importance=n_importance,
             inv_std=inv_std,
             chunk_rays=chunk_rays,
+            importance_kernel=importance_kernel,
         )
     N, V = cameras.shape
     rgb = torch.zeros(N, K, V, 3, height, width, device=render.rgb.device)

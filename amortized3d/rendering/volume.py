@@ -161,6 +161,22 @@ def _sample_from_pdf_nerfacc(edges: torch.Tensor, weights: torch.Tensor, n_sampl
     return samples.vals.reshape(*lead, n_samples).to(edges.dtype)
 
 
+def smooth_weights(weights: torch.Tensor, kernel: tuple[float, ...]) -> torch.Tensor:
+    """HiFA's kernel smoothing of the coarse weights before importance sampling (Sec. 4.2): the centered weighted
+    moving average v_i <- sum_j K_j v_{i + j - N // 2} / sum_j K_j (j = 0..N-1) with zeros past the ray's ends (HiFA's
+    code wraps around the ray instead, torch.roll; mass at one end then leaks to the other).
+
+    weights [..., S], kernel of odd length N (HiFA: (1, 1, 1)) -> [..., S]; () returns weights unchanged."""
+    if not kernel:
+        return weights
+    if len(kernel) % 2 == 0:
+        raise ValueError(f"importance kernel {tuple(kernel)} must have an odd length (centered), e.g. (1, 1, 1)")
+    k = torch.tensor(kernel, dtype=weights.dtype, device=weights.device)
+    lead, S = weights.shape[:-1], weights.shape[-1]
+    out = torch.nn.functional.conv1d(weights.reshape(-1, 1, S), (k / k.sum()).view(1, 1, -1), padding=len(kernel) // 2)
+    return out.reshape(*lead, S)
+
+
 def composite_weights(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """w_i = T_i (1 - exp(-sigma_i delta_i)), T_i = exp(-sum_{j<i} sigma_j delta_j) = prod_{j<i} (1 - alpha_j).
 
@@ -203,13 +219,15 @@ def proposal_weights(field, origins, dirs, near, far, n_proposal: int, inv_std: 
     return edges, composite_weights(edges[..., :-1], edges[..., 1:], volsdf_density(sdf, inv_std))
 
 
-def _importance_positions(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias):
-    """Proposal edges plus importance positions, sorted: [P, R, n_proposal + n_importance + 1], no gradient."""
+def _importance_positions(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias,
+                          kernel=()):
+    """Proposal edges plus importance positions, sorted: [P, R, n_proposal + n_importance + 1], no gradient; the proposal
+    weights are smoothed with ``kernel`` first (smooth_weights)."""
     with torch.no_grad():
         if n_importance == 0:
             return uniform_edges(near, far, n_proposal, proposal_jitter)
         edges, weights = proposal_weights(field, origins, dirs, near, far, n_proposal, inv_std, proposal_jitter)
-        weights = weights + PDF_FLOOR
+        weights = smooth_weights(weights, kernel) + PDF_FLOOR
         if edges.is_cuda and nerfacc_cuda_available():
             extra = _sample_from_pdf_nerfacc(edges, weights, n_importance, stratified=importance_bias is not None)
         else:
@@ -217,12 +235,14 @@ def _importance_positions(field, origins, dirs, near, far, n_proposal, n_importa
         return torch.sort(torch.cat([edges, extra], -1), -1).values
 
 
-def _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias, with_normals) -> RayRender:
+def _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias, with_normals,
+                            importance_kernel=()) -> RayRender:
     """render_rays with its random numbers given: proposal_jitter [P, R, n_proposal - 1], importance_bias [P, R, 1] or None."""
     if n_proposal < 1 or n_importance < 0:
         raise ValueError(f"n_proposal={n_proposal}, n_importance={n_importance}: need n_proposal >= 1 and n_importance >= 0")
     P, R, _ = origins.shape
-    edges = _importance_positions(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias)
+    edges = _importance_positions(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias,
+                                  importance_kernel)
     t_starts, t_ends = edges[..., :-1], edges[..., 1:]
     t_mid = 0.5 * (t_starts + t_ends)  # [P, R, S]
     S = t_mid.shape[-1]
@@ -262,16 +282,19 @@ def render_rays(
     inv_std: float = 30.0,
     generator: torch.Generator | None = None,
     with_normals: bool = False,
+    importance_kernel: tuple[float, ...] = (),
 ) -> RayRender:
     """Render R rays per prompt: S = n_proposal + n_importance samples each.
 
     rgb = sum w c + bg (1 - sum w); without a generator the sampling is deterministic (bin centers).
     with_normals also returns the composited unit normals and the raw SDF gradients (eikonal term).
+    importance_kernel: HiFA's kernel smoothing of the proposal weights before importance sampling (smooth_weights).
     origins, dirs [P, R, 3] (dirs unit), near, far [P, R] -> RayRender.
     """
     P, R, _ = origins.shape
     jitter, bias = _draw_noise(generator, P, R, n_proposal, origins.dtype, origins.device)
-    return _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, jitter, bias, with_normals)
+    return _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, jitter, bias, with_normals,
+                                   importance_kernel)
 
 
 def rays_per_chunk(n_proposal: int, n_importance: int, points: int = 2**18) -> int:
@@ -293,6 +316,7 @@ def render_images(
     generator: torch.Generator | None = None,
     with_normals: bool = False,
     chunk_rays: int | None = None,
+    importance_kernel: tuple[float, ...] = (),
 ) -> ImageRender:
     """Render V views of each of P prompts; near/far from the sphere of radius scene_radius.
 
@@ -300,7 +324,8 @@ def render_images(
     once over all P prompts: [P, max(1, chunk_rays // P)] slices of the ray axis are rendered in
     turn (same random numbers, identical results), so the field's working memory per chunk does
     not grow with P (at least one ray per prompt). Only the per-ray outputs are kept; under
-    torch.no_grad memory then grows with P x R, not with the samples. cameras [P, V] -> ImageRender.
+    torch.no_grad memory then grows with P x R, not with the samples. importance_kernel: as render_rays.
+    cameras [P, V] -> ImageRender.
     """
     if cameras.c2w.dim() != 4:
         raise ValueError(f"cameras must have shape [P, V], got {tuple(cameras.shape)}; reshape with cameras.reshape(P, V)")
@@ -318,7 +343,7 @@ def render_images(
         rays = slice(start, start + step)
         out = _render_rays_with_noise(
             field, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays], n_proposal, n_importance, inv_std,
-            None if jitter is None else jitter[:, rays], None if bias is None else bias[:, rays], with_normals,
+            None if jitter is None else jitter[:, rays], None if bias is None else bias[:, rays], with_normals, importance_kernel,
         )
         parts.append((out.rgb, out.opacity.unsqueeze(-1), out.depth.unsqueeze(-1), out.z_variance.unsqueeze(-1), out.normal))
 

@@ -66,13 +66,17 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def step_of(folder: Path) -> int:
+    """The step of a checkpoint folder step_N: N."""
+    return int(STEP_FOLDER.match(folder.name).group(1))
+
+
 def step_folders(run_dir: Path) -> list[Path]:
     """RUN_DIR/checkpoints/step_N folders, oldest first by N."""
     root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_FOLDER.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_FOLDER.match(p.name)), key=step_of)
 
 
 def save_checkpoint(

@@ -20,8 +20,8 @@ import torch
 
 from amortized3d.config import ExperimentConfig
 from amortized3d.data.loader import PromptBatch
-from amortized3d.distillation.regularizers import opacity_entropy_loss, scheduled_weight, sparsity_loss
-from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_distillation, timestep_range
+from amortized3d.distillation.regularizers import opacity_entropy_loss, scheduled_weight, sparsity_loss, z_variance_loss
+from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, image_residual_loss, score_distillation, timestep_range
 from amortized3d.interfaces import Conditioning, Generator, Prior
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES
 from amortized3d.rendering.cameras import Cameras, sample_training_cameras
@@ -67,7 +67,7 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     distillation loss only the generator's.
     """
     P, V = len(batch.prompts), cfg.train.views_per_prompt
-    H, W = cfg.render.height, cfg.render.width
+    H, W = cfg.render.size_at(progress)
     text = batch.text.to(device)
     cameras = sample_training_cameras(P, V, cfg.camera.elevation_range, cfg.camera.distance_range, cfg.camera.fovy_range, rng, device)
     z = torch.randn(P, z_dim, generator=rng).to(device) if z_dim else None  # conv3d: a fresh latent per prompt and step
@@ -80,22 +80,28 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     images = prior.encode(render.rgb.reshape(P * V, 3, H, W), generator=rng)
     cond = batch_conditioning(batch, cameras.reshape(P * V), V, list(prior_suffixes), cfg.text.encoder == "prior")
     guidance = cfg.distill.guidance_scale if cfg.distill.guidance_scale is not None else DEFAULT_GUIDANCE[cfg.distill.method]
-    t_range = timestep_range(progress, tuple(cfg.distill.t_min), tuple(cfg.distill.t_max))
+    t_range = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
     out = score_distillation(prior, images, cond, method=cfg.distill.method, guidance_scale=guidance, t_range=t_range,
                              eta=cfg.distill.eta, generator=rng, adapter=adapter, asd_shift=cfg.distill.asd_shift,
                              t_schedule=cfg.distill.t_schedule, progress=progress)
     loss_sd = out.loss.mean()
     total = loss_sd
     metrics = {"loss_sd": loss_sd.item(), "t_min": t_range[0], "t_max": t_range[1], "grad_sd_norm": out.grad.flatten(1).norm(dim=1).mean().item()}
+    if cfg.distill.rgb_weight > 0:  # HiFA's SDS+: the image-space residual to the decoded one-step estimate
+        loss_rgb = image_residual_loss(prior, render.rgb.reshape(P * V, 3, H, W), out.denoised, out.timesteps, cfg.distill.rgb_weight).mean()
+        total = total + loss_rgb
+        metrics["loss_rgb"] = loss_rgb.item()
     if adapter is not None:
         alignment = adapter.alignment_loss(images, cond, rng)
         total = total + alignment
         metrics["adapter_loss"] = alignment.item()
     opacity = render.opacity
-    for name, term in (("sparsity", sparsity_loss), ("opacity_entropy", opacity_entropy_loss)):
+    terms = {"sparsity": lambda: sparsity_loss(opacity), "opacity_entropy": lambda: opacity_entropy_loss(opacity),
+             "z_variance": lambda: z_variance_loss(opacity, render.z_variance)}
+    for name, term in terms.items():
         w = scheduled_weight(getattr(cfg.regularizers, name), progress)
         if w > 0:
-            reg = term(opacity)
+            reg = term()
             total = total + w * reg
             metrics[name] = reg.item()
     w = scheduled_weight(cfg.regularizers.eikonal, progress)

@@ -31,4 +31,6 @@ class LODS:
 
     def gradient(self, d: Draw) -> torch.Tensor:
         eps_cond = d.prior.predict_noise(d.x_t, d.t, d.cond, d.rows(COND))
-        return lods_gradient(eps_cond, d.adapter.predict_noise(d.x_t, d.t, d.cond), d.noise, d.guidance_scale, d.weight)
+        eps_learned = d.adapter.predict_noise(d.x_t, d.t, d.cond)
+        d.eps_guided = eps_learned + d.guidance_scale * (eps_cond - eps_learned)
+        return lods_gradient(eps_cond, eps_learned, d.noise, d.guidance_scale, d.weight)
