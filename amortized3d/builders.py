@@ -109,6 +109,14 @@ def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.de
     return PRIORS[cfg.prior.kind].from_config(cfg, text_encoder, device)
 
 
+def build_second_prior(cfg: ExperimentConfig, device: str | torch.device = "cpu") -> Prior | None:
+    """The prior of the second training phase (phase2, StableDreamer's dual-phase training), or None with one phase;
+    it encodes its prompts with its own text encoder."""
+    if cfg.phase2.start <= 0:
+        return None
+    return build_prior(cfg.model_copy(update={"prior": cfg.phase2_prior()}), None, device)
+
+
 def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, ...]:
     """The learning rates of build_optimizer's parameter groups, in their order: geometry, background, and the decoders
     when optim.lr_decoder is set."""

@@ -145,12 +145,15 @@ def run_prompt_batch(args) -> int:
 
 
 def check_pretrained_weights(cfg) -> None:
-    """Fail in seconds, before the trainer starts, when the prior's weights are not available."""
-    if cfg.prior.kind != "analytic" or cfg.text.encoder == "prior":
-        from amortized3d.priors.diffusers_prior import SUBFOLDERS, TEXT_SUBFOLDERS
-        from amortized3d.priors.pretrained import resolve_model_dir
+    """Fail in seconds, before the trainer starts, when the weights of a prior (either phase's) are not available."""
+    from amortized3d.priors.diffusers_prior import SUBFOLDERS, TEXT_SUBFOLDERS
+    from amortized3d.priors.pretrained import resolve_model_dir
 
+    if cfg.prior.kind != "analytic" or cfg.text.encoder == "prior":
         resolve_model_dir(cfg.prior.model, SUBFOLDERS.get(cfg.prior.kind, TEXT_SUBFOLDERS))
+    second = cfg.phase2_prior() if cfg.phase2.start > 0 else None
+    if second is not None and second.kind != "analytic":
+        resolve_model_dir(second.model, SUBFOLDERS[second.kind])
 
 
 def run_train(args) -> int:

@@ -143,6 +143,18 @@ class PriorConfig(*dict.fromkeys(p.Config for p in PRIORS.values())):
         return kind
 
 
+class Phase2Config(ConfigModel):
+    """StableDreamer's dual-phase training: from training progress ``start`` on, the run distills from a second prior,
+    the prior section with the keys of ``prior`` replaced (e.g. {kind: stable_diffusion} after DeepFloyd IF, or
+    {latent: true} after the pixel-space analytic prior), on the same representation; ``lr_geometry`` (null: unchanged)
+    is the geometry group's learning rate from then on (StableDreamer lowers it as the geometry converges).
+    start 0: one phase."""
+
+    start: float = Field(0.0, ge=0, lt=1)
+    prior: dict[str, str | float | bool | None] = {}
+    lr_geometry: float | None = Field(None, gt=0, le=1)
+
+
 StepFraction = Annotated[float, Field(gt=0, lt=1)]
 
 
@@ -242,10 +254,18 @@ class ExperimentConfig(ConfigModel):
     camera: CameraConfig = Field(default_factory=CameraConfig)
     prior: PriorConfig = Field(default_factory=PriorConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    phase2: Phase2Config = Field(default_factory=Phase2Config)
     regularizers: RegularizerConfig = Field(default_factory=RegularizerConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def phase2_prior(self) -> PriorConfig:
+        """The second phase's prior section: this config's prior with the keys of phase2.prior replaced (validated)."""
+        merged = {**self.prior.model_dump(), **self.phase2.prior}
+        if "kind" in self.phase2.prior and "model" not in self.phase2.prior:
+            merged["model"] = DEFAULT_MODELS.get(merged["kind"], DEFAULT_MODELS["stable_diffusion"])
+        return PriorConfig.model_validate(merged)
 
     def sampling_radius(self) -> float:
         """The radius of the content both the renderer and the generator reach: min(render.scene_radius, generator.bound)
@@ -307,6 +327,34 @@ class ExperimentConfig(ConfigModel):
         if self.generator.sphere_radius >= self.generator.bound:
             raise ConfigError(f"generator.sphere_radius={self.generator.sphere_radius} must be smaller than "
                               f"generator.bound={self.generator.bound}: the initial sphere must fit in the generator's box")
+        if self.phase2.start > 0:
+            if not self.phase2.prior:
+                raise ConfigError(f"phase2.start={self.phase2.start} switches to a second prior, but phase2.prior names none; give the "
+                                  "prior keys that change, e.g. phase2.prior={kind: stable_diffusion} (or phase2.start=0 for one phase)")
+            try:
+                second = self.phase2_prior()
+            except ValidationError as err:
+                error = err.errors()[0]
+                where = ".".join(str(part) for part in error["loc"])
+                raise ConfigError(f"phase2.prior={self.phase2.prior!r}: {where}: {error['msg']}; give keys and values of the prior "
+                                  "section, e.g. {kind: stable_diffusion, model: stabilityai/stable-diffusion-2-1-base}") from None
+            if METHODS[self.distill.method].learned_branch:
+                raise ConfigError(f"distill.method={self.distill.method} trains a learned branch of one prior; two-phase training "
+                                  "(phase2.start > 0) takes asd, sds or csd")
+            if self.text.encoder == "prior":
+                raise ConfigError("two-phase training switches priors, so the text embedding cannot be the first prior's own "
+                                  "(text.encoder=prior); set text.encoder=hashed (a per-prompt field does not read it)")
+            if second.kind == "analytic" and second.latent and any(
+                    size % 2 for size in (self.render.height, self.render.width, *(int(k[1]) for k in self.render.size_schedule))):
+                raise ConfigError("phase2.prior's latent analytic prior encodes 2 x 2 pixel blocks: render sizes must be even")
+        if self.prior.kind == "analytic" and self.prior.latent:
+            if METHODS[self.distill.method].learned_branch:
+                raise ConfigError(f"distill.method={self.distill.method} trains a learned branch of the pixel-space analytic prior; "
+                                  "with prior.latent=true use asd, sds or csd (or set prior.latent=false)")
+            sizes = [self.render.height, self.render.width, self.eval.resolution, *(int(k[1]) for k in self.render.size_schedule)]
+            if any(size % 2 for size in sizes):
+                raise ConfigError(f"prior.latent=true encodes 2 x 2 pixel blocks, so render.height, render.width, eval.resolution and "
+                                  f"render.size_schedule's sizes must be even (they are {sizes})")
         kernel = self.render.importance_kernel
         if kernel and (len(kernel) % 2 == 0 or sum(kernel) <= 0):
             raise ConfigError(f"render.importance_kernel={kernel!r} must hold an odd number of weights >= 0, not all 0 (centered on the "

@@ -55,6 +55,9 @@ class NaNAfter:
     def encode(self, x, generator=None):
         return self.prior.encode(x, generator)
 
+    def decode(self, x):
+        return self.prior.decode(x)
+
     def predict_noise(self, *args):
         self.calls += 1
         eps = self.prior.predict_noise(*args)

@@ -11,7 +11,7 @@ from amortized3d.cli import main
 from amortized3d.config import ConfigError, load_config
 from amortized3d.data.corpora import CorpusError, load_corpus
 from amortized3d.training.checkpoint import latest_checkpoint, step_of
-from tests.fixtures import SD_TINY, TINY
+from tests.fixtures import REPO, SD_TINY, TINY
 
 PROMPT = "a large red cube"
 NGP_TINY = [*TINY, "train.prompts_per_step=1", "train.views_per_prompt=1", "train.steps=4", "train.ckpt_every=2"]
@@ -108,13 +108,22 @@ def test_a_batch_of_per_prompt_runs_one_folder_each_resumable(tmp_path, capsys):
     assert main(["describe", "--prompts", str(prompts)]) == 2
 
 
-def test_a_per_prompt_run_with_stable_diffusion_switches_render_size(tiny_sd, tmp_path):
+@pytest.mark.parametrize("recipe", [None, "configs/hifa.yaml"])
+def test_a_per_prompt_run_with_stable_diffusion(tiny_sd, tmp_path, recipe):
     """--prompt with --prior selects configs/prompt-nerf.yaml: the NGP field, AdamW, Perp-Neg view prompts from the store,
-    and a render size that changes mid-run (the prior encodes both sizes)."""
+    and a render size that changes mid-run (the prior encodes both sizes); configs/hifa.yaml adds SDS+'s image term
+    (decoded by the VAE), the z-variance loss, kernel smoothing and sqrt timesteps."""
     run = tmp_path / "run"
-    assert main(["train", "--prompt", "a hamburger", "--prior", str(tiny_sd), "--output", str(run), *SD_TINY, "train.steps=2",
-                 "render.size_schedule=[[0.5, 24]]", "render.eikonal_points=64"]) == 0
+    config = [] if recipe is None else ["--config", str(REPO / recipe)]
+    assert main(["train", "--prompt", "a hamburger", "--prior", str(tiny_sd), *config, "--output", str(run), *SD_TINY, "train.steps=2",
+                 "render.size_schedule=[[0.5, 24]]", "render.eikonal_points=64", "regularizers.z_variance=[[0.0, 3.0]]"]) == 0
     cfg = load_config(None, str(run / "config.yaml"))
-    assert cfg.generator.kind == "ngp" and cfg.optim.name == "adamw" and cfg.prior.perp_neg
+    assert cfg.generator.kind == "ngp" and cfg.prior.perp_neg
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    if recipe is None:
+        assert cfg.optim.name == "adamw"
+    else:
+        assert cfg.distill.rgb_weight == 0.1 and cfg.distill.t_schedule == "sqrt"
+        assert all(r["loss_rgb"] > 0 and r["z_variance"] >= 0 for r in rows if "loss" in r)
+        assert (rows[0]["t_min"], rows[0]["t_max"]) == (20, 980) == (rows[1]["t_min"], rows[1]["t_max"])  # HiFA: fixed bounds

@@ -282,11 +282,25 @@ def test_training_reads_the_view_prompts_from_the_store(tiny_sd, tmp_path, monke
     cfg = load_config(str(corpus), str(REPO / "configs" / "mg15.yaml"), [*SD_TINY, f"prior.model={tiny_sd}", "text.encoder=prior"])
     store = prepare_store(cfg, ["a frog", "a chair"], build_text_encoder(cfg), build_text_encoder(cfg), progress=False)
     assert load_manifest(store)["prior_suffixes"] == [", side view", ", front view", ", back view", ", overhead view"]
-    encoded = []
+    encoded, everywhere, in_step = [], [], []
     original = PretrainedTextEncoder._encode_uncached
-    monkeypatch.setattr(PretrainedTextEncoder, "_encode_uncached", lambda self, texts: encoded.extend(texts) or original(self, texts))
+    monkeypatch.setattr(PretrainedTextEncoder, "_encode_uncached",
+                        lambda self, texts: everywhere.extend(texts) or (encoded.extend(texts) if in_step else None) or original(self, texts))
+    from amortized3d.training import train as train_module
+
+    step = train_module.distillation_step
+
+    def training_step(*args, **kwargs):  # encodings inside the training steps (validation's denoised views encode their own)
+        in_step.append(True)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            in_step.pop()
+
+    monkeypatch.setattr(train_module, "distillation_step", training_step)
     train(cfg, tmp_path / "run")
-    assert encoded and not [t for t in encoded if t.endswith(" view")], encoded  # only "" and the plain validation prompts
+    assert not [t for t in encoded if t.endswith(" view")], encoded  # at most "" (the unconditional branch)
+    assert [t for t in everywhere if t.endswith(" view")]  # the spy sees view prompts: validation's denoised views encode them
 
 
 def test_text_cache_stays_correct_when_full(prior, monkeypatch):

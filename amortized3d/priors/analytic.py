@@ -25,6 +25,14 @@ formula eps*(x_t) = E[eps | x_t] = -sqrt(1 - a) grad log p_t(x_t) gives
 and for the unconditional Gaussian eps*(x_t, t, pi) = sqrt(1 - a) / v_u (x_t - sqrt(a) m),
 v_u = a S^2 + 1 - a. Classifier-free guidance is eps_u + w (eps_c - eps_u), applied
 by the caller as with any prior.
+
+Latent space (prior.latent=true): the exact counterpart of a latent diffusion prior. A fixed linear encoder
+z = E(x) maps each 2 x 2 block of RGB pixels (12 values) to 4 channels, with orthonormal rows: the block's mean R, G
+and B (each 1/2 times the sum of its four pixels) and a left-minus-right luminance edge (+-1 / (2 sqrt 3) on every
+value), so E E^T = I, and the decoder is its pseudo-inverse D = E^T (E D = I; D E the projection onto E's row space).
+A Gaussian mixture seen through E stays one: z ~ (1/K) sum_k N(E mu_k, s^2 E E^T) = (1/K) sum_k N(E mu_k, s^2 I), and
+the unconditional Gaussian becomes N(E(m 1), S^2 I); so the formulas above hold in z with mu_k -> E mu_k and stay
+exact. Latents are [B, 4, H/2, W/2] for renders [B, 3, H, W] (H, W even).
 """
 
 from __future__ import annotations
@@ -107,6 +115,17 @@ def mixture_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, means:
     return ((1 - a).sqrt() / v * resp * diff).sum(1)
 
 
+def latent_encoder_weight() -> torch.Tensor:
+    """The linear encoder of the latent analytic prior as a stride-2 convolution weight [4, 3, 2, 2] (module docstring):
+    channels 0-2 the block means of R, G, B (1/2 on their four pixels), channel 3 the left-minus-right edge
+    (+1/(2 sqrt 3) on the left column of every color, -1/(2 sqrt 3) on the right). Its 4 rows (flattened) are orthonormal."""
+    weight = torch.zeros(4, 3, 2, 2)
+    for c in range(3):
+        weight[c, c] = 0.5
+    weight[3, :, :, 0], weight[3, :, :, 1] = 1 / (2 * 3**0.5), -1 / (2 * 3**0.5)
+    return weight
+
+
 def gaussian_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, mean: float | torch.Tensor, std: float) -> torch.Tensor:
     """E[eps | x_t] for x ~ N(m, S^2 I), m a number or an image [C, H, W]. noisy [N, C, H, W], alphabar [N] -> [N, C, H, W]."""
     a = alphabar.reshape(-1, 1, 1, 1).to(noisy.dtype)
@@ -119,6 +138,7 @@ class AnalyticPriorConfig(ConfigModel):
     samples per ray of its ground-truth renders."""
 
     std: float = Field(0.05, gt=0, le=10)
+    latent: bool = False  # the fixed linear 2x2 -> 4-channel encoder (module docstring): an exact latent-space prior
     uncond_mean: float = Field(0.5, ge=0, le=1)
     uncond_std: float = Field(0.5, gt=0, le=100)
     n_proposal: Int = Field(64, ge=1, le=4096)
@@ -150,11 +170,21 @@ class AnalyticPrior:
         self._render_cache: dict[tuple, tuple[torch.Tensor, int]] = {}  # _scene_renders
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] -> the prior's space (identity; ``generator`` is unused)."""
-        return images
+        """Images [B, 3, H, W] in [0, 1] -> the prior's space: the images themselves, or with prior.latent the linear
+        latents E(x) [B, 4, H/2, W/2] (``generator`` is unused: the encoder is deterministic)."""
+        if not self.config.latent:
+            return images
+        if images.shape[-2] % 2 or images.shape[-1] % 2:
+            raise ValueError(f"the latent analytic prior encodes 2 x 2 pixel blocks; the images are {tuple(images.shape[-2:])}: "
+                             "render an even height and width (render.height, render.width, eval.resolution)")
+        return torch.nn.functional.conv2d(images, latent_encoder_weight().to(images), stride=2)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
+        """The prior's space -> images: the identity, or with prior.latent the pseudo-inverse D = E^T,
+        latents [B, 4, h, w] -> images [B, 3, 2h, 2w] (not clamped: D(z) of a noisy z may leave [0, 1])."""
+        if not self.config.latent:
+            return latents
+        return torch.nn.functional.conv_transpose2d(latents, latent_encoder_weight().to(latents), stride=2)
 
     perp_neg = False  # its conditionals are exact per camera; Perp-Neg changes the text of text-to-image priors
     text_encoder = None  # it reads the prompts as text
@@ -192,16 +222,20 @@ class AnalyticPrior:
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, branch: torch.Tensor) -> torch.Tensor:
         """eps*(x_t, t, condition) for a batch mixing conditional and unconditional rows.
 
-        noisy [N, 3, H, W], timesteps long [N], cond of N rows (its prompts and cameras), branch [N] (COND or
-        UNCOND, amortized3d.priors.branches) -> eps [N, 3, H, W]. Rows sharing a prompt and camera share
+        noisy [N, C, h, w] (C = 3 and the render size, or with prior.latent C = 4 and half of it), timesteps long [N],
+        cond of N rows (its prompts and cameras), branch [N] (COND or UNCOND, amortized3d.priors.branches) -> eps [N, C, h, w]. Rows sharing a prompt and camera share
         one ground-truth render.
         """
         prompts, cameras = cond.prompts, cond.cameras
         if ((branch != COND) & (branch != UNCOND)).any():
             raise ValueError("the analytic prior answers COND and UNCOND rows only (Perp-Neg negatives need prior.kind=stable_diffusion)")
-        N, _, H, W = noisy.shape
+        N, _, h, w = noisy.shape
+        H, W = (2 * h, 2 * w) if self.config.latent else (h, w)  # the renders the (latent) images come from
         alphabar = self.alphas_cumprod.to(noisy.device)[timesteps]
-        eps = gaussian_noise_prediction(noisy, alphabar, self.uncond_mean, self.uncond_std)
+        uncond_mean = self.uncond_mean
+        if self.config.latent:  # E(m 1): the block means of a gray image, no edge
+            uncond_mean = self.encode(torch.full((1, 3, 2, 2), float(self.uncond_mean), device=noisy.device))[0]
+        eps = gaussian_noise_prediction(noisy, alphabar, uncond_mean, self.uncond_std)
         cond_rows = [i for i in range(N) if int(branch[i]) == COND]
         if not cond_rows:
             return eps
@@ -215,6 +249,8 @@ class AnalyticPrior:
             row_to_unique.append(keys[key])
         means, valid = self._scene_renders(list(keys), [prompts[i] for i in unique_rows], cameras[torch.tensor(unique_rows, device=noisy.device)], H, W)
         means = means.to(noisy.dtype)  # [U, K, 3, H, W]
+        if self.config.latent:
+            means = self.encode(means.flatten(0, 1)).unflatten(0, means.shape[:2])  # [U, K, 4, h, w]
         gather = torch.tensor(row_to_unique, device=noisy.device)
         rows = torch.tensor(cond_rows, device=noisy.device)
         eps = eps.clone()

@@ -26,13 +26,48 @@ def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: l
     return out.rgb.clamp(0, 1)
 
 
-def write_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: list[str], run: RunDir, step: int, device) -> None:
-    """The contact sheet of ``prompts`` (4 views each) and a 24-frame turntable of the first, into run.validation(step)."""
+@torch.no_grad()
+def denoised_views(cfg: ExperimentConfig, prior, renders: torch.Tensor, prompts: list[str], progress: float, adapter=None,
+                   seed: int = 0) -> torch.Tensor:
+    """What each view is pulled toward: the one-step denoised image x_hat of the run's method at the middle of its
+    timestep range at ``progress`` (StableDreamer Prop. 1: the distillation gradient is beta(t) (x - x_hat)), decoded
+    by the prior and resized to the renders' size; the prior sees the renders at the training size. renders [P, V, 3, R, R] of
+    the eval orbit -> x_hat [P, V, 3, R, R]."""
+    from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_distillation, timestep_range
+    from amortized3d.interfaces import Conditioning
+
+    P, V, _, R, _ = renders.shape
+    rng = torch.Generator().manual_seed(seed)
+    cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, renders.device)
+    cond = Conditioning([p for p in prompts for _ in range(V)], cams.reshape(1, V)[[0] * P].reshape(P * V))
+    lo, hi = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
+    middle = (lo + hi) // 2
+    guidance = cfg.distill.guidance_scale if cfg.distill.guidance_scale is not None else DEFAULT_GUIDANCE[cfg.distill.method]
+    x = renders.reshape(P * V, 3, R, R)
+    if cfg.render.size_at(progress) != (R, R):  # the prior sees the views at the training renders' size
+        x = torch.nn.functional.interpolate(x, size=cfg.render.size_at(progress), mode="bilinear", align_corners=False, antialias=True)
+    out = score_distillation(prior, prior.encode(x, generator=rng), cond, method=cfg.distill.method,
+                             guidance_scale=guidance, t_range=(middle, middle), eta=0.0, generator=rng, adapter=adapter)
+    images = prior.decode(out.denoised).float()
+    if images.shape[-2:] != (R, R):
+        images = torch.nn.functional.interpolate(images, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
+    return images.clamp(0, 1).reshape(P, V, 3, R, R)
+
+
+def write_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: list[str], run: RunDir, step: int, device,
+                     prior=None, adapter=None) -> None:
+    """The contact sheet of ``prompts`` (4 views each) and a 24-frame turntable of the first, into run.validation(step);
+    given the prior (and the method's learned branch), also each view's one-step denoised image (denoised_views) as
+    the sheet <step>_denoised.png beside it."""
     from amortized3d.inference.export import contact_sheet, to_uint8, write_video
 
     sheet = run.validation(step, ".png")
     sheet.parent.mkdir(parents=True, exist_ok=True)
     grid = render_validation(cfg, generator, text_encoder, prompts, device, n_views=4)
+    if prior is not None:
+        progress = step / max(cfg.train.steps - 1, 1)
+        denoised = denoised_views(cfg, prior, grid, prompts, progress, adapter)
+        contact_sheet(to_uint8(denoised.reshape(-1, *grid.shape[2:])), run.validation(step, "_denoised.png"), ncols=4)
     contact_sheet(to_uint8(grid.reshape(-1, *grid.shape[2:])), sheet, ncols=4)
     turn = render_validation(cfg, generator, text_encoder, prompts[:1], device, n_views=24)
     write_video(to_uint8(turn[0]), run.validation(step, ".mp4"), fps=12)

@@ -40,12 +40,13 @@ def batch_conditioning(batch: PromptBatch, cameras: Cameras, views_per_prompt: i
 
     cameras [P V]; prior_suffixes: the store's suffixes of each prompt (builders.prior_store_suffixes: '' for the
     plain prompt, then the four VIEW_SUFFIXES for view-dependent prompting and Perp-Neg), the batch's prior_text
-    holding [P S, 77, C] rows prompt-major; text_is_prior_encoding: the generator's embedding (batch.text) is the
-    prior's own encoding of the plain prompt (text.encoder=prior).
+    holding [P S, 77, C] rows prompt-major (no suffixes: the prior encodes the prompts itself, as the second prior of
+    a two-phase run does); text_is_prior_encoding: the generator's embedding (batch.text) is the prior's own encoding
+    of the plain prompt (text.encoder=prior).
     """
     P, V = len(batch.prompts), views_per_prompt
     rows = torch.arange(P).repeat_interleave(V)  # image -> its prompt
-    stored = None if batch.prior_text is None else batch.prior_text.tokens.view(P, len(prior_suffixes), *batch.prior_text.tokens.shape[1:])
+    stored = None if batch.prior_text is None or not prior_suffixes else batch.prior_text.tokens.view(P, len(prior_suffixes), *batch.prior_text.tokens.shape[1:])
     tokens = view_tokens = None
     if text_is_prior_encoding:
         tokens = batch.text.tokens

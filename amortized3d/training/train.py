@@ -24,8 +24,8 @@ from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 from accelerate.utils import broadcast
 from tqdm import tqdm
 
-from amortized3d.builders import (adapter_lr, build_adapter, build_generator, build_optimizer, build_prior, build_text_encoder,
-                                  optimizer_learning_rates, prepare_store, prior_store_suffixes)
+from amortized3d.builders import (adapter_lr, build_adapter, build_generator, build_optimizer, build_prior, build_second_prior,
+                                  build_text_encoder, optimizer_learning_rates, prepare_store, prior_store_suffixes)
 from amortized3d.config import ExperimentConfig, save_config
 from amortized3d.data.corpora import load_corpus
 from amortized3d.data.loader import batch_loader, check_corpus_fits_a_step
@@ -152,7 +152,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         torch.set_num_threads(max(torch.get_num_threads(), len(os.sched_getaffinity(0))))
     corpus = load_corpus(cfg.corpus.name, cfg.corpus.dir)
     train_prompts = corpus.train
-    if cfg.prior.kind == "analytic":
+    if cfg.prior.kind == "analytic" or (cfg.phase2.start > 0 and cfg.phase2_prior().kind == "analytic"):
         check_shapeworld_prompts(train_prompts, cfg.corpus.name)
     check_corpus_fits_a_step(len(train_prompts), cfg.train.prompts_per_step, world)
     val_prompts = (corpus.val or corpus.train)[:4]
@@ -162,6 +162,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     cfg.text.dim = text_encoder.dim  # the prior's CLIP width when text.encoder=prior; recorded in config.yaml
     generator = build_generator(cfg).to(device)
     prior = build_prior(cfg, text_encoder, device)
+    second_prior = build_second_prior(cfg, device)  # StableDreamer's second phase (phase2), or None
     store = prepare_store(cfg, train_prompts, text_encoder, prior.text_encoder, rank=rank, world=world,
                           barrier=accelerator.wait_for_everyone, progress=accelerator.is_local_main_process)
     del corpus, train_prompts  # from here on, prompts come from the store's shards
@@ -206,6 +207,12 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         for step in bar:
             progress = step / max(total_steps - 1, 1)
             metrics: dict[str, float] = {"epoch": step * cfg.train.grad_accum / batches_per_epoch}
+            second = second_prior is not None and progress >= cfg.phase2.start
+            active, active_suffixes = (second_prior, []) if second else (prior, suffixes)  # the second prior reads the prompts itself
+            if second and cfg.phase2.lr_geometry is not None:
+                optimizer.param_groups[0]["lr"] = cfg.phase2.lr_geometry
+            if second_prior is not None:
+                metrics["phase"] = 2 if second else 1
             losses_finite = True
             for micro in range(cfg.train.grad_accum):
                 rng = torch.Generator().manual_seed(derived_seed(cfg.train.seed, rank, step, micro))
@@ -214,8 +221,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                     prompt_log.batch(step, micro, batch.prompts)
                 with accelerator.accumulate(generator):
                     with accelerator.autocast():
-                        result = distillation_step(cfg, generator, prior, batch, progress, rng, device, adapter, z_dim=model.z_dim,
-                                                   prior_suffixes=suffixes)
+                        result = distillation_step(cfg, generator, active, batch, progress, rng, device, adapter, z_dim=model.z_dim,
+                                                   prior_suffixes=active_suffixes)
                     # all ranks back-propagate, or none (their gradient all-reduce must not wait for a rank that skipped)
                     finite = all_ranks_agree(accelerator, bool(torch.isfinite(result.loss)))
                     losses_finite = losses_finite and finite
@@ -265,7 +272,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                         hook(run_dir, done)
             if accelerator.is_main_process and (done % cfg.train.val_every == 0 or done == total_steps):
                 model.eval()
-                write_validation(cfg, model, text_encoder, val_prompts, run, done, device)
+                write_validation(cfg, model, text_encoder, val_prompts, run, done, device, active, adapter)
                 model.train()
             accelerator.wait_for_everyone()
     except Exception as err:  # one line naming the rank and step, above the traceback (several ranks' output interleaves)
@@ -275,7 +282,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
     # --- the end: views a killed resumed run did not finish, the audit digest, closing the logs ---
     bar.close()
     if accelerator.is_main_process and end_step == total_steps and not has_validation(run, total_steps):
-        write_validation(cfg, model.eval(), text_encoder, val_prompts, run, total_steps, device)
+        write_validation(cfg, model.eval(), text_encoder, val_prompts, run, total_steps, device, second_prior or prior, adapter)
     if prompt_log is not None:
         prompt_log.finish(end_step, model)
     log.close()
