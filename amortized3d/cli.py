@@ -72,8 +72,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a per-prompt run: optimize one asset for TEXT (corpus prompt:TEXT; recipe configs/prompt-shapeworld.yaml, "
                              "or configs/prompt-nerf.yaml with --prior, or the --config file alone)")
     parser.add_argument("--prompts", default=None, metavar="FILE",
-                        help="independent per-prompt runs, one for each prompt of FILE (.txt, .json or .csv; a JSON file's train "
-                             "split), each in its own folder under --output")
+                        help="independent per-prompt runs, one for each distinct prompt of FILE (.txt, .json (all its splits) or "
+                             ".csv), each in its own folder under --output")
     parser.add_argument("--config", default=None, help="YAML file applied on top of the corpus recipe")
     parser.add_argument("--corpus-dir", default=None, help="folder with reference corpus JSON files")
     parser.add_argument("--prior", default=None, metavar="MODEL",

@@ -366,6 +366,12 @@ class ExperimentConfig(ConfigModel):
                               "and sizes whole pixels >= 1, e.g. [[0.4, 256]]; or [] for render.height x render.width throughout")
         from amortized3d.data.corpora import single_prompt
 
+        if self.generator.kind == "ngp" and self.generator.geometry == "density" and any(w > 0 for _, w in self.regularizers.eikonal):
+            raise ConfigError(f"generator.geometry=density: a density field has no distance for the eikonal term, but "
+                              f"regularizers.eikonal={self.regularizers.eikonal!r}; set regularizers.eikonal=[]")
+        if self.generator.geometry != "sdf" and self.generator.kind != "ngp":
+            raise ConfigError(f"generator.geometry={self.generator.geometry} is an option of the per-prompt field (generator.kind=ngp); "
+                              f"generator.kind={self.generator.kind} makes signed-distance fields: set generator.geometry=sdf")
         if self.generator.kind == "ngp" and single_prompt(self.corpus.name) is None:
             raise ConfigError(f"generator.kind=ngp is the field of one prompt, but corpus {self.corpus.name!r} is not one prompt; "
                               "train it with `amortized3d train --prompt TEXT` (corpus prompt:TEXT), or pick a generator of many "

@@ -29,6 +29,20 @@ class Field(Protocol):
         """Unit ray directions [P, R, 3] -> background rgb [P, R, 3] in [0, 1]."""
 
 
+class DensityField(Protocol):
+    """A batch of P volume-density fields with albedo and background (NeRF-style, e.g. the per-prompt Instant-NGP
+    field with generator.geometry=density); rendered with geometry="density"."""
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        """Volume density sigma >= 0. points [P, N, 3] -> sigma [P, N]."""
+
+    def density_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """points [P, N, 3] -> (sigma [P, N], rgb [P, N, 3] in [0, 1])."""
+
+    def background(self, directions: torch.Tensor) -> torch.Tensor:
+        """Unit ray directions [P, R, 3] -> background rgb [P, R, 3] in [0, 1]."""
+
+
 def finite_difference_gradient(field: Field, points: torch.Tensor, sdf: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
     """Forward-difference gradient of the SDF, three extra SDF evaluations.
 

@@ -3,8 +3,9 @@
     prompt -> text embedding -> Generator -> Representation -> render -> Prior (with a Conditioning) -> loss
 
     Generator        text embedding (+ optional latent z) -> a Representation of each prompt
-    Representation   a batch of P 3D assets that renders images for P x V cameras (today: signed-distance
-                     fields drawn by the volume renderer, amortized3d.rendering.volume.SDFRepresentation)
+    Representation   a batch of P 3D assets that renders images for P x V cameras (signed-distance or density
+                     fields drawn by the volume renderer: amortized3d.rendering.volume.SDFRepresentation and
+                     DensityRepresentation)
     Conditioning     what a prior conditions each noisy image on: prompt, camera, and the prior's own text
                      embeddings when they were read from the embedding store; plain data, passed explicitly
     Prior            a frozen diffusion model: images <-> its space, and one batched noise prediction
@@ -32,7 +33,12 @@ from amortized3d.rendering.volume import ImageRender
 
 
 class Representation(Protocol):
-    """P 3D assets (one per prompt) that render images."""
+    """P 3D assets (one per prompt) that render images.
+
+    geometry: "sdf" (a signed-distance field, rendered with VolSDF density) or "density" (a density field), which
+    the renderer, the baked grids of `generate` and the mesh export read."""
+
+    geometry: str
 
     def render(self, cameras: Cameras, height: int, width: int, settings, *, generator: torch.Generator | None = None,
                background: tuple[torch.Tensor, torch.Tensor] | None = None) -> ImageRender:
@@ -45,6 +51,9 @@ class Representation(Protocol):
     def regularizers(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
         """The representation's own regularization terms by name (e.g. {"eikonal": scalar}) at points [P, N, 3]
         (random points in the scene, one set per prompt); the config's regularizers section weights them by name."""
+
+    def occupancy(self, points: torch.Tensor) -> torch.Tensor:
+        """Whether points [P, N, 3] lie inside each asset -> bool [P, N] (the oracle's 3D IoU)."""
 
 
 class Generator(Protocol):

@@ -29,7 +29,7 @@ import torch
 
 from amortized3d.builders import build_generator, build_text_encoder, load_run
 from amortized3d.config import load_config
-from amortized3d.inference.baked import bake_field, render_baked
+from amortized3d.inference.baked import bake_field, render_baked, surface_level
 from amortized3d.inference.export import extract_mesh
 from amortized3d.priors.pretrained import RandomWeightsWarning
 from amortized3d.rendering.cameras import orbit_cameras
@@ -69,7 +69,8 @@ def time_prompt(prompt, cfg, generator, encoder, cameras, args, device) -> dict:
     stamp()
     field = generator(text.pooled, text.tokens)
     stamp()
-    baked = bake_field(field, args.mesh_resolution, cfg.sampling_radius(), device=device)
+    baked = bake_field(field, args.mesh_resolution, cfg.sampling_radius(), device=device, geometry=field.geometry,
+                       iso=surface_level(field))
     stamp()
     extract_mesh(baked)
     stamp()
@@ -79,7 +80,7 @@ def time_prompt(prompt, cfg, generator, encoder, cameras, args, device) -> dict:
     row = {"prompt": prompt, **{f"{k}_s": round(v, 3) for k, v in zip(("text", "generator", "bake", "mesh", "turntable_baked"), seconds)},
            "to_mesh_s": round(sum(seconds[:4]), 3)}
     if not args.skip_exact:
-        exact = render_images(field, cameras.reshape(1, -1), args.image_size, args.image_size,
+        exact = render_images(field, cameras.reshape(1, -1), args.image_size, args.image_size, geometry=field.geometry,
                               chunk_rays=rays_per_chunk(render["n_proposal"], render["n_importance"]), **render).rgb[0]
         stamp()
         row.update(turntable_exact_s=round(stamps[-1] - stamps[-2], 3),

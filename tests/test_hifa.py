@@ -123,3 +123,22 @@ def test_validation_writes_each_views_denoised_target_stabledreamer(tmp_path):
     abar = prior.alphas_cumprod[out.timesteps].view(-1, 1, 1, 1)
     beta = (1 - abar) * abar.sqrt() / (1 - abar).sqrt()
     torch.testing.assert_close(out.grad, beta * (x - out.denoised), atol=1e-4, rtol=1e-4)
+
+
+def test_the_ablation_benchmark_measures_its_runs(tmp_path):
+    """benchmarks/hifa_ablations.py end to end at a few steps: every row has its measures, flicker is 0 for a field
+    rendered without randomness in its samples (no importance samples, no proposal jitter: n_proposal=1 has no interior
+    edges), and the table names each variant."""
+    from tests.fixtures import load_benchmark
+
+    bench = load_benchmark("hifa_ablations")
+    result = bench.main(["--prompts", "a large red cube", "--variants", "base", "zvar+ks", "--set", "train.steps=2", "train.ckpt_every=2",
+                         *TINY[1:], "train.prompts_per_step=1", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "r.json")])
+    assert [r["variant"] for r in result["rows"]] == ["base", "zvar+ks"]
+    for row in result["rows"]:
+        assert 0 <= row["iou"] <= 1 and row["flicker"] > 0 and row["z_variance"] >= 0 and row["train_s"] > 0
+    assert "| zvar+ks |" in result["table"]
+    steady = bench.main(["--prompts", "a large red cube", "--variants", "base", "--set", "train.steps=2", "train.ckpt_every=2",
+                         *TINY[1:], "train.prompts_per_step=1", "render.n_proposal=1", "render.n_importance=0",
+                         "--out", str(tmp_path / "steady"), "--json", str(tmp_path / "s.json")])
+    assert steady["rows"][0]["flicker"] == 0

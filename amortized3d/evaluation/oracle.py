@@ -125,7 +125,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     ious = []
     for p in evaluated:
         text = text_encoder.encode([p])
-        gen_occ = generator(text.pooled, text.tokens).sdf(pts.unsqueeze(0)) < 0  # [1, G]
+        gen_occ = generator(text.pooled, text.tokens).occupancy(pts.unsqueeze(0))  # [1, G]
         scenes = parse_prompt(p)
         ref_occ = scene_field(scenes).sdf(pts.unsqueeze(0).expand(len(scenes), -1, -1)) < 0  # [K, G]
         ious.append(occupancy_iou(gen_occ, ref_occ.unsqueeze(0), torch.ones(1, len(scenes), dtype=torch.bool)))

@@ -36,18 +36,23 @@ EMPTY_RAY_OPACITY = 1e-3
 REFINE_BAND = 8.0  # coarse voxels: fine samples with |sdf| below this many coarse spacings are evaluated exactly  # rays whose proposal pass collects less opacity than this show only the background
 
 
+EMPTY_DENSITY = 1e-2  # a density field's box holds the samples above this (a ray through 2 units of it collects 0.02)
+
+
 @dataclass
 class BakedField:
-    """SDF and albedo of one prompt sampled on a res^3 grid over [-bound, bound]^3.
+    """SDF (or density) and albedo of one prompt sampled on a res^3 grid over [-bound, bound]^3.
 
-    values [4, res, res, res]: channel 0 the SDF, channels 1-3 the albedo, indexed
-    [c, k, j, i] for the grid point (x_i, x_j, x_k) (grid_sample's depth, height, width
-    order); ``source`` is the field it was baked from (background and exact colors).
+    values [4, res, res, res]: channel 0 the SDF (geometry "sdf") or the density (geometry "density", whose surface
+    is the level ``iso``), channels 1-3 the albedo, indexed [c, k, j, i] for the grid point (x_i, x_j, x_k)
+    (grid_sample's depth, height, width order); ``source`` is the field it was baked from (background and exact colors).
     """
 
     values: torch.Tensor
     bound: float
     source: Field
+    geometry: str = "sdf"
+    iso: float = 0.0
 
     @property
     def resolution(self) -> int:
@@ -78,14 +83,22 @@ class BakedField:
         out = self._lookup(self.values, points)
         return out[:, 0].unsqueeze(0), out[:, 1:].clamp(0.0, 1.0).unsqueeze(0)
 
+    density = sdf  # a density field's grid holds the density in channel 0
+    density_and_color = sdf_and_color
+
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         """Unit directions [1, R, 3] -> rgb [1, R, 3], from the source field."""
         return self.source.background(directions)
 
     def surface_box(self, inv_std: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Corners (lo [3], hi [3]) of the box holding every sample with sdf < margin; None if there is none."""
-        margin = BOX_MARGIN_IN_LAPLACE_SCALES / inv_std + self.voxel * 3**0.5
-        near_surface = (self.values[0] < margin).nonzero()  # [M, 3] as (k, j, i)
+        """Corners (lo [3], hi [3]) of the box holding every sample with sdf < margin (a density field: density above
+        EMPTY_DENSITY, with one voxel diagonal around); None if there is none."""
+        if self.geometry == "density":
+            margin = self.voxel * 3**0.5
+            near_surface = (self.values[0] > EMPTY_DENSITY).nonzero()
+        else:
+            margin = BOX_MARGIN_IN_LAPLACE_SCALES / inv_std + self.voxel * 3**0.5
+            near_surface = (self.values[0] < margin).nonzero()  # [M, 3] as (k, j, i)
         if near_surface.numel() == 0:
             return None
         index_lo, index_hi = near_surface.min(0).values.flip(0), near_surface.max(0).values.flip(0)  # (i, j, k)
@@ -94,11 +107,12 @@ class BakedField:
         return lo.to(self.values.device), hi.to(self.values.device)
 
 
-def _evaluate(field: Field, points: torch.Tensor, chunk_points: int) -> torch.Tensor:
-    """sdf and albedo of a single-prompt field at points [N, 3] -> [N, 4] float32 (sdf, r, g, b)."""
+def _evaluate(field: Field, points: torch.Tensor, chunk_points: int, geometry: str = "sdf") -> torch.Tensor:
+    """sdf (or density) and albedo of a single-prompt field at points [N, 3] -> [N, 4] float32 (sdf, r, g, b)."""
     values = []
+    answer = field.density_and_color if geometry == "density" else field.sdf_and_color
     for start in range(0, points.shape[0], chunk_points):
-        sdf, rgb = field.sdf_and_color(points[start : start + chunk_points].unsqueeze(0))  # [P, n], [P, n, 3]
+        sdf, rgb = answer(points[start : start + chunk_points].unsqueeze(0))  # [P, n], [P, n, 3]
         if sdf.shape[0] != 1:
             raise ValueError(
                 f"baking needs a field for exactly one prompt, but the field returned a batch of {sdf.shape[0]}; "
@@ -108,11 +122,17 @@ def _evaluate(field: Field, points: torch.Tensor, chunk_points: int) -> torch.Te
     return torch.cat(values) if values else points.new_zeros(0, 4)
 
 
+def surface_level(representation) -> float:
+    """The level of a representation's surface in its baked channel 0: 0 for an SDF, iso_density for a density field."""
+    return representation.iso_density if representation.geometry == "density" else 0.0
+
+
 @torch.no_grad()
 def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_points: int = 262144,
-               device: str | torch.device = "cpu") -> BakedField:
+               device: str | torch.device = "cpu", geometry: str = "sdf", iso: float = 0.0) -> BakedField:
     """Sdf and albedo of a single-prompt field on the res^3 grid over [-bound, bound]^3, evaluated on ``device``
-    (the field's: where its generator's parameters are).
+    (the field's: where its generator's parameters are). A density field (geometry "density", surface at the density
+    ``iso``) is evaluated exactly at every sample.
 
     Coarse to fine: the field is evaluated on a grid of c = (res + 1) // 2 samples per axis over
     the same box, that grid is upsampled trilinearly to res, and every fine sample whose upsampled
@@ -128,9 +148,9 @@ def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_po
     if chunk_points < 1:
         raise ValueError(f"chunk_points must be >= 1, got {chunk_points}; use e.g. 262144.")
     device = torch.device(device)
-    if resolution < 9:
-        values = _evaluate(field, grid_points(resolution, bound, device=device), chunk_points)
-        return BakedField(values.t().reshape(4, resolution, resolution, resolution).contiguous(), float(bound), field)
+    if resolution < 9 or geometry == "density":
+        values = _evaluate(field, grid_points(resolution, bound, device=device), chunk_points, geometry)
+        return BakedField(values.t().reshape(4, resolution, resolution, resolution).contiguous(), float(bound), field, geometry, iso)
     coarse_res = (resolution + 1) // 2
     coarse = _evaluate(field, grid_points(coarse_res, bound, device=device), chunk_points)
     coarse = coarse.t().reshape(1, 4, coarse_res, coarse_res, coarse_res)
@@ -175,15 +195,17 @@ def _ray_box_near_far_torch(origins: torch.Tensor, dirs: torch.Tensor, lo: torch
 
 
 @torch.no_grad()
-def proposal_opacity(field, origins, dirs, near, far, n_proposal: int, inv_std: float, chunk_rays: int = 65536) -> torch.Tensor:
-    """Opacity sum_k w_k of the uniform proposal pass (bin midpoints, SDF only), as render_rays' first pass sees it.
+def proposal_opacity(field, origins, dirs, near, far, n_proposal: int, inv_std: float, chunk_rays: int = 65536,
+                     geometry: str = "sdf") -> torch.Tensor:
+    """Opacity sum_k w_k of the uniform proposal pass (bin midpoints, geometry only), as render_rays' first pass sees it.
 
     origins, dirs [1, R, 3], near, far [1, R] -> opacity [1, R].
     """
     parts = []
     for start in range(0, origins.shape[1], chunk_rays):
         rays = slice(start, start + chunk_rays)
-        _, weights = proposal_weights(field, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays], n_proposal, inv_std)
+        _, weights = proposal_weights(field, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays], n_proposal, inv_std,
+                                      geometry=geometry)
         parts.append(weights.sum(-1))
     return torch.cat(parts, 1) if parts else near.new_zeros(near.shape)
 
@@ -217,12 +239,15 @@ def render_baked(
         box_near, box_far = ray_box_near_far(origins, dirs, *box)
         near, far = torch.maximum(near, box_near), torch.minimum(far, box_far)
         hits = (far > near).nonzero()[:, 1]  # ray indices
-        hits = hits[proposal_opacity(baked, origins[:, hits], dirs[:, hits], near[:, hits], far[:, hits], n_proposal, inv_std)[0] > EMPTY_RAY_OPACITY]
+        opacity = proposal_opacity(baked, origins[:, hits], dirs[:, hits], near[:, hits], far[:, hits], n_proposal, inv_std,
+                                   geometry=baked.geometry)
+        hits = hits[opacity[0] > EMPTY_RAY_OPACITY]
         for start in range(0, hits.numel(), chunk_rays):
             rays = hits[start : start + chunk_rays]
             part = render_rays(
                 baked, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays],
                 n_proposal=n_proposal, n_importance=n_importance, inv_std=inv_std, importance_kernel=importance_kernel,
+                geometry=baked.geometry,
             )
             rgb[:, rays] = part.rgb
     return rgb.reshape(V, height, width, 3).permute(0, 3, 1, 2).clamp(0.0, 1.0)

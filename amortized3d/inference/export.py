@@ -45,36 +45,44 @@ def extract_mesh(
     """
     baked = field if isinstance(field, BakedField) else bake_field(field, resolution, bound, chunk_points)
     resolution, bound = baked.resolution, baked.bound
-    sdf_grid = baked.sdf_grid()  # [res, res, res] indexed (x, y, z)
+    sdf_grid = baked.sdf_grid()  # [res, res, res] indexed (x, y, z); a density field's density
+    name = "density" if baked.geometry == "density" else "SDF"
     if not np.isfinite(sdf_grid).all():
         bad = int((~np.isfinite(sdf_grid)).sum())
         raise ValueError(
-            f"the field's SDF has {bad} non-finite values (NaN/inf) on the {resolution}^3 export grid; "
+            f"the field's {name} has {bad} non-finite values (NaN/inf) on the {resolution}^3 export grid; "
             "the generator has diverged - check the training loss and use an earlier checkpoint."
         )
+    # PyMCubes treats values above the level as inside: -sdf (inside sdf < 0), or density - iso (inside density > iso)
+    inside = sdf_grid - baked.iso if baked.geometry == "density" else -sdf_grid
     lowest, highest = float(sdf_grid.min()), float(sdf_grid.max())
-    if not (lowest < 0.0 < highest):
-        state = "is empty (the SDF is positive everywhere)" if lowest >= 0 else "fills the whole box (the SDF is negative everywhere)"
+    if not (inside.min() < 0.0 < inside.max()):
+        empty = inside.max() <= 0
+        state = "is empty" if empty else "fills the whole box"
+        level = f"below its surface level {baked.iso:g} everywhere" if baked.geometry == "density" and empty else (
+            f"above its surface level {baked.iso:g} everywhere" if baked.geometry == "density" else
+            "positive everywhere" if empty else "negative everywhere")
         raise ValueError(
-            f"no surface to extract: the field {state} on [-{bound}, {bound}]^3 "
-            f"(SDF range [{lowest:.4g}, {highest:.4g}], resolution {resolution}); "
+            f"no surface to extract: the field {state} (the {name} is {level}) on [-{bound}, {bound}]^3 "
+            f"({name} range [{lowest:.4g}, {highest:.4g}], resolution {resolution}); "
             "train longer, check the prompt, or change bound so the object fits inside the box."
         )
-    # PyMCubes treats values above the level as inside; negate so our inside (sdf < 0) gives outward normals.
-    vertices_index, faces = mcubes.marching_cubes(-sdf_grid, 0.0)  # [V, 3] in (i, j, k) = (x, y, z) index units
+    vertices_index, faces = mcubes.marching_cubes(inside, 0.0)  # [V, 3] in (i, j, k) = (x, y, z) index units, normals outward
     vertices = (vertices_index * baked.voxel - bound).astype(np.float32)  # [V, 3] world
-    rgb = vertex_colors(baked.source, torch.from_numpy(vertices), chunk_points, baked.values.device)  # [V, 3]
+    rgb = vertex_colors(baked.source, torch.from_numpy(vertices), chunk_points, baked.values.device, baked.geometry)  # [V, 3]
     rgba = np.concatenate([to_uint8_colors(rgb), np.full((len(vertices), 1), 255, np.uint8)], axis=1)  # [V, 4]
     return trimesh.Trimesh(vertices=vertices, faces=faces.astype(np.int64), vertex_colors=rgba, process=False)
 
 
 @torch.no_grad()
-def vertex_colors(field: Field, vertices: torch.Tensor, chunk_points: int = 262144, device: torch.device | str = "cpu") -> np.ndarray:
-    """Albedo of a single-prompt field at world points. vertices [V, 3] -> rgb float32 [V, 3] in [0, 1]."""
+def vertex_colors(field: Field, vertices: torch.Tensor, chunk_points: int = 262144, device: torch.device | str = "cpu",
+                  geometry: str = "sdf") -> np.ndarray:
+    """Albedo of a single-prompt field (an SDF or a density field) at world points. vertices [V, 3] -> rgb float32 [V, 3]."""
     colors = []
+    answer = field.density_and_color if geometry == "density" else field.sdf_and_color
     for start in range(0, vertices.shape[0], chunk_points):
         chunk = vertices[start : start + chunk_points].to(device).unsqueeze(0)  # [1, n, 3]
-        _, rgb = field.sdf_and_color(chunk)  # [1, n, 3]
+        _, rgb = answer(chunk)  # [1, n, 3]
         colors.append(rgb[0].float().cpu())
     if not colors:
         return np.zeros((0, 3), np.float32)

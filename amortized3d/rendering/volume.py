@@ -207,26 +207,37 @@ def _points(origins: torch.Tensor, dirs: torch.Tensor, t: torch.Tensor) -> torch
     return (origins.unsqueeze(2) + t.unsqueeze(-1) * dirs.unsqueeze(2)).reshape(P, R * S, 3)
 
 
+GEOMETRIES = ("sdf", "density")
+
+
+def field_density(field, points: torch.Tensor, inv_std: float, geometry: str = "sdf") -> torch.Tensor:
+    """Volume density sigma [P, N] at points [P, N, 3]: VolSDF of an SDF field (geometry "sdf"), or a density field's
+    own (geometry "density": amortized3d.fields.DensityField)."""
+    if geometry == "density":
+        return field.density(points)
+    return volsdf_density(field.sdf(points), inv_std)
+
+
 @torch.no_grad()
-def proposal_weights(field, origins, dirs, near, far, n_proposal: int, inv_std: float, proposal_jitter=None):
-    """The proposal pass: SDF only, at the midpoints of n_proposal (optionally jittered) intervals, no gradient.
+def proposal_weights(field, origins, dirs, near, far, n_proposal: int, inv_std: float, proposal_jitter=None, geometry: str = "sdf"):
+    """The proposal pass: geometry only, at the midpoints of n_proposal (optionally jittered) intervals, no gradient.
 
     origins, dirs [P, R, 3], near, far [P, R] -> (edges [P, R, n_proposal + 1], weights [P, R, n_proposal]).
     """
     edges = uniform_edges(near, far, n_proposal, proposal_jitter)
     mids = 0.5 * (edges[..., 1:] + edges[..., :-1])
-    sdf = field.sdf(_points(origins, dirs, mids)).reshape(mids.shape)
-    return edges, composite_weights(edges[..., :-1], edges[..., 1:], volsdf_density(sdf, inv_std))
+    sigma = field_density(field, _points(origins, dirs, mids), inv_std, geometry).reshape(mids.shape)
+    return edges, composite_weights(edges[..., :-1], edges[..., 1:], sigma)
 
 
 def _importance_positions(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias,
-                          kernel=()):
+                          kernel=(), geometry="sdf"):
     """Proposal edges plus importance positions, sorted: [P, R, n_proposal + n_importance + 1], no gradient; the proposal
     weights are smoothed with ``kernel`` first (smooth_weights)."""
     with torch.no_grad():
         if n_importance == 0:
             return uniform_edges(near, far, n_proposal, proposal_jitter)
-        edges, weights = proposal_weights(field, origins, dirs, near, far, n_proposal, inv_std, proposal_jitter)
+        edges, weights = proposal_weights(field, origins, dirs, near, far, n_proposal, inv_std, proposal_jitter, geometry)
         weights = smooth_weights(weights, kernel) + PDF_FLOOR
         if edges.is_cuda and nerfacc_cuda_available():
             extra = _sample_from_pdf_nerfacc(edges, weights, n_importance, stratified=importance_bias is not None)
@@ -236,28 +247,41 @@ def _importance_positions(field, origins, dirs, near, far, n_proposal, n_importa
 
 
 def _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias, with_normals,
-                            importance_kernel=()) -> RayRender:
+                            importance_kernel=(), geometry="sdf") -> RayRender:
     """render_rays with its random numbers given: proposal_jitter [P, R, n_proposal - 1], importance_bias [P, R, 1] or None."""
     if n_proposal < 1 or n_importance < 0:
         raise ValueError(f"n_proposal={n_proposal}, n_importance={n_importance}: need n_proposal >= 1 and n_importance >= 0")
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"geometry={geometry!r}: a field is an 'sdf' or a 'density' field")
     P, R, _ = origins.shape
     edges = _importance_positions(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, proposal_jitter, importance_bias,
-                                  importance_kernel)
+                                  importance_kernel, geometry)
     t_starts, t_ends = edges[..., :-1], edges[..., 1:]
     t_mid = 0.5 * (t_starts + t_ends)  # [P, R, S]
     S = t_mid.shape[-1]
     points = _points(origins, dirs, t_mid)
-    sdf, color = field.sdf_and_color(points)
-    weights = composite_weights(t_starts, t_ends, volsdf_density(sdf.reshape(P, R, S), inv_std))
+    if geometry == "density":
+        sigma, color = field.density_and_color(points)
+        sdf = None
+    else:
+        sdf, color = field.sdf_and_color(points)
+        sigma = volsdf_density(sdf, inv_std)
+    weights = composite_weights(t_starts, t_ends, sigma.reshape(P, R, S))
     opacity = weights.sum(-1)
     rgb = nerfacc.accumulate_along_rays(weights, color.reshape(P, R, S, 3)) + field.background(dirs) * (1.0 - opacity).unsqueeze(-1)
     depth = (weights * t_mid).sum(-1)
     depth_normalized, variance = z_variance(weights, t_mid)
     normal = sdf_grad = None
     if with_normals:
-        sdf_grad = finite_difference_gradient(field, points, sdf, eps=0.01).reshape(P, R, S, 3)
-        unit = sdf_grad / sdf_grad.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        normal = nerfacc.accumulate_along_rays(weights, unit)
+        if geometry == "density":  # outward: down the density, -grad sigma (forward differences, as for the SDF)
+            offsets = torch.eye(3, dtype=points.dtype, device=points.device) * 0.01
+            shifted = field.density((points.unsqueeze(2) + offsets).reshape(P, -1, 3)).reshape(P, R * S, 3)
+            outward = -(shifted - sigma.unsqueeze(-1)) / 0.01
+        else:
+            sdf_grad = finite_difference_gradient(field, points, sdf, eps=0.01).reshape(P, R, S, 3)
+            outward = sdf_grad
+        unit = outward / outward.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        normal = nerfacc.accumulate_along_rays(weights, unit.reshape(P, R, S, 3))
     return RayRender(rgb, opacity, depth, variance, normal, weights, t_mid, sdf_grad, depth_normalized)
 
 
@@ -283,18 +307,21 @@ def render_rays(
     generator: torch.Generator | None = None,
     with_normals: bool = False,
     importance_kernel: tuple[float, ...] = (),
+    geometry: str = "sdf",
 ) -> RayRender:
     """Render R rays per prompt: S = n_proposal + n_importance samples each.
 
     rgb = sum w c + bg (1 - sum w); without a generator the sampling is deterministic (bin centers).
     with_normals also returns the composited unit normals and the raw SDF gradients (eikonal term).
     importance_kernel: HiFA's kernel smoothing of the proposal weights before importance sampling (smooth_weights).
+    geometry: "sdf" (an amortized3d.fields.Field, VolSDF density with inv_std) or "density" (a DensityField's own
+    density; inv_std unused; normals -grad sigma; no sdf_grad).
     origins, dirs [P, R, 3] (dirs unit), near, far [P, R] -> RayRender.
     """
     P, R, _ = origins.shape
     jitter, bias = _draw_noise(generator, P, R, n_proposal, origins.dtype, origins.device)
     return _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_importance, inv_std, jitter, bias, with_normals,
-                                   importance_kernel)
+                                   importance_kernel, geometry)
 
 
 def rays_per_chunk(n_proposal: int, n_importance: int, points: int = 2**18) -> int:
@@ -317,6 +344,7 @@ def render_images(
     with_normals: bool = False,
     chunk_rays: int | None = None,
     importance_kernel: tuple[float, ...] = (),
+    geometry: str = "sdf",
 ) -> ImageRender:
     """Render V views of each of P prompts; near/far from the sphere of radius scene_radius.
 
@@ -324,7 +352,7 @@ def render_images(
     once over all P prompts: [P, max(1, chunk_rays // P)] slices of the ray axis are rendered in
     turn (same random numbers, identical results), so the field's working memory per chunk does
     not grow with P (at least one ray per prompt). Only the per-ray outputs are kept; under
-    torch.no_grad memory then grows with P x R, not with the samples. importance_kernel: as render_rays.
+    torch.no_grad memory then grows with P x R, not with the samples. importance_kernel, geometry: as render_rays.
     cameras [P, V] -> ImageRender.
     """
     if cameras.c2w.dim() != 4:
@@ -344,6 +372,7 @@ def render_images(
         out = _render_rays_with_noise(
             field, origins[:, rays], dirs[:, rays], near[:, rays], far[:, rays], n_proposal, n_importance, inv_std,
             None if jitter is None else jitter[:, rays], None if bias is None else bias[:, rays], with_normals, importance_kernel,
+            geometry,
         )
         parts.append((out.rgb, out.opacity.unsqueeze(-1), out.depth.unsqueeze(-1), out.z_variance.unsqueeze(-1), out.normal))
 
@@ -357,7 +386,7 @@ def render_images(
 
 
 class SolidBackground:
-    """A field whose background is a solid color for the prompts in ``mask``.
+    """A field (SDF or density) whose background is a solid color for the prompts in ``mask``.
 
     field: Field for P prompts; colors [P, 3]; mask bool [P].
     """
@@ -371,6 +400,12 @@ class SolidBackground:
     def sdf_and_color(self, points):
         return self.field.sdf_and_color(points)
 
+    def density(self, points):
+        return self.field.density(points)
+
+    def density_and_color(self, points):
+        return self.field.density_and_color(points)
+
     def background(self, directions):
         learned = self.field.background(directions)
         solid = self.colors.unsqueeze(1).expand_as(learned).to(learned.dtype)
@@ -382,16 +417,40 @@ class SDFRepresentation:
     drawn by this module's volume renderer, regularized by the eikonal term. The generators' field classes
     take it as their base."""
 
+    geometry = "sdf"
+
     def render(self, cameras: Cameras, height: int, width: int, settings, *, generator: torch.Generator | None = None,
                background: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rays: int | None = None) -> ImageRender:
         """render_images of this field with the renderer settings of ``settings`` (the config's render section,
         RenderConfig.volume_kwargs); background (colors [P, 3], mask bool [P]): a solid color for the masked
         prompts (SolidBackground)."""
         field = self if background is None else SolidBackground(self, *background)
-        return render_images(field, cameras, height, width, **settings.volume_kwargs(), generator=generator, chunk_rays=chunk_rays)
+        return render_images(field, cameras, height, width, **settings.volume_kwargs(), generator=generator, chunk_rays=chunk_rays,
+                             geometry=self.geometry)
 
     def regularizers(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
         """points [P, N, 3] -> {"eikonal": mean (|grad sdf| - 1)^2} (amortized3d.distillation.regularizers)."""
         from amortized3d.distillation.regularizers import eikonal_loss
 
         return {"eikonal": eikonal_loss(finite_difference_gradient(self, points, self.sdf(points)))}
+
+    def occupancy(self, points: torch.Tensor) -> torch.Tensor:
+        """Inside the surface: points [P, N, 3] -> bool [P, N] (sdf < 0)."""
+        return self.sdf(points) < 0
+
+
+class DensityRepresentation(SDFRepresentation):
+    """A density field (density, density_and_color, background: amortized3d.fields.DensityField) as a Representation:
+    rendered with its own density (no VolSDF), no eikonal term, inside where the density exceeds ``iso_density``
+    (the level its meshes are extracted at)."""
+
+    geometry = "density"
+    iso_density: float
+
+    def regularizers(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A density field has no regularizer of its own (the eikonal term needs a distance)."""
+        return {}
+
+    def occupancy(self, points: torch.Tensor) -> torch.Tensor:
+        """Inside the surface: points [P, N, 3] -> bool [P, N] (density > iso_density)."""
+        return self.density(points) > self.iso_density

@@ -106,12 +106,12 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
             total = total + w * reg
             metrics[name] = reg.item()
     w = scheduled_weight(cfg.regularizers.eikonal, progress)
-    if w > 0 and cfg.render.eikonal_points > 0:
+    if w > 0 and cfg.render.eikonal_points > 0:  # the representation's own terms (an SDF's eikonal term; a density field has none)
         n = max(1, cfg.render.eikonal_points // P)
         r = cfg.sampling_radius()
         points = (torch.rand(P, n, 3, generator=rng) * 2 - 1).to(device) * r
-        reg = representation.regularizers(points)["eikonal"]
-        total = total + w * reg
-        metrics["eikonal"] = reg.item()
+        for name, reg in representation.regularizers(points).items():
+            total = total + scheduled_weight(getattr(cfg.regularizers, name), progress) * reg
+            metrics[name] = reg.item()
     metrics["opacity"] = opacity.mean().item()
     return StepResult(total, metrics)
