@@ -151,7 +151,7 @@ class Phase2Config(ConfigModel):
     start 0: one phase."""
 
     start: float = Field(0.0, ge=0, lt=1)
-    prior: dict[str, str | float | bool | None] = {}
+    prior: dict[str, str | bool | int | float | None] = {}
     lr_geometry: float | None = Field(None, gt=0, le=1)
 
 
