@@ -135,7 +135,7 @@ def test_resume_after_a_kill_keeps_one_metrics_row_per_step_and_redoes_the_final
     for path in views.iterdir():
         path.unlink()
     train(cfg, run, resume=True)
-    assert sorted(p.name for p in views.iterdir()) == ["step_00000005.mp4", "step_00000005.png"]
+    assert sorted(p.name for p in views.iterdir()) == ["step_00000005.mp4", "step_00000005.png", "step_00000005_denoised.png"]
 
 
 def test_non_finite_parameters_are_never_checkpointed(tmp_path):
