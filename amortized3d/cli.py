@@ -121,6 +121,7 @@ def run_prompt_batch(args) -> int:
     """`train --prompts FILE`: one per-prompt run per prompt, in OUTPUT/<name of the prompt>; with --resume, finished runs
     are kept and unfinished ones continue."""
     from amortized3d.data.corpora import load_file
+    from amortized3d.evaluation.oracle import eval_every_hook
     from amortized3d.inference.export import safe_output_names
     from amortized3d.training.checkpoint import latest_checkpoint, step_of
     from amortized3d.training.train import train
@@ -137,8 +138,6 @@ def run_prompt_batch(args) -> int:
             print(f"[{i + 1}/{len(prompts)}] {prompt!r}: finished in {run_dir}")
             continue
         print(f"[{i + 1}/{len(prompts)}] {prompt!r} -> {run_dir}", flush=True)
-        from amortized3d.evaluation.oracle import eval_every_hook
-
         train(cfg, run_dir, resume=args.resume and last is not None, hooks=eval_every_hook(cfg))
     print(f"runs folder: {root}")
     return 0
@@ -158,7 +157,6 @@ def check_pretrained_weights(cfg) -> None:
 
 def run_train(args) -> int:
     if args.prompts:
-        _check_train_sources(args)
         return run_prompt_batch(args)
     cfg = _resolve_config(args)
     check_pretrained_weights(cfg)

@@ -43,18 +43,24 @@ class DensityField(Protocol):
         """Unit ray directions [P, R, 3] -> background rgb [P, R, 3] in [0, 1]."""
 
 
-def finite_difference_gradient(field: Field, points: torch.Tensor, sdf: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
-    """Forward-difference gradient of the SDF, three extra SDF evaluations.
+def finite_difference_gradient(values_at, points: torch.Tensor, values: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+    """Forward-difference gradient of a scalar field (a field's ``sdf`` or ``density``), three extra evaluations.
 
-    grad_i = (sdf(x + eps e_i) - sdf(x)) / eps
+    grad_i = (f(x + eps e_i) - f(x)) / eps
 
-    points [P, N, 3], sdf [P, N] (already evaluated at ``points``) -> grad [P, N, 3].
+    values_at: points [P, M, 3] -> [P, M]; points [P, N, 3], values [P, N] (already evaluated at ``points``) -> grad [P, N, 3].
     """
     P, N, _ = points.shape
     offsets = torch.eye(3, dtype=points.dtype, device=points.device) * eps  # [3, 3]
     shifted = (points.unsqueeze(2) + offsets).reshape(P, N * 3, 3)
-    shifted_sdf = field.sdf(shifted).reshape(P, N, 3)
-    return (shifted_sdf - sdf.unsqueeze(-1)) / eps
+    shifted_values = values_at(shifted).reshape(P, N, 3)
+    return (shifted_values - values.unsqueeze(-1)) / eps
+
+
+def values_and_color(field, points: torch.Tensor, geometry: str = "sdf") -> tuple[torch.Tensor, torch.Tensor]:
+    """A field's geometry value and albedo at points [P, N, 3]: (sdf, rgb) of a Field (geometry "sdf") or (sigma, rgb)
+    of a DensityField (geometry "density"), each [P, N] and [P, N, 3]."""
+    return field.density_and_color(points) if geometry == "density" else field.sdf_and_color(points)
 
 
 def grid_points(resolution: int, bound: float, *, cell_centers: bool = False, device=None) -> torch.Tensor:

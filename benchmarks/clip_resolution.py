@@ -38,6 +38,7 @@ from amortized3d.data.corpora import load_corpus
 from amortized3d.evaluation.clip_eval import DEFAULT_ELEVATION, evaluate_clip
 from amortized3d.evaluation.clip_models import load_clip, resize_to_input
 from amortized3d.evaluation.gallery import clip_scores
+from amortized3d.files import write_text_atomic
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk
@@ -136,9 +137,7 @@ def main():
         print(f"mean |Sim difference| per prompt: {sim_change:.5f}; prompts whose R@1 changed: {changed}")
         result["protocol"] = {"direct": direct, "resized": resized, "mean_abs_similarity_difference": round(sim_change, 6),
                               "prompts_with_r_at_1_changed": changed}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(args.out, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

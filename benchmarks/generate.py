@@ -29,7 +29,8 @@ import torch
 
 from amortized3d.builders import build_generator, build_text_encoder, load_run
 from amortized3d.config import load_config
-from amortized3d.inference.baked import bake_field, render_baked, surface_level
+from amortized3d.files import write_text_atomic
+from amortized3d.inference.baked import bake_representation, render_baked
 from amortized3d.inference.export import extract_mesh
 from amortized3d.priors.pretrained import RandomWeightsWarning
 from amortized3d.rendering.cameras import orbit_cameras
@@ -69,8 +70,7 @@ def time_prompt(prompt, cfg, generator, encoder, cameras, args, device) -> dict:
     stamp()
     field = generator(text.pooled, text.tokens)
     stamp()
-    baked = bake_field(field, args.mesh_resolution, cfg.sampling_radius(), device=device, geometry=field.geometry,
-                       iso=surface_level(field))
+    baked = bake_representation(field, args.mesh_resolution, cfg.sampling_radius(), device=device)
     stamp()
     extract_mesh(baked)
     stamp()
@@ -118,9 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
               "generator_parameters": sum(p.numel() for p in generator.parameters()),
               "device": device_name(device), "torch_threads": torch.get_num_threads(), "frames": args.frames, "image_size": args.image_size,
               "mesh_resolution": args.mesh_resolution, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(args.out, json.dumps(result, indent=1))
     return result
 
 

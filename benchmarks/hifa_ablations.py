@@ -30,6 +30,7 @@ import torch
 from amortized3d.builders import build_text_encoder, load_run
 from amortized3d.config import REPO_ROOT, load_config
 from amortized3d.evaluation.oracle import evaluate_run
+from amortized3d.files import write_text_atomic
 from amortized3d.inference.export import safe_output_names
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import render_images
@@ -74,7 +75,7 @@ def run_one(variant: str, overrides: list[str], prompt: str, folder: Path) -> di
     if last is None or step_of(last) < cfg.train.steps or not timing.is_file():
         start = time.perf_counter()
         train(cfg, folder, resume=last is not None)
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        write_text_atomic(timing, json.dumps({"seconds": time.perf_counter() - start}))
     summary = evaluate_run(folder)["summary"]
     row = {"variant": variant, "prompt": prompt, "iou": summary["iou"], "similarity": summary["similarity"], "psnr": summary["psnr"],
            **render_measures(folder, prompt), "train_s": json.loads(timing.read_text())["seconds"]}
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
               "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(), "rows": rows,
               "table": table(rows, args.variants)}
     print(result["table"])
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_text_atomic(args.json, json.dumps(result, indent=1))
     return result
 
 

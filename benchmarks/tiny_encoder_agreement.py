@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from amortized3d.files import write_text_atomic
+
 
 def agreement(encode_a: Callable, encode_b: Callable, images: torch.Tensor, directions: torch.Tensor) -> dict:
     """Encoder b against encoder a (the reference) on images [N, 3, H, W] in [-1, 1] with latent directions [N, C, h, w].
@@ -76,9 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.tiny_encoder} against the VAE encoder of {args.model} at {args.resolution} x {args.resolution}, {args.images} images: "
           f"latent relative error {result['mean_latent_relative_error']:.4f}, gradient cosine {result['mean_gradient_cosine']:.4f}, "
           f"gradient norm ratio {result['mean_gradient_norm_ratio']:.4f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(args.out, json.dumps(result, indent=1))
     return result
 
 

@@ -40,11 +40,16 @@ import torch
 from amortized3d.distillation.guidance import Draw
 from amortized3d.distillation.methods import METHODS
 from amortized3d.interfaces import Conditioning
-from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise
+from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_clean
 
 # methods with a learned branch of the prior (they need a neural prior), and each method's default guidance scale
 ADAPTER_METHODS = tuple(name for name, method in METHODS.items() if method.learned_branch)
 DEFAULT_GUIDANCE = {name: method.default_guidance for name, method in METHODS.items()}
+
+
+def guidance_scale(distill) -> float:
+    """The config's distill.guidance_scale, or its method's default (DEFAULT_GUIDANCE) when null."""
+    return distill.guidance_scale if distill.guidance_scale is not None else DEFAULT_GUIDANCE[distill.method]
 
 
 def bound_knots(bound) -> list[tuple[float, float]]:
@@ -112,12 +117,6 @@ class DistillationOutput:
     denoised: torch.Tensor
 
 
-def one_step_denoised(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
-    """x_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t). x_t, eps [B, C, H, W], abar_t [B] -> [B, C, H, W]."""
-    a = abar_t.reshape(-1, 1, 1, 1).to(x_t.dtype)
-    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-
-
 def reconstruction_weight(abar_t: torch.Tensor) -> torch.Tensor:
     """beta(t) = w(t) sqrt(abar_t) / sqrt(1 - abar_t), w(t) = 1 - abar_t: the weight with which the SDS gradient
     w(t) (eps_hat - eps) equals the gradient of beta(t)/2 ||x - x_hat||^2 (StableDreamer Prop. 1, HiFA Eq. 2). [B] -> [B]."""
@@ -183,5 +182,5 @@ def score_distillation(
         x_t = add_noise(x.detach(), noise, t, abar)
         draw = Draw(prior, x.detach(), cond, t, noise, x_t, weight, abar, guidance_scale, t_range, eta, asd_shift, generator, adapter)
         grad = spec.gradient(draw)
-        denoised = one_step_denoised(x_t, draw.eps_guided, abar[t])
+        denoised = predict_clean(x_t, draw.eps_guided, t, abar)
     return DistillationOutput(distillation_loss(x, grad), grad, t, draw.shifted_timesteps, denoised)

@@ -24,13 +24,12 @@ Shapes: P prompts (1 in a per-prompt run), N points per prompt, R rays per promp
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from amortized3d.generators.common import DecodedField, EnvironmentMap, HashGridConfig
 from amortized3d.generators.hash_grid import HashGrid

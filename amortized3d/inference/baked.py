@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amortized3d.fields import Field, grid_points
+from amortized3d.fields import Field, grid_points, values_and_color
 from amortized3d.rendering.cameras import Cameras, camera_rays
 from amortized3d.rendering.volume import nerfacc_cuda_available, proposal_weights, ray_sphere_near_far, render_rays
 
@@ -110,9 +110,8 @@ class BakedField:
 def _evaluate(field: Field, points: torch.Tensor, chunk_points: int, geometry: str = "sdf") -> torch.Tensor:
     """sdf (or density) and albedo of a single-prompt field at points [N, 3] -> [N, 4] float32 (sdf, r, g, b)."""
     values = []
-    answer = field.density_and_color if geometry == "density" else field.sdf_and_color
     for start in range(0, points.shape[0], chunk_points):
-        sdf, rgb = answer(points[start : start + chunk_points].unsqueeze(0))  # [P, n], [P, n, 3]
+        sdf, rgb = values_and_color(field, points[start : start + chunk_points].unsqueeze(0), geometry)  # [P, n], [P, n, 3]
         if sdf.shape[0] != 1:
             raise ValueError(
                 f"baking needs a field for exactly one prompt, but the field returned a batch of {sdf.shape[0]}; "
@@ -120,11 +119,6 @@ def _evaluate(field: Field, points: torch.Tensor, chunk_points: int, geometry: s
             )
         values.append(torch.cat([sdf[0].unsqueeze(-1), rgb[0]], -1).float())
     return torch.cat(values) if values else points.new_zeros(0, 4)
-
-
-def surface_level(representation) -> float:
-    """The level of a representation's surface in its baked channel 0: 0 for an SDF, iso_density for a density field."""
-    return representation.iso_density if representation.geometry == "density" else 0.0
 
 
 @torch.no_grad()
@@ -161,6 +155,13 @@ def bake_field(field: Field, resolution: int = 128, bound: float = 1.0, chunk_po
         flat = values.reshape(4, -1)
         flat[:, near] = _evaluate(field, grid_points(resolution, bound, device=device)[near], chunk_points).t()
     return BakedField(values.contiguous(), float(bound), field)
+
+
+def bake_representation(representation, resolution: int = 128, bound: float = 1.0, **kwargs) -> BakedField:
+    """bake_field of a one-prompt Representation with its geometry and surface level (0 for an SDF, iso_density for a
+    density field); kwargs: bake_field's chunk_points and device."""
+    iso = representation.iso_density if representation.geometry == "density" else 0.0
+    return bake_field(representation, resolution, bound, geometry=representation.geometry, iso=iso, **kwargs)
 
 
 def ray_box_near_far(origins: torch.Tensor, dirs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

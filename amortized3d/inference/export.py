@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import trimesh
 
-from amortized3d.fields import Field
+from amortized3d.fields import Field, values_and_color
 from amortized3d.files import atomic_path
 from amortized3d.inference.baked import BakedField, bake_field
 
@@ -79,10 +79,9 @@ def vertex_colors(field: Field, vertices: torch.Tensor, chunk_points: int = 2621
                   geometry: str = "sdf") -> np.ndarray:
     """Albedo of a single-prompt field (an SDF or a density field) at world points. vertices [V, 3] -> rgb float32 [V, 3]."""
     colors = []
-    answer = field.density_and_color if geometry == "density" else field.sdf_and_color
     for start in range(0, vertices.shape[0], chunk_points):
         chunk = vertices[start : start + chunk_points].to(device).unsqueeze(0)  # [1, n, 3]
-        _, rgb = answer(chunk)  # [1, n, 3]
+        _, rgb = values_and_color(field, chunk, geometry)  # [1, n, 3]
         colors.append(rgb[0].float().cpu())
     if not colors:
         return np.zeros((0, 3), np.float32)

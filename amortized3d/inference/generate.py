@@ -14,7 +14,7 @@ import torch
 
 from amortized3d.builders import build_text_encoder, load_run
 from amortized3d.data.corpora import CorpusError, check_prompts, single_prompt
-from amortized3d.inference.baked import bake_field, render_baked, surface_level
+from amortized3d.inference.baked import bake_representation, render_baked
 from amortized3d.inference.export import contact_sheet, extract_mesh, safe_output_names, save_mesh, to_uint8, write_video
 from amortized3d.rendering.cameras import orbit_cameras
 
@@ -49,8 +49,7 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
         text = text_encoder.encode([prompt])
         z_dim = generator.z_dim
         z = torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) if z_dim and seed is not None else None
-        field = generator(text.pooled, text.tokens, z=z)
-        baked = bake_field(field, resolution, bound, geometry=field.geometry, iso=surface_level(field))
+        baked = bake_representation(generator(text.pooled, text.tokens, z=z), resolution, bound)
         result = {"prompt": prompt}
         try:
             mesh = extract_mesh(baked)

@@ -26,3 +26,10 @@ def add_noise(x: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alp
     """x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps. x, noise [B, ...], timesteps long [B] -> [B, ...]."""
     abar = alphas_cumprod.to(x.device)[timesteps].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     return abar.sqrt() * x + (1 - abar).sqrt() * noise
+
+
+def predict_clean(noisy: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """add_noise solved for x with eps given (the one-step denoised estimate): x_hat = (x_t - sqrt(1 - abar_t) eps) /
+    sqrt(abar_t). noisy, eps [B, ...], timesteps long [B] -> [B, ...]."""
+    abar = alphas_cumprod.to(noisy.device)[timesteps].to(noisy.dtype).reshape(-1, *([1] * (noisy.dim() - 1)))
+    return (noisy - (1 - abar).sqrt() * eps) / abar.sqrt()

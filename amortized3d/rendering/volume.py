@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import nerfacc
 import torch
 
-from amortized3d.fields import Field, finite_difference_gradient
+from amortized3d.fields import Field, finite_difference_gradient, values_and_color
 from amortized3d.rendering.cameras import Cameras, camera_rays
 
 PDF_FLOOR = 1e-5  # added to every proposal weight so empty or missed rays fall back to uniform sampling
@@ -260,12 +260,8 @@ def _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_impor
     t_mid = 0.5 * (t_starts + t_ends)  # [P, R, S]
     S = t_mid.shape[-1]
     points = _points(origins, dirs, t_mid)
-    if geometry == "density":
-        sigma, color = field.density_and_color(points)
-        sdf = None
-    else:
-        sdf, color = field.sdf_and_color(points)
-        sigma = volsdf_density(sdf, inv_std)
+    values, color = values_and_color(field, points, geometry)  # sdf or density
+    sigma = values if geometry == "density" else volsdf_density(values, inv_std)
     weights = composite_weights(t_starts, t_ends, sigma.reshape(P, R, S))
     opacity = weights.sum(-1)
     rgb = nerfacc.accumulate_along_rays(weights, color.reshape(P, R, S, 3)) + field.background(dirs) * (1.0 - opacity).unsqueeze(-1)
@@ -273,12 +269,10 @@ def _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_impor
     depth_normalized, variance = z_variance(weights, t_mid)
     normal = sdf_grad = None
     if with_normals:
-        if geometry == "density":  # outward: down the density, -grad sigma (forward differences, as for the SDF)
-            offsets = torch.eye(3, dtype=points.dtype, device=points.device) * 0.01
-            shifted = field.density((points.unsqueeze(2) + offsets).reshape(P, -1, 3)).reshape(P, R * S, 3)
-            outward = -(shifted - sigma.unsqueeze(-1)) / 0.01
+        if geometry == "density":  # outward: down the density, -grad sigma
+            outward = -finite_difference_gradient(field.density, points, values, eps=0.01)
         else:
-            sdf_grad = finite_difference_gradient(field, points, sdf, eps=0.01).reshape(P, R, S, 3)
+            sdf_grad = finite_difference_gradient(field.sdf, points, values, eps=0.01).reshape(P, R, S, 3)
             outward = sdf_grad
         unit = outward / outward.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         normal = nerfacc.accumulate_along_rays(weights, unit.reshape(P, R, S, 3))
@@ -432,7 +426,7 @@ class SDFRepresentation:
         """points [P, N, 3] -> {"eikonal": mean (|grad sdf| - 1)^2} (amortized3d.distillation.regularizers)."""
         from amortized3d.distillation.regularizers import eikonal_loss
 
-        return {"eikonal": eikonal_loss(finite_difference_gradient(self, points, self.sdf(points)))}
+        return {"eikonal": eikonal_loss(finite_difference_gradient(self.sdf, points, self.sdf(points)))}
 
     def occupancy(self, points: torch.Tensor) -> torch.Tensor:
         """Inside the surface: points [P, N, 3] -> bool [P, N] (sdf < 0)."""

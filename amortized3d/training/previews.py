@@ -33,7 +33,7 @@ def denoised_views(cfg: ExperimentConfig, prior, renders: torch.Tensor, prompts:
     timestep range at ``progress`` (StableDreamer Prop. 1: the distillation gradient is beta(t) (x - x_hat)), decoded
     by the prior and resized to the renders' size; the prior sees the renders at the training size. renders [P, V, 3, R, R] of
     the eval orbit -> x_hat [P, V, 3, R, R]."""
-    from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, score_distillation, timestep_range
+    from amortized3d.distillation.score_distillation import guidance_scale, score_distillation, timestep_range
     from amortized3d.interfaces import Conditioning
 
     P, V, _, R, _ = renders.shape
@@ -42,12 +42,11 @@ def denoised_views(cfg: ExperimentConfig, prior, renders: torch.Tensor, prompts:
     cond = Conditioning([p for p in prompts for _ in range(V)], cams.reshape(1, V)[[0] * P].reshape(P * V))
     lo, hi = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
     middle = (lo + hi) // 2
-    guidance = cfg.distill.guidance_scale if cfg.distill.guidance_scale is not None else DEFAULT_GUIDANCE[cfg.distill.method]
     x = renders.reshape(P * V, 3, R, R)
     if cfg.render.size_at(progress) != (R, R):  # the prior sees the views at the training renders' size
         x = torch.nn.functional.interpolate(x, size=cfg.render.size_at(progress), mode="bilinear", align_corners=False, antialias=True)
     out = score_distillation(prior, prior.encode(x, generator=rng), cond, method=cfg.distill.method,
-                             guidance_scale=guidance, t_range=(middle, middle), eta=0.0, generator=rng, adapter=adapter)
+                             guidance_scale=guidance_scale(cfg.distill), t_range=(middle, middle), eta=0.0, generator=rng, adapter=adapter)
     images = prior.decode(out.denoised).float()
     if images.shape[-2:] != (R, R):
         images = torch.nn.functional.interpolate(images, size=(R, R), mode="bilinear", align_corners=False, antialias=True)

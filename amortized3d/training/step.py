@@ -21,7 +21,7 @@ import torch
 from amortized3d.config import ExperimentConfig
 from amortized3d.data.loader import PromptBatch
 from amortized3d.distillation.regularizers import opacity_entropy_loss, scheduled_weight, sparsity_loss, z_variance_loss
-from amortized3d.distillation.score_distillation import DEFAULT_GUIDANCE, image_residual_loss, score_distillation, timestep_range
+from amortized3d.distillation.score_distillation import guidance_scale, image_residual_loss, score_distillation, timestep_range
 from amortized3d.interfaces import Conditioning, Generator, Prior
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES
 from amortized3d.rendering.cameras import Cameras, sample_training_cameras
@@ -80,9 +80,8 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     render = representation.render(cameras, H, W, cfg.render, generator=rng, background=background)
     images = prior.encode(render.rgb.reshape(P * V, 3, H, W), generator=rng)
     cond = batch_conditioning(batch, cameras.reshape(P * V), V, list(prior_suffixes), cfg.text.encoder == "prior")
-    guidance = cfg.distill.guidance_scale if cfg.distill.guidance_scale is not None else DEFAULT_GUIDANCE[cfg.distill.method]
     t_range = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
-    out = score_distillation(prior, images, cond, method=cfg.distill.method, guidance_scale=guidance, t_range=t_range,
+    out = score_distillation(prior, images, cond, method=cfg.distill.method, guidance_scale=guidance_scale(cfg.distill), t_range=t_range,
                              eta=cfg.distill.eta, generator=rng, adapter=adapter, asd_shift=cfg.distill.asd_shift,
                              t_schedule=cfg.distill.t_schedule, progress=progress)
     loss_sd = out.loss.mean()
