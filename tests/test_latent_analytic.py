@@ -23,7 +23,7 @@ def encoder_matrix() -> torch.Tensor:
 def test_encoder_rows_are_orthonormal_and_the_decoder_is_its_pseudo_inverse():
     E = encoder_matrix().double()
     assert torch.allclose(E @ E.T, torch.eye(4, dtype=torch.float64), atol=1e-12)
-    assert torch.allclose(torch.linalg.pinv(E), E.T, atol=1e-12)  # numpy's SVD pseudo-inverse, independently
+    assert torch.allclose(torch.linalg.pinv(E), E.T, atol=1e-12)  # torch.linalg.pinv (an SVD), independently of E's construction
     prior = build_prior(load_config("shapeworld-16", overrides=["prior.latent=true"]))
     x = torch.rand(2, 3, 6, 8)
     z = prior.encode(x)
