@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
-from amortized3d.data.corpora import load_corpus
+from amortized3d.data.corpora import CorpusError, load_corpus, single_prompt
 from amortized3d.data.embedding_store import build_store, default_store_dir, load_manifest, prompts_digest
-from amortized3d.generators import GENERATORS
+from amortized3d.generators import GENERATORS, PER_PROMPT
 from amortized3d.interfaces import Generator, Prior
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, load_prior_text_encoder
@@ -119,18 +119,30 @@ def build_second_prior(cfg: ExperimentConfig, device: str | torch.device = "cpu"
 
 def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, ...]:
     """The learning rates of build_optimizer's parameter groups, in their order: geometry, background, and the decoders
-    when optim.lr_decoder is set."""
+    when optim.lr_decoder is set; for 3D Gaussians each splat attribute's (splats.lr_*), then the background."""
+    if cfg.generator.kind == "gaussians":
+        return *(getattr(cfg.splats, f"lr_{name}") for name in splat_names(cfg)), cfg.optim.lr_background
     decoder = () if cfg.optim.lr_decoder is None else (cfg.optim.lr_decoder,)
     return cfg.optim.lr_geometry, cfg.optim.lr_background, *decoder
 
 
+def splat_names(cfg: ExperimentConfig) -> list[str]:
+    """The splat attributes of generator.kind=gaussians, in PromptGaussians.splats order (shN only with sh_degree > 0)."""
+    return ["means", "scales", "quats", "opacities", "sh0", *(["shN"] if cfg.generator.sh_degree > 0 else [])]
+
+
 def build_optimizer(cfg: ExperimentConfig, generator) -> torch.optim.Optimizer:
     """Adam, AdamW or Adan over the groups of optimizer_learning_rates: geometry (optim.lr_geometry), background
-    (optim.lr_background), and with optim.lr_decoder the decoding MLPs (taken out of the geometry group)."""
+    (optim.lr_background), and with optim.lr_decoder the decoding MLPs (taken out of the geometry group); for 3D
+    Gaussians one group per splat attribute (splats.lr_*), named after it, then the background."""
     rates = optimizer_learning_rates(cfg)
     geometry = list(generator.geometry_parameters())
     groups = [{"params": geometry, "lr": rates[0]}, {"params": list(generator.background_parameters()), "lr": rates[1]}]
-    if cfg.optim.lr_decoder is not None:
+    if cfg.generator.kind == "gaussians":  # a group per attribute, named: density control edits them (training/densify.py)
+        names = splat_names(cfg)
+        groups = [{"params": [generator.splats[name]], "lr": lr, "name": name} for name, lr in zip(names, rates)]
+        groups.append({"params": list(generator.background_parameters()), "lr": rates[-1], "name": "background"})
+    elif cfg.optim.lr_decoder is not None:
         decoders = {id(p) for p in generator.decoder_parameters()}
         groups[0]["params"] = [p for p in geometry if id(p) not in decoders]
         groups.append({"params": list(generator.decoder_parameters()), "lr": rates[2]})
@@ -193,6 +205,35 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[E
     generator = build_generator(cfg)
     state = load_checkpoint(folder, generator)
     return cfg, generator.to(device).eval(), state
+
+
+def init_from_run(model, run_dir: str | Path, prompt: str, seed: int = 0) -> None:
+    """Start 3D Gaussians (a PromptGaussians) from another run's asset for ``prompt``: its mesh (the generate path:
+    a 64^3 baked grid, marching cubes) sampled at model.config.n_gaussians points, area-uniform (trimesh), each with
+    the color of its face."""
+    import trimesh
+
+    from amortized3d.inference.baked import bake_representation
+    from amortized3d.inference.export import extract_mesh
+
+    source_cfg, source, _ = load_run(run_dir)
+    check_trained_prompts(source_cfg, [prompt], run_dir)
+    text = build_text_encoder(source_cfg).encode([prompt])
+    with torch.no_grad():
+        mesh = extract_mesh(bake_representation(source(text.pooled, text.tokens), 64, source_cfg.sampling_radius()))
+    points, faces = trimesh.sample.sample_surface(mesh, model.config.n_gaussians, seed=seed)
+    colors = mesh.visual.vertex_colors[mesh.faces[faces], :3].mean(1) / 255.0
+    model.start_from_points(torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(colors, dtype=torch.float32))
+
+
+def check_trained_prompts(cfg: ExperimentConfig, prompts: list[str], run_dir: str | Path = "the run") -> None:
+    """CorpusError unless a per-prompt run (generator.kind ngp or gaussians: one asset, trained for corpus prompt:TEXT) is
+    asked only for its own prompt; an amortized generator takes any prompt."""
+    trained = single_prompt(cfg.corpus.name)
+    other = next((p for p in prompts if p != trained), None)
+    if cfg.generator.kind in PER_PROMPT and other is not None:
+        raise CorpusError(f"{str(run_dir)!r} is a per-prompt run: it optimized one asset, for {trained!r}, and cannot make one for "
+                          f"{other!r}. Pass {trained!r}, or train that prompt: amortized3d train --prompt {other!r}")
 
 
 def describe_generator(generator: torch.nn.Module, cfg: ExperimentConfig | None = None) -> str:

@@ -74,6 +74,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="independent per-prompt runs, one for each distinct prompt of FILE (.txt, .json (all its splits) or "
                              ".csv), each in its own folder under --output")
+    parser.add_argument("--representation", default="field", choices=("field", "gaussians"),
+                        help="what a per-prompt run optimizes: an Instant-NGP field (default) or 3D Gaussians (recipe "
+                             "configs/prompt-gaussians.yaml, or configs/gaussians-sd.yaml with --prior)")
+    parser.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                        help="--representation gaussians: start from the asset another run makes for the prompt (its mesh's "
+                             "surface and colors), to refine a generated asset")
+    parser.add_argument("--init-prompt", default=None, metavar="TEXT",
+                        help="with --init-from: the prompt whose asset starts the Gaussians (default: --prompt)")
     parser.add_argument("--config", default=None, help="YAML file applied on top of the corpus recipe")
     parser.add_argument("--corpus-dir", default=None, help="folder with reference corpus JSON files")
     parser.add_argument("--prior", default=None, metavar="MODEL",
@@ -98,9 +106,24 @@ def _resolve_config(args, prompt: str | None = None):
         overrides = ["prior.kind=stable_diffusion", f"prior.model={args.prior}", "text.encoder=prior", *overrides]
     if args.corpus_dir:
         overrides.append(f"corpus.dir={args.corpus_dir}")
+    gaussians = args.representation == "gaussians"
     if prompt is None:
+        if gaussians:
+            raise UsageError("--representation gaussians optimizes the Gaussians of one prompt; pass --prompt TEXT or --prompts FILE "
+                             "instead of --corpus")
         return load_config(args.corpus, args.config, overrides)
-    config = args.config or (str(CONFIG_DIR / "prompt-nerf.yaml") if args.prior else None)
+    recipes = {(False, False): None, (False, True): "prompt-nerf.yaml", (True, False): "prompt-gaussians.yaml",
+               (True, True): "gaussians-sd.yaml"}  # (gaussians, a pretrained prior)
+    recipe = recipes[gaussians, bool(args.prior)]
+    config = args.config or (str(CONFIG_DIR / recipe) if recipe else None)
+    if gaussians and args.config:
+        overrides = ["generator.kind=gaussians", *overrides]
+    if args.init_from or args.init_prompt:
+        if not gaussians or not args.init_from:
+            raise UsageError("--init-from RUN_DIR (with --init-prompt TEXT) starts 3D Gaussians from another run's asset: "
+                             "add --representation gaussians" + ("" if args.init_from else " and --init-from RUN_DIR"))
+        overrides = [*overrides, f"generator.init_from={json.dumps(args.init_from)}",  # quoted: read as a YAML string
+                     *([f"generator.init_prompt={json.dumps(args.init_prompt)}"] if args.init_prompt else [])]
     return load_config(PROMPT_PREFIX + prompt, config, overrides)
 
 
@@ -193,23 +216,30 @@ def run_generate(args) -> int:
     return 0
 
 
+def _prompt_file(path: str | None) -> list[str] | None:
+    """Every prompt of a corpus file (JSON, .txt or .csv; all splits, each once, in order), or None without a file."""
+    if path is None:
+        return None
+    from amortized3d.data.corpora import load_file
+
+    corpus = load_file(path)
+    return list(dict.fromkeys(corpus.train + corpus.val + corpus.test))
+
+
 def run_evaluate(args) -> int:
     if args.balanced and (args.clip or args.limit):
         raise UsageError(f"--balanced {args.balanced} is an oracle option and replaces --limit; drop "
                          f"{'--clip' if args.clip else '--limit'} or --balanced")
+    if args.prompts and (args.limit or args.balanced):
+        raise UsageError(f"--prompts {args.prompts} chooses the evaluated prompts; drop {'--limit' if args.limit else '--balanced'}")
+    prompts, candidates = _prompt_file(args.prompts), _prompt_file(args.candidates)
     if args.clip:
         _folder_argument(args.out, "--out")
         from amortized3d.evaluation.clip_eval import evaluate_clip
 
-        candidates = None
-        if args.candidates:
-            from amortized3d.data.corpora import load_file
-
-            corpus = load_file(args.candidates)
-            candidates = list(dict.fromkeys(corpus.train + corpus.val + corpus.test))  # every split, each prompt once
-        summary = evaluate_clip(args.checkpoint, args.clip, split=args.split, candidates=candidates, n_views=args.views,
-                                elevation=args.elevation, resolution=args.resolution, out=args.out, limit=args.limit,
-                                save_views=args.save_views)
+        summary = evaluate_clip(args.checkpoint, args.clip, split=args.split, prompts=prompts, candidates=candidates,
+                                n_views=args.views, elevation=args.elevation, resolution=args.resolution, out=args.out,
+                                limit=args.limit, save_views=args.save_views)
         if summary is None:  # not the main process
             return 0
         if args.gallery:
@@ -227,7 +257,8 @@ def run_evaluate(args) -> int:
     if args.out is not None and (Path(args.out).is_dir() or args.out.endswith(("/", os.sep))):
         raise UsageError(f"--out {args.out!r} is a folder; the oracle writes one JSON report: pass a file path such as "
                          f"{str(Path(args.out) / 'eval_test.json')!r}")
-    report = evaluate_run(args.checkpoint, split=args.split, out=args.out, limit=args.limit, balanced=args.balanced)
+    report = evaluate_run(args.checkpoint, split=args.split, out=args.out, limit=args.limit, balanced=args.balanced,
+                          prompts=prompts, candidates=candidates)
     print(json.dumps(report["summary"], indent=1))
     return 0
 
@@ -399,8 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int_in(1, 3600), default=120, help="CLIP: orbit views per prompt")
     p.add_argument("--elevation", type=float_in(-90, 90), default=15.0, help="CLIP: orbit elevation in degrees")
     p.add_argument("--resolution", type=int_in(8, 4096), default=None, help="CLIP: render size (default: the CLIP input size, e.g. 224)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="evaluate these prompts (a corpus file: JSON, .txt or .csv) instead of --split; they are the candidates "
+                        "unless --candidates is given")
     p.add_argument("--candidates", default=None, metavar="FILE",
-                   help="CLIP: candidate prompts (a corpus file: JSON, .txt or .csv); default: the evaluated split")
+                   help="candidate prompts to retrieve among (a corpus file), e.g. a fixed prompt set for a per-prompt run; "
+                        "default: the evaluated split")
     p.add_argument("--save-views", action="store_true", help="CLIP: also write each prompt's views as a PNG sheet")
     p.add_argument("--gallery", type=int_in(0), default=12, metavar="N",
                    help="CLIP: an HTML gallery of the first N evaluated prompts in OUT/gallery (0: none); its interactive "

@@ -30,7 +30,7 @@ from pydantic.fields import FieldInfo
 from amortized3d.distillation.methods import METHODS
 from amortized3d.distillation.methods.asd import ASD_SHIFTS
 from amortized3d.distillation.score_distillation import T_SCHEDULES
-from amortized3d.generators import GENERATORS
+from amortized3d.generators import GENERATORS, PER_PROMPT
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import DEFAULT_MODELS
 from amortized3d.schema import ConfigModel, Int
@@ -217,6 +217,30 @@ class OptimConfig(ConfigModel):
 Steps = Annotated[Int, Field(ge=1, le=1_000_000_000)]
 
 
+class SplatsConfig(ConfigModel):
+    """3D Gaussians (generator.kind=gaussians): the learning rate of each attribute (3DGS's; the position rate
+    StableDreamer's 6.4e-4) and adaptive density control (amortized3d/training/densify.py) on StableDreamer's schedule,
+    in optimizer steps."""
+
+    lr_means: float = Field(6.4e-4, gt=0, le=1)
+    lr_scales: float = Field(5e-3, gt=0, le=1)
+    lr_quats: float = Field(1e-3, gt=0, le=1)
+    lr_opacities: float = Field(5e-2, gt=0, le=1)
+    lr_sh0: float = Field(2.5e-3, gt=0, le=1)
+    lr_shN: float = Field(1.25e-4, gt=0, le=1)  # 3DGS: the color rate / 20
+    densify_from: Int = Field(100, ge=0, le=1_000_000_000)  # densify at steps after this one ...
+    densify_every: Steps = 500  # ... that are multiples of this ...
+    densify_until: Int = Field(12000, ge=0, le=1_000_000_000)  # ... and before this one (0: never)
+    grad_threshold: float = Field(2e-4, gt=0, le=1e6)  # mean screen-space gradient norm (NDC) above which a Gaussian grows
+    percent_dense: float = Field(0.01, gt=0, le=1)  # growing Gaussians up to this x scene_extent are cloned, larger ones split
+    scene_extent: float = Field(1.0, gt=0, le=1000)
+    prune_opacity: float = Field(0.005, ge=0, lt=1)
+    prune_scale: float = Field(0.1, gt=0, le=1000)  # after the first opacity reset, Gaussians larger than this x scene_extent go
+    reset_opacity_at: list[Annotated[Int, Field(ge=1, le=1_000_000_000)]] = [1000]
+    reset_opacity: float = Field(0.005, gt=0, lt=1)
+    max_gaussians: Int = Field(1_000_000, ge=1, le=100_000_000)  # densification stops growing the set beyond this
+
+
 class TrainConfig(ConfigModel):
     steps: Steps = 50000
     prompts_per_step: Int = Field(1, ge=1, le=100000)
@@ -257,6 +281,7 @@ class ExperimentConfig(ConfigModel):
     phase2: Phase2Config = Field(default_factory=Phase2Config)
     regularizers: RegularizerConfig = Field(default_factory=RegularizerConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    splats: SplatsConfig = Field(default_factory=SplatsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
@@ -372,10 +397,13 @@ class ExperimentConfig(ConfigModel):
         if self.generator.geometry != "sdf" and self.generator.kind != "ngp":
             raise ConfigError(f"generator.geometry={self.generator.geometry} is an option of the per-prompt field (generator.kind=ngp); "
                               f"generator.kind={self.generator.kind} makes signed-distance fields: set generator.geometry=sdf")
-        if self.generator.kind == "ngp" and single_prompt(self.corpus.name) is None:
-            raise ConfigError(f"generator.kind=ngp is the field of one prompt, but corpus {self.corpus.name!r} is not one prompt; "
-                              "train it with `amortized3d train --prompt TEXT` (corpus prompt:TEXT), or pick a generator of many "
+        if self.generator.kind in PER_PROMPT and single_prompt(self.corpus.name) is None:
+            raise ConfigError(f"generator.kind={self.generator.kind} is the asset of one prompt, but corpus {self.corpus.name!r} is not one "
+                              "prompt; train it with `amortized3d train --prompt TEXT` (corpus prompt:TEXT), or pick a generator of many "
                               "prompts (generator.kind=hyper_ingp, conv3d or triplane)")
+        if self.generator.kind == "gaussians" and any(w > 0 for _, w in self.regularizers.eikonal):
+            raise ConfigError(f"generator.kind=gaussians: 3D Gaussians have no distance for the eikonal term, but "
+                              f"regularizers.eikonal={self.regularizers.eikonal!r}; set regularizers.eikonal=[]")
         n_betas = 3 if self.optim.name == "adan" else 2
         if len(self.optim.betas) != n_betas:
             raise ConfigError(f"optim.betas={self.optim.betas!r}: {self.optim.name} takes {n_betas} betas in [0, 1), e.g. "

@@ -10,6 +10,7 @@ SphereField                   an analytic single-prompt sphere field
 free_port                     a free TCP port on localhost, for multi-process launches
 load_benchmark                a script of benchmarks/ imported as a module
 hide_viewer                   make an installed 3D model-viewer invisible to the gallery
+evaluate_and_generate         the oracle report and generate's first result for a trained one-prompt run (CLI)
 """
 
 from __future__ import annotations
@@ -117,3 +118,21 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def evaluate_and_generate(run, prompt: str, out, capsys) -> tuple[dict, dict]:
+    """`amortized3d evaluate` (oracle) and a small `generate` of ``prompt`` into ``out`` on the run folder ``run``,
+    through the CLI; checks both exit 0 and the report is the run's one prompt. -> (report summary, generate's result)."""
+    import json
+
+    from amortized3d.cli import main
+
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["corpus"] == "prompt:" + prompt and report["n_prompts"] == 1 and 0 <= report["iou"] <= 1
+    assert main(["generate", prompt, "--checkpoint", str(run), "--out", str(out), "--mesh-resolution", "24", "--frames", "2",
+                 "--image-size", "16"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["prompt"] == prompt
+    return report, result

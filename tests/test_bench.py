@@ -176,3 +176,73 @@ def test_seeds_repeat_cells_and_the_table_gives_mean_and_each_seed(tmp_path):
     a, b = (r["iou"] for r in results)
     row = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ASD |")][0]
     assert f" {(a + b) / 2:.3f} ({a:.3f}, {b:.3f}) |" in row and "seeds 0, 1" in (out / "results.md").read_text()
+
+
+def test_a_prompt_specific_bench_scores_every_cell_on_the_fixed_prompts(tmp_path):
+    # ScaleDreamer Table 2's protocol: per-prompt runs and the amortized generator judged on the same prompts, each
+    # retrieved among the same candidates. Expected values are read back from each run's own oracle report.
+    from amortized3d.data.corpora import CorpusError
+    from amortized3d.evaluation.oracle import evaluate_run
+
+    prompts = ["a large red cube", "a large green sphere"]  # shapeworld-16 trains on the first and holds out the second
+    matrix = tmp_path / "matrix.yaml"
+    overrides = [*TINY, "train.prompts_per_step=1", "train.steps=2", "train.ckpt_every=2", "eval.n_views=2"]
+    matrix.write_text(json.dumps({"corpora": ["shapeworld-16"], "prompts": prompts, "methods": ["asd"], "overrides": overrides}))
+    out = tmp_path / "bench"
+    assert main(["bench", str(matrix), "--out", str(out)]) == 0
+    runs = out / "runs"
+    per_prompt = [runs / "prompt-a_large_red_cube-asd-ngp", runs / "prompt-a_large_green_sphere-asd-ngp"]
+    amortized = runs / "shapeworld-16-asd-hyper_ingp"  # without generators: each recipe's own generator
+    reports = [json.loads((run / "eval_test.json").read_text()) for run in per_prompt]
+    for prompt, report in zip(prompts, reports):
+        assert [r["prompt"] for r in report["per_prompt"]] == [prompt] and report["summary"]["n_candidates"] == 2
+    whole = json.loads((amortized / "eval_test.json").read_text())
+    assert [r["prompt"] for r in whole["per_prompt"]] == prompts and whole["summary"]["n_candidates"] == 2
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0] == "**Prompt-specific bench** (2 fixed prompts, each retrieved among all 2; 2 steps)"
+    assert md[2] == ("| setting | method | generator | oracle R@1 | seen | unseen | oracle Sim | IoU | prompts | "
+                     "training time (one run) | CPU h per prompt |")
+    mean = lambda key: sum(r["summary"][key] for r in reports) / 2  # noqa: E731
+    cells = {r["corpus"]: r for r in json.loads((out / "results.json").read_text())["cells"]}
+    hours = sum(cells["prompt:" + p]["device_hours"] for p in prompts) / 2
+    assert md[4].startswith(f"| per prompt | ASD | ngp | {mean('r_at_1'):.3f} |  |  | {mean('similarity'):.3f} | {mean('iou'):.3f} | 2/2 | ")
+    assert md[4].endswith(f" | {hours:.4f} |")
+    s = whole["summary"]
+    assert md[5].startswith(f"| amortized (shapeworld-16) | ASD | hyper_ingp | {s['r_at_1']:.3f} | {s['r_at_1_seen']:.3f} | "
+                            f"{s['r_at_1_unseen']:.3f} | {s['similarity']:.3f} | {s['iou']:.3f} | 2/2 | ")
+    assert md[5].endswith(f" | {cells['shapeworld-16']['device_hours'] / 16:.4f} |")  # over its 16 training prompts
+
+    # The candidates change R@1 only: a lone candidate is always retrieved; among the whole test split the values are the
+    # split evaluation's; similarity and IoU are the prompt's own whatever the candidates.
+    split = {r["prompt"]: r for r in evaluate_run(amortized, out=tmp_path / "split.json")["per_prompt"]}
+    alone = evaluate_run(amortized, prompts=prompts[:1], out=tmp_path / "alone.json")["per_prompt"][0]
+    assert alone["r_at_1"] == 1.0 and alone["similarity"] == pytest.approx(split[prompts[0]]["similarity"], abs=1e-6)
+    among = evaluate_run(amortized, prompts=prompts, candidates=list(split), out=tmp_path / "among.json")["per_prompt"]
+    for row in among:
+        for key in ("r_at_1", "similarity", "iou"):
+            assert row[key] == pytest.approx(split[row["prompt"]][key], abs=1e-6)
+    with pytest.raises(CorpusError, match="per-prompt run"):  # one asset cannot stand in for another prompt
+        evaluate_run(per_prompt[0], prompts=prompts[1:], out=tmp_path / "x.json")
+    with pytest.raises(ValueError, match="not among the 1 candidates"):
+        evaluate_run(amortized, prompts=prompts, candidates=prompts[:1], out=tmp_path / "x.json")
+
+
+def test_the_prompt_specific_matrices_load_and_the_gaussian_one_runs(tmp_path):
+    # The README's Table 2 matrices: the same six prompts in both (so their per-prompt rows share candidates), and the
+    # Gaussians' matrix end to end at a tiny size.
+    import yaml
+
+    from tests.fixtures import REPO
+
+    fields = load_matrix(REPO / "benchmarks" / "matrices" / "shapeworld-prompt-specific.yaml")
+    gaussians = load_matrix(REPO / "benchmarks" / "matrices" / "shapeworld-prompt-gaussians.yaml")
+    assert fields["prompts"] == gaussians["prompts"] and len(fields["prompts"]) == 6
+    assert fields["corpora"] == ["shapeworld-16"] and fields["methods"] == ["asd", "sds", "csd"]
+    tiny = tmp_path / "matrix.yaml"
+    tiny.write_text(yaml.safe_dump({**gaussians, "config": str(REPO / gaussians["config"]), "prompts": gaussians["prompts"][:2],
+                                    "overrides": [*TINY, "train.prompts_per_step=1", "train.steps=1", "train.ckpt_every=1",
+                                                  "eval.n_views=1", "generator.n_gaussians=50"]}, sort_keys=False))
+    results = __import__("amortized3d.evaluation.bench", fromlist=["run_bench"]).run_bench(tiny, tmp_path / "bench")
+    assert [(r["corpus"], r["generator"], r["eval_prompts"]) for r in results] == [
+        ("prompt:" + p, "gaussians", 1) for p in gaussians["prompts"][:2]]
+    assert "| per prompt | ASD | gaussians |" in (tmp_path / "bench" / "results.md").read_text()

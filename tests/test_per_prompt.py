@@ -11,7 +11,7 @@ from amortized3d.cli import main
 from amortized3d.config import ConfigError, load_config
 from amortized3d.data.corpora import CorpusError, load_corpus
 from amortized3d.training.checkpoint import latest_checkpoint, step_of
-from tests.fixtures import REPO, SD_TINY, TINY
+from tests.fixtures import REPO, SD_TINY, TINY, evaluate_and_generate
 
 PROMPT = "a large red cube"
 NGP_TINY = [*TINY, "train.prompts_per_step=1", "train.views_per_prompt=1", "train.steps=4", "train.ckpt_every=2"]
@@ -25,7 +25,7 @@ def test_a_prompt_corpus_holds_that_prompt_in_every_split():
 
 
 def test_the_field_of_one_prompt_needs_a_prompt_corpus():
-    with pytest.raises(ConfigError, match="generator.kind=ngp is the field of one prompt.*--prompt"):
+    with pytest.raises(ConfigError, match="generator.kind=ngp is the asset of one prompt.*--prompt"):
         load_config("shapeworld-16", overrides=["generator.kind=ngp"])
     cfg = load_config("prompt:" + PROMPT)  # its recipe: configs/prompt-shapeworld.yaml
     assert cfg.generator.kind == "ngp" and cfg.optim.lr_decoder == 0.001
@@ -74,14 +74,8 @@ def test_train_evaluate_generate_gallery_and_plot_a_per_prompt_run(tmp_path, cap
     run = tmp_path / "run"
     assert main(["train", "--prompt", PROMPT, "--output", str(run), *NGP_TINY, "render.size_schedule=[[0.5, 20]]"]) == 0
     assert step_of(latest_checkpoint(run)) == 4
-    capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(run)]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["corpus"] == "prompt:" + PROMPT and report["n_prompts"] == 1 and 0 <= report["iou"] <= 1
     out = tmp_path / "out"
-    assert main(["generate", PROMPT, "--checkpoint", str(run), "--out", str(out), "--mesh-resolution", "24", "--frames", "2",
-                 "--image-size", "16"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["prompt"] == PROMPT
+    evaluate_and_generate(run, PROMPT, out, capsys)
     assert main(["generate", "a large blue cube", "--checkpoint", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "per-prompt run" in err and repr(PROMPT) in err and "train --prompt 'a large blue cube'" in err

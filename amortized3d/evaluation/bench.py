@@ -3,9 +3,10 @@
 A matrix file (see benchmarks/matrices/):
 
     corpora: [shapeworld-16]              # corpus names or files
+    prompts: null                         # optional: a fixed prompt set (a list or a corpus file): see below
     methods: [asd, sds, csd]              # distill.method values
-    generators:                           # generator kind -> config file applied on top of the recipe (or null)
-      hyper_ingp: null
+    generators:                           # generator kind -> config file applied on top of the recipe (or null);
+      hyper_ingp: null                    # leave the key out for each recipe's own generator
       conv3d: configs/shapeworld-conv3d.yaml
     config: null                          # a config file for corpora without a recipe
     overrides: [train.steps=1000]         # section.key=value for every cell
@@ -31,6 +32,13 @@ hours otherwise). OUT/results.json holds every cell; OUT/results.md a table per 
 method x generator x variant with its metrics (with several seeds: their mean, then each seed's value),
 the steps the non-finite guard skipped, the training time per seed and the device hours. With gallery: N, every cell gets a
 gallery (amortized3d.evaluation.gallery) and OUT/index.html shows the table with links to them.
+
+A fixed prompt set (``prompts``) makes a prompt-specific bench (ScaleDreamer's Table 2): every method x generator x
+variant x seed also runs once per prompt as a per-prompt run (corpus ``prompt:TEXT``, its recipe
+configs/prompt-shapeworld.yaml unless ``config`` says otherwise), and every cell, per-prompt or amortized, is evaluated
+on exactly these prompts with exactly them as the retrieval candidates. OUT/results.md is then one table: a row per
+setting (per prompt, or amortized on a corpus) x method x generator x variant, metrics averaged over the prompts, with
+the device hours per prompt (a per-prompt run's own; an amortized run's divided by its number of training prompts).
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ import json
 import time
 from pathlib import Path
 
+from amortized3d.data.corpora import PROMPT_PREFIX
 from amortized3d.evaluation.clip_eval import DEFAULT_VIEWS
 
-DEFAULTS = {"corpora": None, "methods": None, "generators": {"hyper_ingp": None}, "config": None, "overrides": [],
+DEFAULTS = {"corpora": [], "prompts": None, "methods": None, "generators": None, "config": None, "overrides": [],
             "variants": None, "seeds": None, "eval_prompts": None, "clip": None, "clip_views": DEFAULT_VIEWS, "oracle": "auto",
             "gallery": 0}
 
@@ -55,9 +64,25 @@ def load_matrix(path: str | Path) -> dict:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(DEFAULTS)}")
     matrix = {**DEFAULTS, **data}
-    for key in ("corpora", "methods"):
-        if not isinstance(matrix[key], list) or not matrix[key]:
-            raise ConfigError(f"{path}: {key} must be a non-empty list, e.g. {key}: [{'shapeworld-16' if key == 'corpora' else 'asd'}]")
+    if not isinstance(matrix["methods"], list) or not matrix["methods"]:
+        raise ConfigError(f"{path}: methods must be a non-empty list, e.g. methods: [asd]")
+    if not isinstance(matrix["corpora"], list) or not (matrix["corpora"] or matrix["prompts"]):
+        raise ConfigError(f"{path}: corpora must be a list, e.g. corpora: [shapeworld-16], and not empty unless prompts is given")
+    prompts = matrix["prompts"]
+    if isinstance(prompts, str):
+        from amortized3d.data.corpora import load_file
+
+        corpus = load_file(str(Path(path).parent / prompts) if not Path(prompts).is_absolute() and not Path(prompts).exists() else prompts)
+        prompts = matrix["prompts"] = list(dict.fromkeys(corpus.train + corpus.val + corpus.test))
+    if prompts is not None:
+        from amortized3d.data.corpora import check_prompts
+
+        if not isinstance(prompts, list) or len(set(prompts)) < 2 or len(set(prompts)) != len(prompts):
+            raise ConfigError(f"{path}: prompts must be a corpus file or a list of 2 or more distinct prompts, e.g. "
+                              "prompts: [a large red cube, a large blue cone]")
+        matrix["prompts"] = check_prompts(prompts, example="prompts: [a large red cube, a large blue cone]")
+    if matrix["eval_prompts"] is not None and prompts is not None:
+        raise ConfigError(f"{path}: eval_prompts and prompts both choose the evaluated prompts; keep one")
     if isinstance(matrix["generators"], list):
         matrix["generators"] = {g: None for g in matrix["generators"]}
     if matrix["oracle"] not in ("auto", True, False):
@@ -89,13 +114,25 @@ def cell_name(corpus: str, method: str, generator: str, variant: str | None = No
     return name + (f"-{variant}" if variant else "") + (f"-seed{seed}" if seed else "")  # seed 0: the plain name
 
 
-def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_config: str | None, out: Path, run: Path,
+def cell_config(matrix: dict, corpus: str, method: str, generator: str | None, generator_config: str | None,
+                variant: str | None = None, seed: int | None = None):
+    """The cell's config: the corpus recipe (or the matrix's config file) <- the generator's config file <- the method,
+    the generator kind (none given: the recipe's), the matrix's overrides, the variant's and the seed."""
+    from amortized3d.config import load_config
+
+    overrides = [f"distill.method={method}", *([f"generator.kind={generator}"] if generator else []), *matrix["overrides"],
+                 *(matrix["variants"][variant] if variant else []), *([f"train.seed={seed}"] if seed is not None else [])]
+    return load_config(corpus, generator_config or matrix["config"], overrides)
+
+
+def run_cell(matrix: dict, corpus: str, method: str, generator: str | None, generator_config: str | None, out: Path, run: Path,
              variant: str | None = None, seed: int | None = None) -> dict:
     """Train (or continue) and evaluate one cell in its folder ``run`` (every rank calls it); -> its results (rank 0
     writes them to RUN/results.json)."""
     from accelerate import Accelerator
 
-    from amortized3d.config import config_to_dict, load_config
+    from amortized3d.config import config_to_dict
+    from amortized3d.data.corpora import load_corpus, single_prompt
     from amortized3d.evaluation.clip_eval import evaluate_clip
     from amortized3d.evaluation.oracle import eval_every_hook, evaluate_run
     from amortized3d.evaluation.plots import read_metrics
@@ -103,27 +140,31 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str, generator_c
     from amortized3d.training.checkpoint import latest_checkpoint
     from amortized3d.training.train import train
 
-    overrides = [f"distill.method={method}", f"generator.kind={generator}", *matrix["overrides"],
-                 *(matrix["variants"][variant] if variant else []), *([f"train.seed={seed}"] if seed is not None else [])]
-    cfg = load_config(corpus, generator_config or matrix["config"], overrides)
+    cfg = cell_config(matrix, corpus, method, generator, generator_config, variant, seed)
     start = time.perf_counter()
     train(cfg, run, resume=latest_checkpoint(run) is not None, hooks=eval_every_hook(cfg))
     train_s = time.perf_counter() - start
     accelerator = Accelerator()  # after train's, which set up the process group and precision
     world = accelerator.num_processes
     last = read_metrics(RunDir(run).metrics)[-1:] if accelerator.is_main_process else []
-    result = {"corpus": corpus, "method": method, "generator": generator, "variant": variant, "seed": cfg.train.seed,
+    result = {"corpus": corpus, "method": method, "generator": cfg.generator.kind, "variant": variant, "seed": cfg.train.seed,
               "steps": cfg.train.steps, "train_s": round(train_s, 1), "device": accelerator.device.type, "processes": world,
               "device_hours": round(train_s * world / 3600, 4), "skipped_steps": last[0].get("skipped_steps") if last else None,
               "config": config_to_dict(cfg)}
-    oracle = matrix["oracle"] is True or (matrix["oracle"] == "auto" and str(cfg.corpus.name).startswith("shapeworld"))
+    per_prompt = single_prompt(corpus) is not None
+    # the prompt-specific bench: a per-prompt run scores its own prompt among the fixed set, an amortized one the whole set
+    chosen = {} if matrix["prompts"] is None else {"candidates" if per_prompt else "prompts": matrix["prompts"]}
+    if accelerator.is_main_process:
+        result["train_prompts"] = len(load_corpus(cfg.corpus.name, cfg.corpus.dir).train)
+    oracle = matrix["oracle"] is True or (matrix["oracle"] == "auto" and (str(cfg.corpus.name).startswith("shapeworld") or per_prompt))
     if oracle and accelerator.is_main_process:
-        summary = evaluate_run(run, balanced=matrix["eval_prompts"])["summary"]
-        result.update({"oracle_r_at_1": summary["r_at_1"], "oracle_r_at_1_seen": summary["r_at_1_seen"],
-                       "oracle_r_at_1_unseen": summary["r_at_1_unseen"], "oracle_similarity": summary["similarity"],
-                       "iou": summary["iou"], "eval_prompts": summary["n_prompts"]})
+        summary = evaluate_run(run, balanced=matrix["eval_prompts"], **chosen)["summary"]
+        result.update({"oracle_r_at_1": summary["r_at_1"], "oracle_similarity": summary["similarity"], "iou": summary["iou"],
+                       "eval_prompts": summary["n_prompts"]})
+        if not per_prompt:  # a per-prompt run has seen its one prompt
+            result.update({"oracle_r_at_1_seen": summary["r_at_1_seen"], "oracle_r_at_1_unseen": summary["r_at_1_unseen"]})
     if matrix["clip"]:
-        summary = evaluate_clip(run, matrix["clip"], n_views=matrix["clip_views"], progress=False)
+        summary = evaluate_clip(run, matrix["clip"], n_views=matrix["clip_views"], progress=False, **chosen)
         if summary is not None:
             result.update({"clip_r_at_1": summary["r_at_1"], "clip_similarity": summary["similarity"]})
     if matrix["gallery"] and accelerator.is_main_process:
@@ -184,6 +225,45 @@ def table(results: list[dict]) -> str:
     return "\n".join(sections)
 
 
+def prompt_table(results: list[dict], prompts: list[str]) -> str:
+    """Markdown for a prompt-specific bench: one table, a row per setting (per prompt, or amortized on a corpus) x method
+    x generator (x variant); each metric averaged over the fixed prompts (and the seeds), the training time of one
+    run, and the device hours per prompt (a per-prompt run's own; an amortized run's over its training prompts)."""
+    from amortized3d.data.corpora import single_prompt
+
+    def setting(r: dict) -> str:
+        return "per prompt" if single_prompt(r["corpus"]) is not None else f"amortized ({r['corpus']})"
+
+    present = [(k, label) for k, label in METRICS if any(r.get(k) is not None for r in results)]
+    variants = any(r.get("variant") for r in results)
+    unit = f"{results[0]['device'].upper()} h" if results else "h"
+    header = ["setting", "method", "generator", *(["variant"] if variants else []), *[label for _, label in present],
+              "prompts", "training time (one run)", f"{unit} per prompt"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keys = dict.fromkeys((setting(r), r["method"], r["generator"], r.get("variant")) for r in results)
+    for key in sorted(keys, key=lambda k: k[0] != "per prompt"):  # per-prompt rows first, then the amortized ones
+        cells = [r for r in results if (setting(r), r["method"], r["generator"], r.get("variant")) == key]
+        where, method, generator, variant = key
+        values = {}
+        for k, _ in present:  # mean over the prompts: a per-prompt cell holds one prompt, an amortized one the mean of all
+            xs = [(r[k], r.get("eval_prompts") or 1) for r in cells if r.get(k) is not None]
+            values[k] = f"{sum(x * n for x, n in xs) / sum(n for _, n in xs):.3f}" if xs else ""
+        if where == "per prompt":
+            n_prompts = f"{len({r['corpus'] for r in cells})}/{len(prompts)}"
+            per_prompt_h = sum(r["device_hours"] for r in cells) / len(cells)
+        else:
+            n_prompts = f"{cells[0].get('eval_prompts', '')}/{len(prompts)}"
+            per_prompt_h = sum(r["device_hours"] / max(r.get("train_prompts") or 1, 1) for r in cells) / len(cells)
+        row = [where, method.upper() if len(method) <= 4 else method, generator, *([variant or ""] if variants else []),
+               *[values[k] for k, _ in present], n_prompts, _duration(sum(r["train_s"] for r in cells) / len(cells)),
+               f"{per_prompt_h:.4f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    steps = sorted({r.get("steps") for r in results} - {None})
+    about = (f"{len(prompts)} fixed prompts, each retrieved among all {len(prompts)}"
+             + (f"; {', '.join(f'{s:,}' for s in steps)} steps" if steps else ""))
+    return f"**Prompt-specific bench** ({about})\n\n" + "\n".join(lines) + "\n"
+
+
 def claim_cell(out: Path, name: str):
     """An exclusive lock on OUT/runs/<name>.lock (fcntl), held until the returned file is closed, or False when another
     process holds it. The operating system releases it when its process ends, so a killed bench leaves no stale lock."""
@@ -210,12 +290,14 @@ def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
     out = Path(out)
     alone = Accelerator().num_processes == 1
     runs, elsewhere = [], []
-    for corpus in matrix["corpora"]:
-        for generator, generator_config in matrix["generators"].items():
+    corpora = [*matrix["corpora"], *(f"{PROMPT_PREFIX}{p}" for p in matrix["prompts"] or [])]
+    for corpus in corpora:
+        for generator, generator_config in (matrix["generators"] or {None: None}).items():
             for variant in matrix["variants"] or [None]:
                 for method in matrix["methods"]:
                     for seed in matrix["seeds"] or [None]:
-                        name = cell_name(corpus, method, generator, variant, seed)
+                        kind = generator or cell_config(matrix, corpus, method, None, None, variant, seed).generator.kind
+                        name = cell_name(corpus, method, kind, variant, seed)
                         run = out / "runs" / name
                         runs.append(run)
                         if (run / "results.json").is_file():  # finished
@@ -240,7 +322,7 @@ def run_bench(matrix_file: str | Path, out: str | Path) -> list[dict]:
     if Accelerator().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"matrix": matrix, "cells": [{k: v for k, v in r.items() if k != "config"} for r in results]}, indent=1))
-        (out / "results.md").write_text(table(results))
+        (out / "results.md").write_text(table(results) if matrix["prompts"] is None else prompt_table(results, matrix["prompts"]))
         if matrix["gallery"]:
             (out / "index.html").write_text(index_page(results), encoding="utf-8")
     return results

@@ -115,14 +115,58 @@ def summarize(rows: list[dict], keys: tuple[str, ...] = ("r_at_1", "similarity")
     return out
 
 
-def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", candidates: list[str] | None = None,
-                  n_views: int = DEFAULT_VIEWS, elevation: float = DEFAULT_ELEVATION, resolution: int | None = None,
-                  out: str | Path | None = None, limit: int | None = None, save_views: bool = False,
-                  progress: bool = True) -> dict | None:
+def select_prompts(cfg, corpus, split: str = "test", prompts: list[str] | None = None, candidates: list[str] | None = None,
+                   limit: int | None = None, balanced: int | None = None, run_dir: str | Path = "the run") -> tuple[list[str], list[str]]:
+    """The prompts an evaluation scores and the candidates it retrieves among, for both protocols (CLIP and the oracle).
+
+    evaluated: ``prompts`` when given, else the corpus split's prompts: with ``balanced`` N of them, half seen in
+    training and half held out (balanced_prompts), with ``limit`` the first N. candidates: ``candidates`` when given,
+    else the evaluated prompts when ``prompts`` or ``balanced`` chose them, else the whole split. Each evaluated prompt
+    must be a candidate; a per-prompt run (one asset) can only be evaluated on its own prompt.
+    -> (evaluated, candidates), each without repeats, in the given order.
+    """
+    from amortized3d.builders import check_trained_prompts
+
+    if prompts is not None and (limit or balanced):
+        raise ValueError(f"explicit prompts replace --limit and --balanced; drop {'--limit' if limit else '--balanced'}")
+    if prompts is None:
+        split_prompts = corpus.split(split)
+        if not split_prompts:
+            raise ValueError(f"split {split!r} of corpus {cfg.corpus.name!r} is empty; choose another --split")
+        prompts = balanced_prompts(split_prompts, set(corpus.train), balanced) if balanced else split_prompts
+        prompts, default_candidates = prompts[:limit] if limit else prompts, prompts
+    else:
+        default_candidates = prompts
+    evaluated = list(dict.fromkeys(prompts))
+    candidates = list(dict.fromkeys(default_candidates if candidates is None else candidates))
+    if not evaluated:
+        raise ValueError("no prompt to evaluate; pass one or more prompts")
+    check_trained_prompts(cfg, evaluated, run_dir)
+    missing = [p for p in evaluated if p not in set(candidates)]
+    if missing:
+        raise ValueError(f"{len(missing)} evaluated prompt(s) are not among the {len(candidates)} candidates (first: {missing[0]!r}); "
+                         "add them to the candidate file")
+    return evaluated, candidates
+
+
+def balanced_prompts(prompts: list[str], train: set[str], n: int) -> list[str]:
+    """n of ``prompts``: half seen in training and half held out, the first of each in order (the other kind fills in
+    where one runs short), in their order in ``prompts``."""
+    seen = [p for p in prompts if p in train]
+    unseen = [p for p in prompts if p not in train]
+    n_unseen = min(len(unseen), n - min(len(seen), n // 2))
+    chosen = set(unseen[:n_unseen] + seen[: n - n_unseen])
+    return [p for p in prompts if p in chosen]
+
+
+def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", prompts: list[str] | None = None,
+                  candidates: list[str] | None = None, n_views: int = DEFAULT_VIEWS, elevation: float = DEFAULT_ELEVATION,
+                  resolution: int | None = None, out: str | Path | None = None, limit: int | None = None,
+                  save_views: bool = False, progress: bool = True) -> dict | None:
     """Run the protocol on RUN_DIR's latest checkpoint (module docstring); every rank calls it.
 
-    clip: a load_clip spec. candidates: the candidate prompts (default: the evaluated split); each
-    evaluated prompt must be among them. resolution: render size (default: the CLIP input size).
+    clip: a load_clip spec. prompts / candidates / limit: the evaluated prompts and the candidates (select_prompts;
+    default: the split, each prompt among all of the split's). resolution: render size (default: the CLIP input size).
     -> the summary (on rank 0; None on the other ranks).
     """
     from accelerate import Accelerator
@@ -138,15 +182,8 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", candid
     run_dir = Path(run_dir)
     cfg, generator, state = load_run(run_dir, device)
     corpus = load_corpus(cfg.corpus.name, cfg.corpus.dir)
-    prompts = corpus.split(split)
-    if not prompts:
-        raise ValueError(f"split {split!r} of corpus {cfg.corpus.name!r} is empty; choose another --split")
-    evaluated = prompts[:limit] if limit else prompts
-    candidates = list(candidates) if candidates is not None else prompts
+    evaluated, candidates = select_prompts(cfg, corpus, split, prompts, candidates, limit, run_dir=run_dir)
     position = {c: i for i, c in enumerate(candidates)}
-    missing = [p for p in evaluated if p not in position]
-    if missing:
-        raise ValueError(f"{len(missing)} evaluated prompts are not among the candidates (first: {missing[0]!r}); add them")
     model = load_clip(clip, device)
     R = resolution or model.image_size
     out = Path(out) if out else RunDir(run_dir).clip_eval(split)

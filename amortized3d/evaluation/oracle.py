@@ -30,7 +30,7 @@ import torch
 
 from amortized3d.builders import build_text_encoder, load_run
 from amortized3d.data.corpora import load_corpus
-from amortized3d.evaluation.clip_eval import summarize
+from amortized3d.evaluation.clip_eval import select_prompts, summarize
 from amortized3d.fields import grid_points
 from amortized3d.priors.analytic import render_prompt_scenes
 from amortized3d.rendering.cameras import orbit_cameras
@@ -73,35 +73,22 @@ def occupancy_iou(occupied: torch.Tensor, reference: torch.Tensor, valid: torch.
 
 
 @torch.no_grad()
-def balanced_prompts(prompts: list[str], train: set[str], n: int) -> list[str]:
-    """n of ``prompts``: half seen in training and half held out, the first of each in order (the other kind fills in
-    where one runs short), in their order in ``prompts``."""
-    seen = [p for p in prompts if p in train]
-    unseen = [p for p in prompts if p not in train]
-    n_unseen = min(len(unseen), n - min(len(seen), n // 2))
-    chosen = set(unseen[:n_unseen] + seen[: n - n_unseen])
-    return [p for p in prompts if p in chosen]
-
-
 def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | None = None, limit: int | None = None,
-                 balanced: int | None = None) -> dict:
+                 balanced: int | None = None, prompts: list[str] | None = None, candidates: list[str] | None = None) -> dict:
     """Render the split's prompts with the trained generator and score them. Writes and returns the JSON report.
 
     limit: score only the first ``limit`` prompts, against every prompt of the split as candidates.
     balanced: score ``balanced`` prompts, half seen in training and half held out (balanced_prompts), which are then
-    the only candidates: a fixed-size retrieval test for corpora of any size (the corpus-scale bench)."""
+    the only candidates: a fixed-size retrieval test for corpora of any size (the corpus-scale bench).
+    prompts: score these instead of the split (they are then the candidates); candidates: retrieve among these
+    instead (a per-prompt run against a fixed prompt set: the prompt-specific bench). See clip_eval.select_prompts."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
     cfg, generator, state = load_run(run_dir)
     corpus = load_corpus(cfg.corpus.name, cfg.corpus.dir)
-    prompts = corpus.split(split)
-    if not prompts:
-        raise ValueError(f"split {split!r} of corpus {cfg.corpus.name!r} is empty; choose another --split")
-    if balanced:
-        prompts = balanced_prompts(prompts, set(corpus.train), balanced)
-    for p in prompts:
+    evaluated, candidates = select_prompts(cfg, corpus, split, prompts, candidates, limit, balanced, run_dir)
+    for p in candidates:
         parse_prompt(p)  # the oracle needs ShapeWorld prompts; this raises a clear error otherwise
-    evaluated = prompts[:limit] if limit else prompts
     text_encoder = build_text_encoder(cfg)
     R, V = cfg.eval.resolution, cfg.eval.n_views
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy)
@@ -109,15 +96,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     renders = torch.cat([render_validation(cfg, generator, text_encoder, evaluated[i : i + 8], "cpu", V, R)
                          for i in range(0, len(evaluated), 8)])  # [P, V, 3, R, R], at the same cameras as cams
     refs, valid = [], []
-    for i in range(0, len(prompts), 8):
-        batch = prompts[i : i + 8]
+    for i in range(0, len(candidates), 8):
+        batch = candidates[i : i + 8]
         rgb, ok = render_prompt_scenes(batch, cams.reshape(1, V)[[0] * len(batch)], R, R, **render_kwargs)
         refs.append(rgb)
         valid.append(ok)
     K = max(r.shape[1] for r in refs)
     references = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, 0, 0, 0, 0, K - r.shape[1])) for r in refs])
     valid_all = torch.cat([torch.nn.functional.pad(v, (0, K - v.shape[1])) for v in valid])
-    own = torch.arange(len(evaluated))
+    own = torch.tensor([candidates.index(p) for p in evaluated])
     metrics = retrieval_metrics(renders, references, valid_all, own)
 
     bound = cfg.sampling_radius()
@@ -137,7 +124,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
         for i, p in enumerate(evaluated)
     ]
     summary = {"corpus": cfg.corpus.name, "split": split, "method": cfg.distill.method, "step": state["step"],
-               "n_prompts": len(evaluated), "n_candidates": len(prompts), "n_views": V, "resolution": R,
+               "n_prompts": len(evaluated), "n_candidates": len(candidates), "n_views": V, "resolution": R,
                **summarize(per_prompt, ("r_at_1", "similarity", "psnr", "iou"))}
     summary["seconds"] = time.perf_counter() - start
     report = {"summary": summary, "per_prompt": per_prompt}

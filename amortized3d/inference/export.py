@@ -3,7 +3,8 @@
 Mesh extraction runs marching cubes at the zero level set of the field's SDF sampled on a
 regular grid over [-bound, bound]^3 (``inference.baked``); vertex colors come from the
 field's albedo at the vertices.
-Images are handled as uint8 arrays [N, H, W, 3] once they leave torch.
+Images are handled as uint8 arrays [N, H, W, 3] once they leave torch. 3D Gaussians are also written as they are,
+in the .ply layout of 3D Gaussian Splatting (save_splats_ply, load_splats_ply).
 """
 
 from __future__ import annotations
@@ -104,6 +105,57 @@ def save_mesh(mesh: trimesh.Trimesh, stem: Path) -> list[Path]:
     with atomic_path(ply_path) as tmp:
         mesh.export(tmp, file_type="ply", encoding="binary")
     return [glb_path, ply_path]
+
+
+def splat_ply_properties(n_rest: int) -> list[str]:
+    """The vertex properties of the 3D Gaussian Splatting .ply layout (graphdeco-inria's, which splat viewers read), for
+    n_rest higher spherical-harmonic coefficients per channel."""
+    return (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"] + [f"f_rest_{i}" for i in range(3 * n_rest)]
+            + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"])
+
+
+def save_splats_ply(splats: dict[str, torch.Tensor], path: Path) -> Path:
+    """Write 3D Gaussians (PromptGaussians.splats: means, log scales, quats (w, x, y, z), opacity logits, sh0 [N, 1, 3],
+    shN [N, K - 1, 3] if any) as a binary little-endian .ply in 3DGS's layout: activations stored raw as 3DGS does
+    (log scales, opacity logits), normals 0, f_rest channel by channel (all of R's coefficients, then G's, then B's)."""
+    from plyfile import PlyData, PlyElement
+
+    t = {k: v.detach().float().cpu() for k, v in splats.items()}
+    n = t["means"].shape[0]
+    rest = t.get("shN", torch.zeros(n, 0, 3))
+    columns = [t["means"], torch.zeros(n, 3), t["sh0"][:, 0], rest.transpose(1, 2).reshape(n, -1), t["opacities"].reshape(n, 1),
+               t["scales"], t["quats"]]
+    values = torch.cat(columns, 1).numpy()
+    names = splat_ply_properties(rest.shape[1])
+    vertices = np.empty(n, dtype=[(name, "<f4") for name in names])
+    for i, name in enumerate(names):
+        vertices[name] = values[:, i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<").write(str(tmp))
+    return path
+
+
+def load_splats_ply(path: Path) -> dict[str, torch.Tensor]:
+    """A 3DGS-layout .ply (save_splats_ply, or another 3DGS tool's) -> splats as save_splats_ply takes them."""
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"]
+    names = [p.name for p in vertex.properties]
+    n_rest = sum(name.startswith("f_rest_") for name in names) // 3
+    missing = [name for name in splat_ply_properties(n_rest) if name not in names and name not in ("nx", "ny", "nz")]
+    if missing:
+        raise ValueError(f"{path}: not a 3D Gaussian Splatting .ply: no vertex propert{'y' if len(missing) == 1 else 'ies'} "
+                         f"{', '.join(missing)}")
+    column = lambda *keys: torch.from_numpy(np.stack([np.asarray(vertex[k], np.float32) for k in keys], -1))  # noqa: E731
+    n = len(vertex["x"])
+    splats = {"means": column("x", "y", "z"), "scales": column("scale_0", "scale_1", "scale_2"),
+              "quats": column("rot_0", "rot_1", "rot_2", "rot_3"), "opacities": column("opacity")[:, 0],
+              "sh0": column("f_dc_0", "f_dc_1", "f_dc_2").reshape(n, 1, 3)}
+    if n_rest:
+        splats["shN"] = column(*(f"f_rest_{i}" for i in range(3 * n_rest))).reshape(n, 3, n_rest).transpose(1, 2).contiguous()
+    return splats
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.builders import build_text_encoder, load_run
-from amortized3d.data.corpora import CorpusError, check_prompts, single_prompt
+from amortized3d.builders import build_text_encoder, check_trained_prompts, load_run
+from amortized3d.data.corpora import check_prompts
 from amortized3d.inference.baked import bake_representation, render_baked
-from amortized3d.inference.export import contact_sheet, extract_mesh, safe_output_names, save_mesh, to_uint8, write_video
+from amortized3d.inference.export import (contact_sheet, extract_mesh, safe_output_names, save_mesh, save_splats_ply, to_uint8,
+                                         write_video)
 from amortized3d.rendering.cameras import orbit_cameras
 
 
@@ -23,7 +24,8 @@ from amortized3d.rendering.cameras import orbit_cameras
 def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs", *, resolution: int = 128,
              video_format: str = "mp4", frames: int = 36, image_size: int = 128, contact_views: int = 8,
              seed: int | None = None) -> list[dict]:
-    """For each prompt write NAME.glb, NAME.ply, NAME.mp4 (or .gif) and NAME.png into ``out``.
+    """For each prompt write NAME.glb, NAME.ply, NAME.mp4 (or .gif) and NAME.png into ``out`` (3D Gaussians: also
+    NAME_splats.ply, the Gaussians in 3DGS's layout, and the turntable is rasterized from them).
 
     ``seed`` draws the latent z of generators that take one (3D-conv): the same prompt with
     another seed gives another shape; without a seed the generator's fixed default latent is used.
@@ -32,11 +34,7 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
     """
     prompts = check_prompts(prompts, example='generate "a red cube" --checkpoint RUN_DIR')
     cfg, generator, _ = load_run(run_dir)
-    trained = single_prompt(cfg.corpus.name)
-    if cfg.generator.kind == "ngp" and any(prompt != trained for prompt in prompts):
-        other = next(prompt for prompt in prompts if prompt != trained)
-        raise CorpusError(f"{str(run_dir)!r} is a per-prompt run: it optimized one asset, for {trained!r}, and cannot make one for "
-                          f"{other!r}. Pass {trained!r}, or train that prompt: amortized3d train --prompt {other!r}")
+    check_trained_prompts(cfg, prompts, run_dir)
     text_encoder = build_text_encoder(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +47,8 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
         text = text_encoder.encode([prompt])
         z_dim = generator.z_dim
         z = torch.randn(1, z_dim, generator=torch.Generator().manual_seed(seed)) if z_dim and seed is not None else None
-        baked = bake_representation(generator(text.pooled, text.tokens, z=z), resolution, bound)
+        representation = generator(text.pooled, text.tokens, z=z)
+        baked = bake_representation(representation, resolution, bound)
         result = {"prompt": prompt}
         try:
             mesh = extract_mesh(baked)
@@ -57,7 +56,11 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
             result.update(mesh_glb=str(glb), mesh_ply=str(ply), vertices=len(mesh.vertices), faces=len(mesh.faces))
         except ValueError as err:
             result.update(mesh_error=str(err))
-        rgb = render_baked(baked, turntable, image_size, image_size, **cfg.render.volume_kwargs())  # [frames, 3, H, W]
+        if cfg.generator.kind == "gaussians":  # the splats themselves, as a splat viewer shows them, and their .ply
+            result["splats_ply"] = str(save_splats_ply(generator.splats, out / f"{name}_splats.ply"))
+            rgb = representation.render(turntable.reshape(1, frames), image_size, image_size).rgb[0].clamp(0, 1)
+        else:
+            rgb = render_baked(baked, turntable, image_size, image_size, **cfg.render.volume_kwargs())  # [frames, 3, H, W]
         video = write_video(to_uint8(rgb), out / f"{name}.{video_format}", fps=12)
         step = max(1, frames // contact_views)
         sheet = contact_sheet(to_uint8(rgb[::step][:contact_views]), out / f"{name}.png", ncols=min(contact_views, 4))

@@ -53,7 +53,8 @@ class ImageRender:
     """Images of P prompts seen from V cameras each, H x W pixels.
 
     rgb [P, V, 3, H, W]; opacity, depth, z_variance [P, V, 1, H, W]; normal [P, V, 3, H, W] or None.
-    The per-sample tensors (weights, t_mid, sdf_grad) are not kept: render_rays returns them.
+    The per-sample tensors (weights, t_mid, sdf_grad) are not kept: render_rays returns them. splats: the rasterizer's
+    output when 3D Gaussians drew the images (amortized3d.rendering.gaussians.SplatRender, for density control), else None.
     """
 
     rgb: torch.Tensor
@@ -61,6 +62,7 @@ class ImageRender:
     depth: torch.Tensor
     z_variance: torch.Tensor
     normal: torch.Tensor | None
+    splats: object | None = None
 
 
 # ----------------------------------------------------------------------------- pure math

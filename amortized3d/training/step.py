@@ -25,12 +25,16 @@ from amortized3d.distillation.score_distillation import guidance_scale, image_re
 from amortized3d.interfaces import Conditioning, Generator, Prior
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES
 from amortized3d.rendering.cameras import Cameras, sample_training_cameras
+from amortized3d.rendering.volume import ImageRender
 
 
 @dataclass
 class StepResult:
+    """The micro-batch's total loss, its metrics, and its render (3D Gaussians: ImageRender.splats for density control)."""
+
     loss: torch.Tensor
     metrics: dict[str, float]
+    render: ImageRender | None = None
 
 
 def batch_conditioning(batch: PromptBatch, cameras: Cameras, views_per_prompt: int, prior_suffixes: list[str],
@@ -113,4 +117,6 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
             total = total + scheduled_weight(getattr(cfg.regularizers, name), progress) * reg
             metrics[name] = reg.item()
     metrics["opacity"] = opacity.mean().item()
-    return StepResult(total, metrics)
+    if render.splats is not None:
+        metrics["raster_ms"] = 1000 * render.splats.seconds
+    return StepResult(total, metrics, render)

@@ -25,15 +25,16 @@ from accelerate.utils import broadcast
 from tqdm import tqdm
 
 from amortized3d.builders import (adapter_lr, build_adapter, build_generator, build_optimizer, build_prior, build_second_prior,
-                                  build_text_encoder, optimizer_learning_rates, prepare_store, prior_store_suffixes)
+                                  build_text_encoder, init_from_run, optimizer_learning_rates, prepare_store, prior_store_suffixes)
 from amortized3d.config import ExperimentConfig, save_config
-from amortized3d.data.corpora import load_corpus
+from amortized3d.data.corpora import load_corpus, single_prompt
 from amortized3d.data.loader import batch_loader, check_corpus_fits_a_step
 from amortized3d.run_dir import RunDir
 from amortized3d.shapeworld import PromptError, parse_prompt
 from amortized3d.seeding import derived_seed
 from amortized3d.training.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_deepspeed_shards, save_checkpoint,
                                              save_deepspeed_shards)
+from amortized3d.training.densify import DensityControl, accumulate
 from amortized3d.training.guard import TrainingDiverged, all_finite, all_ranks_agree, diverged, guarded_optimizer_step
 from amortized3d.training.monitor import MetricsLog, PromptLog, keep_log_rows, peak_memory_mb, reset_peak_memory
 from amortized3d.training.previews import has_validation, write_validation
@@ -160,7 +161,10 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
 
     text_encoder = build_text_encoder(cfg, device)
     cfg.text.dim = text_encoder.dim  # the prior's CLIP width when text.encoder=prior; recorded in config.yaml
-    generator = build_generator(cfg).to(device)
+    generator = build_generator(cfg)
+    if cfg.generator.kind == "gaussians" and cfg.generator.init_from and not resume:  # refine an existing asset
+        init_from_run(generator, cfg.generator.init_from, cfg.generator.init_prompt or single_prompt(cfg.corpus.name), cfg.train.seed)
+    generator = generator.to(device)
     prior = build_prior(cfg, text_encoder, device)
     second_prior = build_second_prior(cfg, device)  # StableDreamer's second phase (phase2), or None
     store = prepare_store(cfg, train_prompts, text_encoder, prior.text_encoder, rank=rank, world=world,
@@ -179,6 +183,13 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         save_config(cfg, run.config)
         # rows past the checkpoint were logged by the interrupted run, which this one repeats
         keep_log_rows(run.metrics, lambda row: row.get("step", 0) <= start_step)
+    density = None
+    if cfg.generator.kind == "gaussians":  # 3D Gaussians: clone, split, prune and reset on the schedule of cfg.splats
+        if world > 1 or deepspeed:
+            raise ValueError(f"generator.kind=gaussians trains one prompt's Gaussians in one process (density control changes "
+                             f"their number), but this launch has {world} processes{' under DeepSpeed' if deepspeed else ''}; "
+                             "run `amortized3d train --prompt ...` without accelerate launch")
+        density = DensityControl(cfg.splats, cfg.train.seed)
     generator, optimizer = accelerator.prepare(generator, optimizer)
     if resume and deepspeed:  # generator is DeepSpeed's engine here
         load_deepspeed_shards(generator, latest_checkpoint(run_dir), world)
@@ -228,6 +239,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                     losses_finite = losses_finite and finite
                     if finite:
                         accelerator.backward(result.loss)
+                        if density is not None and density.active(step + 1):
+                            accumulate(model, result.render.splats)  # this pass's screen-space gradients
                     for k, v in result.metrics.items():
                         metrics[k] = metrics.get(k, 0.0) + v / cfg.train.grad_accum
                     metrics["loss"] = metrics.get("loss", 0.0) + result.loss.item() / cfg.train.grad_accum
@@ -235,6 +248,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
             outcome = guarded_optimizer_step(accelerator, generator, optimizer, adapter, adapter_optimizer, losses_finite)
             if accelerator.scaler is not None:
                 metrics["grad_scale"] = accelerator.scaler.get_scale()
+            if density is not None:
+                metrics.update(density.step(step + 1, model, optimizer))
             if outcome == "stepped":
                 consecutive_bad = 0
             else:
@@ -252,8 +267,9 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
                 metrics.update(step=done, steps_per_s=1.0 / dt, samples_per_s=samples_per_step / dt,
                                peak_memory_mb=peak_memory_mb(device), skipped_steps=bad_total)
                 log.write(metrics)
+                splats = {} if density is None else {"gaussians": int(metrics["n_gaussians"]), "raster_ms": f"{metrics['raster_ms']:.0f}"}
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", it_s=f"{metrics['steps_per_s']:.2f}",
-                                mem=f"{metrics['peak_memory_mb']:.0f}MB", skipped=bad_total)
+                                mem=f"{metrics['peak_memory_mb']:.0f}MB", skipped=bad_total, **splats)
 
             if consecutive_bad == 0 and (done % cfg.train.ckpt_every == 0 or done == end_step):
                 if not all_finite(list(model.parameters()) + ([] if adapter is None else list(adapter.parameters()))):

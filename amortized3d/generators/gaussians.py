@@ -1,0 +1,237 @@
+"""3D Gaussians of one prompt: what `amortized3d train --prompt P --representation gaussians` optimizes.
+
+Like the per-prompt Instant-NGP field (ngp.py), a representation behind the Generator interface, so the training
+loop, checkpoints, `generate` and the evaluations take it as they take the amortized generators. Its parameters
+(the ``splats`` ParameterDict, with the names and activations of gsplat and 3DGS):
+
+    means [N, 3]        centers
+    scales [N, 3]       log standard deviations along the rotated axes (exp)
+    quats [N, 4]        rotations, quaternions (w, x, y, z) (normalized when used)
+    opacities [N]       logits of the opacities (sigmoid)
+    sh0 [N, 1, 3]       degree-0 color coefficient: rgb = 0.5 + SH_C0 sh0 (clamped at 0)
+    shN [N, K - 1, 3]   the higher spherical-harmonic coefficients, K = (sh_degree + 1)^2 (only when sh_degree > 0)
+
+Initialization (StableDreamer, Sec. 4.3 and Appendix B/C): n_gaussians centers uniform in the ball of radius
+sphere_radius, opacity decaying linearly with the distance r from the origin, init_opacity (1 - r / sphere_radius)
+(at least 0.01), gray color, isotropic scales from the 3 nearest neighbours (3DGS: the root of their mean squared
+distance). The number of Gaussians changes during training (amortized3d/training/densify.py); a checkpoint holds
+however many it had, and loading one resizes the parameters to it. The buffers grad2d and count are density
+control's running sums, saved with the parameters so a resumed run densifies as the uninterrupted one.
+
+As a field (for meshes, baked grids and the oracle's occupancy) the Gaussians are the density
+sigma(x) = sum_i o_i exp(-1/2 (x - mu_i)^T Sigma_i^-1 (x - mu_i)), each truncated at 3.33 standard deviations as in
+rasterization, with the color of the Gaussians weighted by their share of it; the surface is sigma = splat_iso.
+
+Shapes: N Gaussians, P prompts (1 in a per-prompt run), V views, M points.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from amortized3d.generators.common import EnvironmentMap, GeneratorBaseConfig
+from amortized3d.rendering.cameras import Cameras, camera_rays
+from amortized3d.rendering.gaussians import RADIUS_SIGMAS, SH_C0, quaternion_to_rotation, rasterize
+from amortized3d.rendering.volume import ImageRender
+from amortized3d.schema import Int
+
+MIN_INIT_OPACITY = 0.01
+
+
+class GaussiansConfig(GeneratorBaseConfig):
+    """The Gaussians' initialization (n_gaussians in the ball of radius sphere_radius, opacity init_opacity at the
+    center), their color model (sh_degree), the rasterizer (auto: gsplat on CUDA, this project's PyTorch one
+    elsewhere) and the density level of their surface (splat_iso)."""
+
+    n_gaussians: Int = Field(1000, ge=1, le=10_000_000)
+    init_opacity: float = Field(0.5, gt=0, lt=1)
+    # start from an existing asset instead of the ball: n_gaussians points on the surface of the mesh of run init_from
+    # for the prompt init_prompt (null: the run's own prompt), its colors, opacity init_opacity (builders.init_from_run)
+    init_from: str | None = None
+    init_prompt: str | None = None
+    sh_degree: Int = Field(0, ge=0, le=3)
+    rasterizer: Literal["auto", "torch", "gsplat"] = "auto"
+    splat_iso: float = Field(1.0, gt=0, le=1e6)
+
+
+def nearest_neighbour_scale(points: torch.Tensor, k: int = 3, chunk: int = 4096) -> torch.Tensor:
+    """3DGS's initial scale: sqrt of the mean squared distance to the k nearest other points; points [N, 3] -> [N]."""
+    out = []
+    for start in range(0, len(points), chunk):
+        d2 = torch.cdist(points[start : start + chunk], points).pow(2)
+        d2[torch.arange(d2.shape[0]), torch.arange(start, start + d2.shape[0])] = float("inf")  # not itself
+        out.append(d2.topk(min(k, len(points) - 1), largest=False).values.mean(-1).clamp_min(1e-14).sqrt())
+    return torch.cat(out)
+
+
+class PromptGaussians(nn.Module):
+    """One prompt's 3D Gaussians: text [P, D] (unread) -> a GaussianRepresentation; ``config`` is its GaussiansConfig."""
+
+    Config = GaussiansConfig
+    z_dim = 0
+
+    def __init__(self, text_dim: int, config: GaussiansConfig):
+        super().__init__()
+        self.config, self.text_dim = config, text_dim
+        N, R = config.n_gaussians, config.sphere_radius
+        direction = torch.nn.functional.normalize(torch.randn(N, 3), dim=-1)
+        r = R * torch.rand(N).pow(1 / 3)  # uniform in the ball
+        means = direction * r.unsqueeze(-1)
+        opacity = (config.init_opacity * (1 - r / R)).clamp_min(MIN_INIT_OPACITY)
+        scale = nearest_neighbour_scale(means) if N > 1 else torch.full((1,), R)
+        K = (config.sh_degree + 1) ** 2
+        splats = {"means": means, "scales": scale.log().unsqueeze(-1).repeat(1, 3), "quats": torch.tensor([1.0, 0, 0, 0]).repeat(N, 1),
+                  "opacities": torch.logit(opacity), "sh0": torch.zeros(N, 1, 3)}
+        if K > 1:
+            splats["shN"] = torch.zeros(N, K - 1, 3)
+        self.splats = nn.ParameterDict({name: nn.Parameter(value) for name, value in splats.items()})
+        self.register_buffer("grad2d", torch.zeros(N))  # density control's running sums (training/densify.py)
+        self.register_buffer("count", torch.zeros(N))
+        self.background = EnvironmentMap()
+        self._register_load_state_dict_pre_hook(self._resize_to_checkpoint)
+
+    def _resize_to_checkpoint(self, state_dict, prefix, *args) -> None:
+        """Loading a checkpoint with another number of Gaussians: take its sizes (in place, so an optimizer built on
+        these parameters keeps them)."""
+        for name, tensor in [*(("splats." + k, p) for k, p in self.splats.items()), ("grad2d", self.grad2d), ("count", self.count)]:
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape[0] != tensor.shape[0] and saved.shape[1:] == tensor.shape[1:]:
+                tensor.data = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+
+    @torch.no_grad()
+    def start_from_points(self, points: torch.Tensor, colors: torch.Tensor) -> None:
+        """Replace the Gaussians (in place, before training) by isotropic ones at points [N, 3] with colors [N, 3] in
+        [0, 1], opacity init_opacity, nearest-neighbour scales, no rotation, no view dependence."""
+        N = points.shape[0]
+        values = {"means": points, "scales": nearest_neighbour_scale(points).log().unsqueeze(-1).repeat(1, 3),
+                  "quats": torch.tensor([1.0, 0, 0, 0]).repeat(N, 1), "opacities": torch.full((N,), self.config.init_opacity).logit(),
+                  "sh0": ((colors - 0.5) / SH_C0).unsqueeze(1)}
+        for name, p in self.splats.items():
+            p.data = values.get(name, torch.zeros(N, *p.shape[1:])).to(p)
+        self.grad2d.data, self.count.data = torch.zeros(N).to(self.grad2d), torch.zeros(N).to(self.count)
+
+    @property
+    def n_gaussians(self) -> int:
+        return self.splats["means"].shape[0]
+
+    def describe(self) -> dict[str, int]:
+        """Sizes for a memory estimate (builders.describe_generator): nothing per prompt or per ray sample."""
+        return {"activations_per_prompt": 0, "values_per_sample": 0}
+
+    def geometry_parameters(self) -> list[nn.Parameter]:
+        """Every splat attribute (build_optimizer gives each its own group: splat_groups)."""
+        return list(self.splats.values())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def background_parameters(self) -> list[nn.Parameter]:
+        return list(self.background.parameters())
+
+    def sh(self) -> torch.Tensor:
+        """The color coefficients [N, K, 3]."""
+        return torch.cat([self.splats["sh0"], self.splats["shN"]], 1) if "shN" in self.splats else self.splats["sh0"]
+
+    def forward(self, text_pooled: torch.Tensor, text_tokens: torch.Tensor | None = None,
+                z: torch.Tensor | None = None) -> "GaussianRepresentation":
+        """text_pooled [P, D] (only P is read) -> the Gaussians, answered for each of the P rows."""
+        if text_pooled.dim() != 2:
+            raise ValueError(f"text_pooled must have shape [P, D], got {tuple(text_pooled.shape)}")
+        return GaussianRepresentation(self, text_pooled.shape[0])
+
+
+def splat_density(points: torch.Tensor, means: torch.Tensor, precision: torch.Tensor, opacities: torch.Tensor,
+                  colors: torch.Tensor, reach: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigma(x) and the weighted color of N Gaussians at points [M, 3]: means [N, 3], precision (Sigma^-1) [N, 3, 3],
+    opacities [N], colors [N, 3], reach [N] (3.33 x the largest standard deviation: each Gaussian's box) ->
+    (density [M], rgb [M, 3]). Points are grouped into compact chunks, each against the Gaussians whose box meets it."""
+    M = points.shape[0]
+    density, rgb = points.new_zeros(M), points.new_zeros(M, 3)
+    if M == 0:
+        return density, rgb
+    lo, hi = points.min(0).values, points.max(0).values
+    cells = ((points - lo) / ((hi - lo).max() / 16 + 1e-12)).long().clamp(0, 15)
+    order = torch.argsort((cells[:, 0] * 16 + cells[:, 1]) * 16 + cells[:, 2])
+    for start in range(0, M, chunk):
+        idx = order[start : start + chunk]
+        p = points[idx]
+        near = ((means + reach.unsqueeze(-1) >= p.min(0).values) & (means - reach.unsqueeze(-1) <= p.max(0).values)).all(-1)
+        g = near.nonzero()[:, 0]
+        if g.numel() == 0:
+            continue
+        d = p.unsqueeze(1) - means[g].unsqueeze(0)  # [m, n, 3]
+        q = torch.einsum("mni,nij,mnj->mn", d, precision[g], d)
+        w = torch.where(q <= RADIUS_SIGMAS**2, opacities[g] * torch.exp(-0.5 * q), torch.zeros_like(q))
+        density[idx] = w.sum(1)
+        rgb[idx] = (w @ colors[g]) / w.sum(1, keepdim=True).clamp_min(1e-12)
+    return density, rgb
+
+
+class GaussianRepresentation:
+    """The Gaussians of a PromptGaussians as an amortized3d.interfaces.Representation (for P rows, all the same
+    asset): rasterized (amortized3d.rendering.gaussians) over the environment-map background, and a density field
+    (geometry "density", surface at splat_iso) for meshes, baked grids and occupancy."""
+
+    geometry = "density"
+
+    def __init__(self, model: PromptGaussians, n_prompts: int):
+        self.model, self.n_prompts = model, n_prompts
+        self.iso_density = model.config.splat_iso
+
+    def render(self, cameras: Cameras, height: int, width: int, settings=None, *, generator: torch.Generator | None = None,
+               background: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rays: int | None = None) -> ImageRender:
+        """cameras [P, V] -> ImageRender (rgb [P, V, 3, H, W] over the background, opacity, depth, z_variance
+        [P, V, 1, H, W]; splats: the SplatRender of all P V cameras, whose means2d gradient density control reads).
+        settings, generator and chunk_rays are the volume renderer's and unused; background (colors [P, 3], mask
+        bool [P]): a solid background color for the masked prompts."""
+        P, V = cameras.shape
+        s = self.model.splats
+        start = time.perf_counter()
+        out = rasterize(s["means"], s["quats"], s["scales"].exp(), torch.sigmoid(s["opacities"]), self.model.sh(),
+                        cameras.reshape(P * V), height, width, self.model.config.rasterizer)
+        out.seconds = time.perf_counter() - start  # the rasterizer's time (CUDA: its launch, not its kernels)
+        _, dirs = camera_rays(cameras, height, width)  # [P, V, H W, 3]
+        bg = self.model.background(dirs.reshape(P, V * height * width, 3)).reshape(P, V, height, width, 3)
+        if background is not None:
+            colors, mask = background
+            bg = torch.where(mask.reshape(P, 1, 1, 1, 1), colors.reshape(P, 1, 1, 1, 3).to(bg.dtype), bg)
+        shape = (P, V, 1, height, width)
+        opacity = out.opacity.reshape(shape)
+        rgb = out.rgb.reshape(P, V, 3, height, width) + (1 - opacity) * bg.permute(0, 1, 4, 2, 3)
+        return ImageRender(rgb, opacity, out.depth.reshape(shape), out.z_variance.reshape(shape), None, splats=out)
+
+    def regularizers(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gaussians have no regularizer of their own."""
+        return {}
+
+    @torch.no_grad()
+    def density_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """points [P, M, 3] -> (sigma [P, M], rgb [P, M, 3]): the summed Gaussian density and the view-independent
+        (degree-0) color of the Gaussians weighted by their share of it."""
+        s = self.model.splats
+        scales = s["scales"].exp()
+        rot = quaternion_to_rotation(s["quats"])
+        precision = (rot / scales.pow(2).unsqueeze(-2)) @ rot.transpose(-1, -2)  # R S^-2 R^T
+        colors = (0.5 + SH_C0 * s["sh0"][:, 0]).clamp_min(0.0)
+        reach = RADIUS_SIGMAS * scales.max(-1).values
+        P, M, _ = points.shape
+        density, rgb = splat_density(points.reshape(P * M, 3), s["means"], precision, torch.sigmoid(s["opacities"]), colors, reach)
+        return density.reshape(P, M), rgb.reshape(P, M, 3)
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        """points [P, M, 3] -> sigma [P, M]."""
+        return self.density_and_color(points)[0]
+
+    def background(self, directions: torch.Tensor) -> torch.Tensor:
+        """Unit directions [P, R, 3] -> rgb [P, R, 3]."""
+        return self.model.background(directions)
+
+    def occupancy(self, points: torch.Tensor) -> torch.Tensor:
+        """Inside the surface: points [P, M, 3] -> bool [P, M] (density > splat_iso)."""
+        return self.density(points) > self.iso_density
+
