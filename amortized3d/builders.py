@@ -11,6 +11,7 @@ from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
 from amortized3d.data.corpora import CorpusError, load_corpus, single_prompt
 from amortized3d.data.embedding_store import build_store, default_store_dir, load_manifest, prompts_digest
 from amortized3d.generators import GENERATORS, PER_PROMPT
+from amortized3d.generators.gaussians import splat_names
 from amortized3d.interfaces import Generator, Prior
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, load_prior_text_encoder
@@ -121,14 +122,9 @@ def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, ...]:
     """The learning rates of build_optimizer's parameter groups, in their order: geometry, background, and the decoders
     when optim.lr_decoder is set; for 3D Gaussians each splat attribute's (splats.lr_*), then the background."""
     if cfg.generator.kind == "gaussians":
-        return *(getattr(cfg.splats, f"lr_{name}") for name in splat_names(cfg)), cfg.optim.lr_background
+        return *(getattr(cfg.splats, f"lr_{name}") for name in splat_names(cfg.generator.sh_degree)), cfg.optim.lr_background
     decoder = () if cfg.optim.lr_decoder is None else (cfg.optim.lr_decoder,)
     return cfg.optim.lr_geometry, cfg.optim.lr_background, *decoder
-
-
-def splat_names(cfg: ExperimentConfig) -> list[str]:
-    """The splat attributes of generator.kind=gaussians, in PromptGaussians.splats order (shN only with sh_degree > 0)."""
-    return ["means", "scales", "quats", "opacities", "sh0", *(["shN"] if cfg.generator.sh_degree > 0 else [])]
 
 
 def build_optimizer(cfg: ExperimentConfig, generator) -> torch.optim.Optimizer:
@@ -139,7 +135,7 @@ def build_optimizer(cfg: ExperimentConfig, generator) -> torch.optim.Optimizer:
     geometry = list(generator.geometry_parameters())
     groups = [{"params": geometry, "lr": rates[0]}, {"params": list(generator.background_parameters()), "lr": rates[1]}]
     if cfg.generator.kind == "gaussians":  # a group per attribute, named: density control edits them (training/densify.py)
-        names = splat_names(cfg)
+        names = splat_names(cfg.generator.sh_degree)
         groups = [{"params": [generator.splats[name]], "lr": lr, "name": name} for name, lr in zip(names, rates)]
         groups.append({"params": list(generator.background_parameters()), "lr": rates[-1], "name": "background"})
     elif cfg.optim.lr_decoder is not None:

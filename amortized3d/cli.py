@@ -150,7 +150,7 @@ def run_prompt_batch(args) -> int:
     from amortized3d.training.train import train
 
     corpus = load_file(args.prompts)
-    prompts = list(dict.fromkeys(corpus.train + corpus.val + corpus.test))
+    prompts = corpus.all_prompts()
     root = Path(args.output or f"runs/prompts-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     _folder_argument(str(root), "--output")
     configs = [_resolve_config(args, prompt) for prompt in prompts]  # every prompt's config is checked before the first run
@@ -222,8 +222,7 @@ def _prompt_file(path: str | None) -> list[str] | None:
         return None
     from amortized3d.data.corpora import load_file
 
-    corpus = load_file(path)
-    return list(dict.fromkeys(corpus.train + corpus.val + corpus.test))
+    return load_file(path).all_prompts()
 
 
 def run_evaluate(args) -> int:

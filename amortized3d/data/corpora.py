@@ -92,6 +92,10 @@ class Corpus:
     duplicates: dict[str, dict[str, int]] = field(default_factory=dict)
     raw_sizes: dict[str, int] = field(default_factory=dict)
 
+    def all_prompts(self) -> list[str]:
+        """Every prompt of every split, each once, in the order train, val, test."""
+        return list(dict.fromkeys(self.train + self.val + self.test))
+
     def split(self, name: str) -> list[str]:
         if name not in SPLITS:
             raise CorpusError(f"split {name!r} is not one of {', '.join(SPLITS)}")

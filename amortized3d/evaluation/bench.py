@@ -73,7 +73,7 @@ def load_matrix(path: str | Path) -> dict:
         from amortized3d.data.corpora import load_file
 
         corpus = load_file(str(Path(path).parent / prompts) if not Path(prompts).is_absolute() and not Path(prompts).exists() else prompts)
-        prompts = matrix["prompts"] = list(dict.fromkeys(corpus.train + corpus.val + corpus.test))
+        prompts = matrix["prompts"] = corpus.all_prompts()
     if prompts is not None:
         from amortized3d.data.corpora import check_prompts
 
@@ -253,7 +253,7 @@ def prompt_table(results: list[dict], prompts: list[str]) -> str:
             per_prompt_h = sum(r["device_hours"] for r in cells) / len(cells)
         else:
             n_prompts = f"{cells[0].get('eval_prompts', '')}/{len(prompts)}"
-            per_prompt_h = sum(r["device_hours"] / max(r.get("train_prompts") or 1, 1) for r in cells) / len(cells)
+            per_prompt_h = sum(r["device_hours"] / (r.get("train_prompts") or 1) for r in cells) / len(cells)
         row = [where, method.upper() if len(method) <= 4 else method, generator, *([variant or ""] if variants else []),
                *[values[k] for k, _ in present], n_prompts, _duration(sum(r["train_s"] for r in cells) / len(cells)),
                f"{per_prompt_h:.4f}"]

@@ -142,7 +142,8 @@ def select_prompts(cfg, corpus, split: str = "test", prompts: list[str] | None =
     if not evaluated:
         raise ValueError("no prompt to evaluate; pass one or more prompts")
     check_trained_prompts(cfg, evaluated, run_dir)
-    missing = [p for p in evaluated if p not in set(candidates)]
+    known = set(candidates)
+    missing = [p for p in evaluated if p not in known]
     if missing:
         raise ValueError(f"{len(missing)} evaluated prompt(s) are not among the {len(candidates)} candidates (first: {missing[0]!r}); "
                          "add them to the candidate file")

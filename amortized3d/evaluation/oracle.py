@@ -104,7 +104,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     K = max(r.shape[1] for r in refs)
     references = torch.cat([torch.nn.functional.pad(r, (0, 0, 0, 0, 0, 0, 0, 0, 0, K - r.shape[1])) for r in refs])
     valid_all = torch.cat([torch.nn.functional.pad(v, (0, K - v.shape[1])) for v in valid])
-    own = torch.tensor([candidates.index(p) for p in evaluated])
+    position = {c: i for i, c in enumerate(candidates)}
+    own = torch.tensor([position[p] for p in evaluated])
     metrics = retrieval_metrics(renders, references, valid_all, own)
 
     bound = cfg.sampling_radius()

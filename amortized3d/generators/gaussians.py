@@ -43,6 +43,11 @@ from amortized3d.schema import Int
 MIN_INIT_OPACITY = 0.01
 
 
+def splat_names(sh_degree: int) -> list[str]:
+    """The splat attributes, in PromptGaussians.splats order (shN only with sh_degree > 0)."""
+    return ["means", "scales", "quats", "opacities", "sh0", *(["shN"] if sh_degree > 0 else [])]
+
+
 class GaussiansConfig(GeneratorBaseConfig):
     """The Gaussians' initialization (n_gaussians in the ball of radius sphere_radius, opacity init_opacity at the
     center), their color model (sh_degree), the rasterizer (auto: gsplat on CUDA, this project's PyTorch one
@@ -86,10 +91,8 @@ class PromptGaussians(nn.Module):
         scale = nearest_neighbour_scale(means) if N > 1 else torch.full((1,), R)
         K = (config.sh_degree + 1) ** 2
         splats = {"means": means, "scales": scale.log().unsqueeze(-1).repeat(1, 3), "quats": torch.tensor([1.0, 0, 0, 0]).repeat(N, 1),
-                  "opacities": torch.logit(opacity), "sh0": torch.zeros(N, 1, 3)}
-        if K > 1:
-            splats["shN"] = torch.zeros(N, K - 1, 3)
-        self.splats = nn.ParameterDict({name: nn.Parameter(value) for name, value in splats.items()})
+                  "opacities": torch.logit(opacity), "sh0": torch.zeros(N, 1, 3), "shN": torch.zeros(N, K - 1, 3)}
+        self.splats = nn.ParameterDict({name: nn.Parameter(splats[name]) for name in splat_names(config.sh_degree)})
         self.register_buffer("grad2d", torch.zeros(N))  # density control's running sums (training/densify.py)
         self.register_buffer("count", torch.zeros(N))
         self.background = EnvironmentMap()

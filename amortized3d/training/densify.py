@@ -57,8 +57,7 @@ def accumulate(model: PromptGaussians, render: SplatRender) -> None:
     if grad is None:
         return
     C, _, H, W = render.rgb.shape
-    n_cameras = C
-    scaled = grad * torch.tensor([W / 2.0 * n_cameras, H / 2.0 * n_cameras], dtype=grad.dtype, device=grad.device)
+    scaled = grad * torch.tensor([W / 2.0 * C, H / 2.0 * C], dtype=grad.dtype, device=grad.device)  # C: the cameras
     drawn = render.radii > 0  # [C, N]
     ids = torch.nonzero(drawn)[:, 1]
     model.grad2d.index_add_(0, ids, scaled[drawn].norm(dim=-1).to(model.grad2d.dtype))
