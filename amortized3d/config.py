@@ -174,6 +174,11 @@ class DistillConfig(ConfigModel):
     # HiFA's SDS+ (Eq. 4): the image-space term lambda_rgb beta(t)/2 ||x - D(z_hat)||^2 on top of the method's loss (whose
     # latent part, for SDS, is HiFA's latent residual); HiFA: 0.1 with distill.method=sds; 0: off
     rgb_weight: float = Field(0.0, ge=0, le=1e6)
+    # HiFA's z_hat (Alg. 1 step 5): 1 the one-step estimate; n > 1 guided DDIM from t past 0 in strides of 1000 // n
+    # (floor(t / stride) + 1 prior calls per image) with eta denoise_eta, and the latent term beta(t) ||z - z_hat||^2;
+    # HiFA A.1: r = 0.25, i.e. denoise_steps 4, eta 1 (its code's --denoising_steps 4 --eta 1); distill.method=sds only
+    denoise_steps: Int = Field(1, ge=1, le=1000)
+    denoise_eta: float = Field(1.0, ge=0, le=1)
     # how t is chosen in [T_min, T_max]: "random" U{T_min..T_max} per image; or HiFA's annealing, one deterministic t
     # per step, t = T_max - (T_max - T_min) f(progress), f = sqrt (HiFA Eq. 5), linear or cosine (its ablation);
     # HiFA keeps the bounds fixed: distill.t_min=[0.02,0.02] distill.t_max=[0.98,0.98]
@@ -336,6 +341,9 @@ class ExperimentConfig(ConfigModel):
         if self.train.eval_every % self.train.ckpt_every:
             raise ConfigError(f"train.eval_every={self.train.eval_every} must be 0 (off) or a multiple of "
                               f"train.ckpt_every={self.train.ckpt_every}: it evaluates the checkpoint written at that step")
+        if self.distill.denoise_steps > 1 and self.distill.method != "sds":
+            raise ConfigError(f"distill.denoise_steps={self.distill.denoise_steps} is HiFA's multi-step z_hat of SDS+, for "
+                              f"distill.method=sds, not {self.distill.method}; set distill.denoise_steps=1 or distill.method=sds")
         if self.train.eval_every and self.prior.kind != "analytic":
             raise ConfigError("train.eval_every runs the ShapeWorld oracle, which needs the analytic prior's ShapeWorld corpora; "
                               "evaluate other runs' checkpoints with `amortized3d evaluate --checkpoint RUN_DIR --clip MODEL`")

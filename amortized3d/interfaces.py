@@ -99,6 +99,12 @@ class Conditioning:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def select(self, rows: torch.Tensor) -> "Conditioning":
+        """The rows ``rows`` (long [M]) of the N, in that order (M rows)."""
+        pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
+        return Conditioning([self.prompts[i] for i in rows.tolist()], self.cameras[rows.to(self.cameras.fovy.device)],
+                            pick(self.tokens), pick(self.view_tokens))
+
     def repeat(self, n: int) -> "Conditioning":
         """The N rows n times over (n N rows): the condition of n branches batched into one prior call."""
         tile = lambda x: None if x is None else torch.cat([x] * n)  # noqa: E731

@@ -284,3 +284,110 @@ def test_annealed_schedule_gives_every_image_the_same_timestep_below_the_method_
     with pytest.raises(ValueError, match="t_schedule='sqr'.*random, sqrt, linear, cosine"):
         score_distillation(prior, x, Conditioning(["p"] * 6, orbit_cameras(6, 15.0, 1.5, 70.0)), method=method, guidance_scale=7.5,
                            t_range=t_range, eta=0.1, generator=torch.Generator(), t_schedule="sqr")
+
+
+def ddim_by_hand(predict, x_t, t, abar, stride, eta, noises):
+    """DDIM (Song et al. 2021, Eq. 12 with sigma_t(eta) of Eq. 16), written out for one image and a scalar t:
+    x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t); sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev);
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z, a_prev = abar[t - stride], or abar[0]
+    past 0 (Stable Diffusion's scheduler config, set_alpha_to_one false). HiFA's loop: t, t - stride, ... while >= 0."""
+    k = 0
+    while t >= 0:
+        eps = predict(x_t, t)
+        a_t = abar[t].double()
+        a_prev = abar[t - stride].double() if t - stride >= 0 else abar[0].double()
+        x0 = (x_t.double() - (1 - a_t).sqrt() * eps.double()) / a_t.sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+        x_t = (a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps.double() + sigma * noises[k].double()).float()
+        t, k = t - stride, k + 1
+    return x_t
+
+
+def test_hifa_multistep_z_hat_is_guided_ddim_and_the_gradient_its_latent_residual():
+    """HiFA's multi-step z_hat (Alg. 1 step 5, A.1: DDIM r = 0.25, eta = 1) against DDIM written out by hand
+    (ddim_by_hand) on the random predictor's guided prediction eps_u + g (eps_c - eps_u), each image from its own
+    drawn (x_t, t) with the DDIM noise replayed from the step's generator, and the gradient against HiFA's Eq. 3
+    latent residual beta(t) (x - z_hat), beta = w(t) sqrt(abar_t) / sqrt(1 - abar_t). Prior calls: one per stride,
+    batched over the images still stepping (floor(t / 250) + 1 strides per image)."""
+    B, shape, g, steps, eta = 4, (3, 4, 4), 30.0, 4, 1.0
+    prior = RandomPredictor(shape)
+    x = torch.rand(B, *shape, requires_grad=True)
+    cams = orbit_cameras(B, 15.0, 2.0, 50.0)
+    cond = Conditioning([f"p{i}" for i in range(B)], cams)
+    gen = torch.Generator().manual_seed(5)
+    replay = torch.Generator().set_state(gen.get_state())
+    out = score_distillation(prior, x, cond, method="sds", guidance_scale=g, t_range=(20, 980), eta=0.1, generator=gen,
+                             denoise_steps=steps, denoise_eta=eta)
+    (dx,) = torch.autograd.grad(out.loss.sum(), x)
+    t = torch.randint(20, 981, (B,), generator=replay)
+    noise = torch.randn(x.shape, generator=replay)
+    abar = prior.alphas_cumprod
+    x_t = add_noise(x.detach(), noise, t, abar)
+    stride = 1000 // steps
+    strides = [int(ti) // stride + 1 for ti in t]
+    assert len(prior.calls) == max(strides)
+    assert [len(c["t"]) // 2 for c in prior.calls] == [sum(s > k for s in strides) for k in range(max(strides))]
+    ddim_noise = [[None] * max(strides) for _ in range(B)]
+    for k in range(max(strides)):  # the generator's draws: one [active, C, H, W] block per stride, images in order
+        active = [i for i in range(B) if strides[i] > k]
+        block = torch.randn(len(active), *shape, generator=replay)
+        for j, i in enumerate(active):
+            ddim_noise[i][k] = block[j]
+
+    def guided(i):
+        def predict(z, ti):
+            ts = torch.tensor([ti, ti])
+            eps = prior.predict_noise(torch.stack([z, z]), ts, Conditioning([f"p{i}"] * 2, cams[[i, i]]), torch.tensor([False, True]))
+            return eps[1] + g * (eps[0] - eps[1])
+        return predict
+
+    z_hat = torch.stack([ddim_by_hand(guided(i), x_t[i], int(t[i]), abar, stride, eta, ddim_noise[i]) for i in range(B)])
+    torch.testing.assert_close(out.denoised, z_hat, atol=2e-5, rtol=1e-4)
+    a = abar[t].view(-1, 1, 1, 1)
+    beta = (1 - a) * a.sqrt() / (1 - a).sqrt()
+    torch.testing.assert_close(dx, beta * (x.detach() - z_hat), atol=2e-5, rtol=1e-4)
+
+
+class PointMass:
+    """The exact noise prediction of a data distribution that is one point mu: eps(x_t, t) = (x_t - sqrt(abar_t) mu)
+    / sqrt(1 - abar_t), the same for every branch."""
+
+    def __init__(self, mu):
+        self.mu, self.alphas_cumprod = mu, stable_diffusion_alphas_cumprod()
+        self.perp_neg, self.text_encoder = False, None
+
+    def predict_noise(self, noisy, timesteps, cond, unconditional):
+        a = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        return (noisy - a.sqrt() * self.mu) / (1 - a).sqrt()
+
+
+def test_deterministic_ddim_on_a_point_mass_keeps_the_drawn_noise():
+    """Property of DDIM with eta = 0 (Song et al. 2021): for a point-mass data distribution every stride predicts
+    x0 = mu and keeps the predicted noise e = (x_t - sqrt(abar_t) mu) / sqrt(1 - abar_t) of the start, so the
+    multi-step z_hat is sqrt(abar_0) mu + sqrt(1 - abar_0) e (the last stride lands on abar_0), whatever t and the
+    number of strides."""
+    mu = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    prior, B = PointMass(mu), 5
+    x = torch.rand(B, 3, 4, 4)
+    for steps in (2, 4, 10):
+        gen = torch.Generator().manual_seed(steps)
+        replay = torch.Generator().set_state(gen.get_state())
+        out = score_distillation(prior, x, Conditioning(["p"] * B, orbit_cameras(B, 15.0, 2.0, 50.0)), method="sds", guidance_scale=7.5,
+                                 t_range=(20, 980), eta=0.1, generator=gen, denoise_steps=steps, denoise_eta=0.0)
+        t = torch.randint(20, 981, (B,), generator=replay)
+        a_t = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a_t.sqrt() * x + (1 - a_t).sqrt() * torch.randn(x.shape, generator=replay)
+        e = (x_t - a_t.sqrt() * mu) / (1 - a_t).sqrt()
+        a0 = prior.alphas_cumprod[0]
+        torch.testing.assert_close(out.denoised, a0.sqrt() * mu + (1 - a0).sqrt() * e, atol=1e-5, rtol=1e-4)
+
+
+def test_multistep_z_hat_is_for_sds_only():
+    from amortized3d.config import ConfigError, load_config
+
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="denoise_steps=4 .*distill.method=sds, not asd"):
+        score_distillation(RandomPredictor((3, 4, 4)), x, Conditioning(["p"] * 2, orbit_cameras(2, 15.0, 2.0, 50.0)), method="asd",
+                           guidance_scale=7.5, t_range=(20, 980), eta=0.1, generator=torch.Generator(), denoise_steps=4)
+    with pytest.raises(ConfigError, match="denoise_steps=4 .*distill.method=sds, not asd"):
+        load_config("shapeworld-16", overrides=["distill.denoise_steps=4", "distill.method=asd"])

@@ -131,6 +131,7 @@ def test_a_per_prompt_run_with_stable_diffusion(tiny_sd, tmp_path, recipe):
         assert cfg.optim.name == "adamw"
     else:
         assert cfg.distill.rgb_weight == 0.1 and cfg.distill.t_schedule == "sqrt"
+        assert (cfg.distill.denoise_steps, cfg.distill.denoise_eta) == (4, 1.0)  # HiFA A.1: DDIM r = 0.25, eta = 1
         assert all(r["loss_rgb"] > 0 and r["z_variance"] >= 0 for r in rows if "loss" in r)
         assert (rows[0]["t_min"], rows[0]["t_max"]) == (20, 980) == (rows[1]["t_min"], rows[1]["t_max"])  # HiFA: fixed bounds
 

@@ -39,6 +39,7 @@ import torch
 
 from amortized3d.distillation.guidance import Draw
 from amortized3d.distillation.methods import METHODS
+from amortized3d.distillation.methods.sds import multistep_denoised
 from amortized3d.interfaces import Conditioning
 from amortized3d.priors.schedule import NUM_TRAIN_TIMESTEPS, add_noise, predict_clean
 
@@ -108,7 +109,8 @@ def distillation_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 class DistillationOutput:
     """loss [B] per image, grad [B, C, H, W], timesteps [B], shifted timesteps [B] (ASD only), and denoised [B, C, H, W]:
     the one-step estimate of the clean image from the method's guided prediction, x_hat = (x_t - sqrt(1 - abar_t)
-    eps_guided) / sqrt(abar_t) (StableDreamer Prop. 1's pseudo ground truth; HiFA's z_hat)."""
+    eps_guided) / sqrt(abar_t) (StableDreamer Prop. 1's pseudo ground truth; HiFA's z_hat), or HiFA's multi-step
+    z_hat (score_distillation's denoise_steps)."""
 
     loss: torch.Tensor
     grad: torch.Tensor
@@ -152,6 +154,8 @@ def score_distillation(
     asd_shift: str = "paper",
     t_schedule: str = "random",
     progress: float = 0.0,
+    denoise_steps: int = 1,
+    denoise_eta: float = 1.0,
 ) -> DistillationOutput:
     """One score-distillation step on a batch of rendered images.
 
@@ -160,7 +164,9 @@ def score_distillation(
     (amortized3d.distillation.adapters); ``asd_shift`` the rule of ASD's timestep shift (methods/asd.py).
     Draws t ~ U{T_min, ..., ceiling} (t_schedule "random"), or takes every image's t from HiFA's annealing at
     ``progress`` between T_min and the ceiling (annealed_timestep), draws eps, then the method's gradient; non-finite
-    gradients are kept as they are so the training loop's guard can see them.
+    gradients are kept as they are so the training loop's guard can see them. ``denoise_steps`` > 1 (SDS only): z_hat
+    from that many guided DDIM strides (methods/sds.py, multistep_denoised; ``denoise_eta`` their eta) and the
+    gradient HiFA's latent residual beta(t) (x - z_hat) (Eq. 3); 1: the one-step z_hat, with which that is SDS.
     """
     if method not in METHODS:
         raise ValueError(f"distill.method={method!r} is not known; choose one of {', '.join(METHODS)}")
@@ -169,6 +175,9 @@ def score_distillation(
         raise ValueError(f"distill.method={method!r} {'needs' if adapter is None else 'takes no'} learned branch (adapter)")
     if t_schedule not in T_SCHEDULES:
         raise ValueError(f"distill.t_schedule={t_schedule!r} is not known; choose one of {', '.join(T_SCHEDULES)}")
+    if denoise_steps > 1 and method != "sds":
+        raise ValueError(f"distill.denoise_steps={denoise_steps} is HiFA's multi-step z_hat of SDS+, for distill.method=sds, "
+                         f"not {method}; set distill.denoise_steps=1 or distill.method=sds")
     B = x.shape[0]
     ceiling = spec.timestep_ceiling(t_range, eta, asd_shift)
     if t_schedule == "random":
@@ -183,4 +192,7 @@ def score_distillation(
         draw = Draw(prior, x.detach(), cond, t, noise, x_t, weight, abar, guidance_scale, t_range, eta, asd_shift, generator, adapter)
         grad = spec.gradient(draw)
         denoised = predict_clean(x_t, draw.eps_guided, t, abar)
+        if denoise_steps > 1:
+            denoised = multistep_denoised(draw, denoise_steps, denoise_eta)
+            grad = reconstruction_weight(abar[t]).to(x.dtype).reshape(-1, 1, 1, 1) * (x.detach() - denoised)
     return DistillationOutput(distillation_loss(x, grad), grad, t, draw.shifted_timesteps, denoised)

@@ -33,3 +33,17 @@ def predict_clean(noisy: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tenso
     sqrt(abar_t). noisy, eps [B, ...], timesteps long [B] -> [B, ...]."""
     abar = alphas_cumprod.to(noisy.device)[timesteps].to(noisy.dtype).reshape(-1, *([1] * (noisy.dim() - 1)))
     return (noisy - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def ddim_scheduler(alphas_cumprod: torch.Tensor, num_inference_steps: int):
+    """diffusers' DDIMScheduler on the schedule ``alphas_cumprod`` [T] (through its betas, 1 - abar_t / abar_{t-1}),
+    set to ``num_inference_steps`` strides of T // num_inference_steps; epsilon prediction, no clipping, and the step
+    past t = 0 lands on abar_0, as Stable Diffusion's scheduler config (set_alpha_to_one false)."""
+    from diffusers import DDIMScheduler
+
+    abar = alphas_cumprod.detach().double().cpu()
+    betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    scheduler = DDIMScheduler(num_train_timesteps=len(abar), trained_betas=betas.numpy(), clip_sample=False,
+                              set_alpha_to_one=False, prediction_type="epsilon")
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler

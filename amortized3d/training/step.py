@@ -87,11 +87,12 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     t_range = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
     out = score_distillation(prior, images, cond, method=cfg.distill.method, guidance_scale=guidance_scale(cfg.distill), t_range=t_range,
                              eta=cfg.distill.eta, generator=rng, adapter=adapter, asd_shift=cfg.distill.asd_shift,
-                             t_schedule=cfg.distill.t_schedule, progress=progress)
+                             t_schedule=cfg.distill.t_schedule, progress=progress, denoise_steps=cfg.distill.denoise_steps,
+                             denoise_eta=cfg.distill.denoise_eta)
     loss_sd = out.loss.mean()
     total = loss_sd
     metrics = {"loss_sd": loss_sd.item(), "t_min": t_range[0], "t_max": t_range[1], "grad_sd_norm": out.grad.flatten(1).norm(dim=1).mean().item()}
-    if cfg.distill.rgb_weight > 0:  # HiFA's SDS+: the image-space residual to the decoded one-step estimate
+    if cfg.distill.rgb_weight > 0:  # HiFA's SDS+: the image-space residual to the decoded z_hat
         loss_rgb = image_residual_loss(prior, render.rgb.reshape(P * V, 3, H, W), out.denoised, out.timesteps, cfg.distill.rgb_weight).mean()
         total = total + loss_rgb
         metrics["loss_rgb"] = loss_rgb.item()
