@@ -101,7 +101,13 @@ def build_generator(cfg: ExperimentConfig) -> Generator:
     """The generator of generator.kind (amortized3d.generators.GENERATORS), from its own config (the fields of the
     generator section it has) and text.dim."""
     generator_class = GENERATORS[cfg.generator.kind]
-    return generator_class(cfg.text.dim, cfg.generator.part(generator_class.Config))
+    config = cfg.generator.part(generator_class.Config)
+    if cfg.generator.kind == "gaussians":  # unset carve views: the training cameras' span, the last render size
+        (lo, hi), camera = cfg.camera.elevation_range, cfg.camera
+        defaults = {"carve_elevations": [lo, (lo + hi) / 2, hi], "carve_distance": sum(camera.distance_range) / 2,
+                    "carve_fovy": max(camera.fovy_range), "carve_resolution": cfg.render.size_at(1.0)[0]}
+        config = config.model_copy(update={k: v for k, v in defaults.items() if getattr(config, k) is None})
+    return generator_class(cfg.text.dim, config)
 
 
 def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.device = "cpu") -> Prior:

@@ -127,7 +127,12 @@ def brute_force_composite(means2d, conics, depths, radii, opacities, features, H
     return out, opacity
 
 
-def test_compositing_matches_a_per_pixel_loop_of_gsplats_kernel():
+@pytest.mark.parametrize("chunk", [512, 2])
+def test_compositing_matches_a_per_pixel_loop_of_gsplats_kernel(chunk, monkeypatch):
+    # chunk 2: the pass that finds where each tile's pixels stop runs over several chunks and stops early
+    import amortized3d.rendering.gaussians as module
+
+    monkeypatch.setattr(module, "TILE_CHUNK", chunk)
     gen = torch.Generator().manual_seed(0)
     C, N, H, W = 2, 7, 20, 36  # two bands of tiles, a partial last one in each direction
     means2d = torch.rand(C, N, 2, generator=gen, dtype=torch.float64) * torch.tensor([W, H]) 
@@ -149,6 +154,32 @@ def test_compositing_matches_a_per_pixel_loop_of_gsplats_kernel():
     np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
     np.testing.assert_allclose(got_opacity[:, 0].numpy(), want_opacity, atol=1e-10)
     assert (want_opacity > 0.99).any()  # the cut-off was reached somewhere
+
+
+def test_gaussians_hidden_behind_opaque_ones_change_neither_images_nor_gradients():
+    # Two nearly flat Gaussians of alpha 0.999 (the clamp) over the whole tile in front of 600 others: every pixel
+    # stops at the second (next T = 1e-6 <= 1e-4, gsplat excludes it), so the image and the gradients equal those of
+    # the first Gaussian alone, and the 600 behind get no gradient (the compositing cuts them; chunks of 512 and more).
+    gen = torch.Generator().manual_seed(1)
+    C, N, H, W = 1, 602, 16, 16
+    means2d = torch.cat([torch.full((C, 2, 2), 8.0), 8 + torch.randn(C, N - 2, 2, generator=gen)], 1).double().requires_grad_()
+    conics = torch.cat([torch.tensor([1e-5, 0.0, 1e-5]).repeat(C, 2, 1), torch.tensor([0.05, 0.0, 0.05]).repeat(C, N - 2, 1)], 1).double()
+    radii = torch.full((C, N, 2), 30, dtype=torch.int32)
+    depths = torch.cat([torch.tensor([[0.0, 0.5]]), 1 + torch.rand(C, N - 2, generator=gen)], 1).double()
+    opacities = torch.cat([torch.tensor([0.9999, 0.9999]), torch.rand(N - 2, generator=gen) * 0.5 + 0.1]).double().requires_grad_()
+    features = torch.rand(C, N, 3, generator=gen, dtype=torch.float64)
+    weights = torch.rand(C, 3, H, W, generator=gen, dtype=torch.float64)
+
+    def run(n):
+        image, opacity = composite(means2d[:, :n], conics[:, :n], depths[:, :n], radii[:, :n], opacities[:n], features[:, :n], H, W)
+        return image, opacity, torch.autograd.grad((image * weights).sum() + opacity.sum(), [means2d, opacities])
+
+    image, opacity, (g_means, g_opacities) = run(N)
+    alone, alone_opacity, (a_means, a_opacities) = run(1)
+    assert torch.equal(image, alone) and torch.equal(opacity, alone_opacity)
+    torch.testing.assert_close(opacity, torch.full_like(opacity, 0.999), atol=1e-6, rtol=0)
+    assert torch.equal(g_means, a_means) and torch.equal(g_opacities, a_opacities)
+    assert (g_opacities[1:] == 0).all() and (g_means[:, 1:] == 0).all()
 
 
 def test_gradients_match_finite_differences():
@@ -232,9 +263,7 @@ def test_train_evaluate_generate_gallery_and_plot_a_gaussian_run(tmp_path, capsy
     from tests.fixtures import hide_viewer
 
     run = tmp_path / "run"
-    # splat_iso 0.2: 200 barely trained Gaussians sum to less than the default surface level 1
-    assert main(["train", "--prompt", PROMPT, "--representation", "gaussians", "--output", str(run), *GS_TINY,
-                 "generator.splat_iso=0.2"]) == 0
+    assert main(["train", "--prompt", PROMPT, "--representation", "gaussians", "--output", str(run), *GS_TINY]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["step"] == 2 and rows[1]["n_gaussians"] > 200 and rows[1]["cloned"] + rows[1]["split"] > 0  # densified
     assert all(r["raster_ms"] > 0 for r in rows)
@@ -295,25 +324,86 @@ def test_the_splat_ply_round_trips_with_3dgs_property_names(tmp_path):
         load_splats_ply(bad)
 
 
-def test_the_splat_density_is_the_sum_of_truncated_gaussians():
-    # Brute force: every Gaussian at every point, o exp(-q / 2) where the Mahalanobis distance sqrt(q) <= 3.33.
-    model = small_gaussians(n=40)
+def test_the_carved_solid_follows_its_definition_per_point_and_view():
+    # Brute force, per point and per carve view in Python: the pinhole projection written from the OpenGL camera
+    # (camera looks down -z, y up; u = W/2 + f x / d, v = H/2 - f y / d, d = -z, f = H / (2 tan(fovy / 2))), the
+    # rendered opacity and expected depth read at the pixel containing (u, v); s(x) = the max over the views whose
+    # image holds x of (depth - d) where the pixel is opaque (> 0.5), else d / f; the color that of the view whose
+    # surface is nearest in depth (module docstring of amortized3d/generators/gaussians.py).
+    model = small_gaussians(n=60, sh_degree=0)
+    with torch.no_grad():
+        model.splats["opacities"].fill_(2.0)
+        model.splats["scales"].fill_(math.log(0.06))
     rep = model(torch.zeros(1, 4))
-    points = (torch.rand(1, 500, 3) - 0.5) * 1.2
-    density, rgb = rep.density_and_color(points)
-    s = {k: v.detach().double() for k, v in model.splats.items()}
-    cov = covariance(s["quats"], s["scales"].exp()).numpy()
-    want_d, want_c = np.zeros(500), np.zeros((500, 3))
-    colors = np.clip(0.5 + SH_C0 * s["sh0"][:, 0].numpy(), 0, None)
-    for i in range(40):
-        d = points[0].double().numpy() - s["means"][i].numpy()
-        q = np.einsum("mi,ij,mj->m", d, np.linalg.inv(cov[i]), d)
-        w = np.where(q <= 3.33**2, torch.sigmoid(s["opacities"][i]).item() * np.exp(-0.5 * q), 0.0)
-        want_d += w
-        want_c += w[:, None] * colors[i]
-    np.testing.assert_allclose(density[0].numpy(), want_d, rtol=1e-4, atol=1e-6)
-    seen = want_d > 1e-6
-    np.testing.assert_allclose(rgb[0].numpy()[seen], (want_c / want_d[:, None].clip(1e-12))[seen], rtol=1e-3, atol=1e-5)
+    cams, out = rep.carve_views()
+    R = model.config.carve_resolution
+    points = (torch.rand(1, 300, 3, generator=torch.Generator().manual_seed(0)) - 0.5) * 1.4
+    value, color = rep.sdf_and_color(points)
+    c2w = cams.c2w.double().numpy()
+    for m in range(points.shape[1]):
+        x = points[0, m].double().numpy()
+        best, nearest, want_color = -np.inf, np.inf, np.zeros(3)
+        for c in range(len(c2w)):
+            local = np.linalg.inv(c2w[c]) @ np.append(x, 1.0)
+            d = -local[2]
+            f = R / (2 * math.tan(cams.fovy[c].item() / 2))
+            u, v = R / 2 + f * local[0] / d, R / 2 - f * local[1] / d
+            if d <= 0.01 or not (0 <= u < R and 0 <= v < R):
+                continue
+            if min(abs(u - round(u)), abs(v - round(v))) < 1e-3:
+                break  # on a pixel border: float32 may pick the other pixel
+            opacity = out.opacity[c, 0, int(v), int(u)].item()
+            depth = out.depth[c, 0, int(v), int(u)].item()
+            best = max(best, depth - d if opacity > 0.5 else d / f)
+            if opacity > 0.5 and abs(depth - d) < nearest:
+                nearest, want_color = abs(depth - d), out.rgb[c, :, int(v), int(u)].numpy() / opacity
+        else:
+            want = model.config.bound if best == -np.inf else best
+            assert value[0, m].item() == pytest.approx(want, abs=2e-4), m
+            np.testing.assert_allclose(color[0, m].numpy(), np.clip(want_color, 0, 1), atol=1e-4)
+    assert torch.equal(rep.occupancy(points), value < 0)
+
+
+def test_gaussians_on_a_sphere_carve_the_solid_ball():
+    # Property: opaque Gaussians covering only the surface of a ball render as that ball from every view, so the
+    # carved solid is the ball, inside included (where no Gaussian is); its IoU with the exact ball at 32^3 cell
+    # centers is high, and the summed Gaussian density there would be 0.
+    from amortized3d.fields import grid_points
+
+    model = small_gaussians(n=6000, sh_degree=0)
+    model.config.carve_resolution = 64  # pixels of 0.03 at the ball (the tiny recipe's 16: 0.12, too coarse for 32^3 cells)
+    radius = 0.4
+    with torch.no_grad():
+        directions = torch.nn.functional.normalize(torch.randn(6000, 3, generator=torch.Generator().manual_seed(1)), dim=-1)
+        model.splats["means"].copy_(radius * directions)
+        model.splats["scales"].fill_(math.log(0.015))
+        model.splats["opacities"].fill_(6.0)
+    points = grid_points(32, 1.0, cell_centers=True).unsqueeze(0)
+    inside = model(torch.zeros(1, 4)).occupancy(points)[0]
+    ball = points[0].norm(dim=-1) < radius
+    assert (inside & ball).sum() / (inside | ball).sum() > 0.9
+    assert inside[points[0].norm(dim=-1) < 0.2].all()  # the hollow center is solid
+
+
+def test_the_carve_views_default_to_the_training_cameras():
+    from amortized3d.builders import build_generator
+    from amortized3d.config import load_config
+
+    cfg = load_config("prompt:" + PROMPT, overrides=[*TINY, "generator.kind=gaussians", "regularizers.eikonal=[]",
+                                                     "camera.elevation_range=[-10.0, 50.0]", "camera.distance_range=[1.2, 1.8]",
+                                                     "camera.fovy_range=[40.0, 55.0]", "render.height=24", "render.width=24",
+                                                     "render.size_schedule=[[0.5, 40]]"])
+    model = build_generator(cfg)
+    c = model.config
+    assert (c.carve_elevations, c.carve_distance, c.carve_fovy, c.carve_resolution) == ([-10.0, 20.0, 50.0], 1.5, 55.0, 40)
+    cams = model(torch.zeros(1, 4)).carve_cameras()
+    assert cams.shape == (24,) and torch.allclose(cams.distance, torch.tensor(1.5))
+    assert sorted(set(cams.elevation.round().tolist())) == [-10.0, 20.0, 50.0]
+    positions = cams.c2w[:, :3, 3]
+    assert torch.allclose((positions @ cams.c2w[:, :3, 2].T).diagonal(), cams.distance, atol=1e-5)  # they look at the origin
+    fixed = build_generator(load_config("prompt:" + PROMPT, overrides=[*TINY, "generator.kind=gaussians", "regularizers.eikonal=[]",
+                                                                       "generator.carve_resolution=64"]))
+    assert fixed.config.carve_resolution == 64
 
 
 def test_the_mesh_of_gaussians_passes_the_gltf_validator(tmp_path):
@@ -325,7 +415,7 @@ def test_the_mesh_of_gaussians_passes_the_gltf_validator(tmp_path):
 
     model = small_gaussians(n=300, sh_degree=0)
     with torch.no_grad():
-        model.splats["opacities"].fill_(3.0)  # a solid blob, surely above splat_iso
+        model.splats["opacities"].fill_(3.0)  # a solid blob
         model.splats["scales"].fill_(math.log(0.08))
     glb, _ = save_mesh(extract_mesh(bake_representation(model(torch.zeros(1, 4)), 40, 1.0)), tmp_path / "blob")
     script = ("const v = require(process.argv[1]); const fs = require('fs');"

@@ -18,25 +18,37 @@ distance). The number of Gaussians changes during training (amortized3d/training
 however many it had, and loading one resizes the parameters to it. The buffers grad2d and count are density
 control's running sums, saved with the parameters so a resumed run densifies as the uninterrupted one.
 
-As a field (for meshes, baked grids and the oracle's occupancy) the Gaussians are the density
-sigma(x) = sum_i o_i exp(-1/2 (x - mu_i)^T Sigma_i^-1 (x - mu_i)), each truncated at 3.33 standard deviations as in
-rasterization, with the color of the Gaussians weighted by their share of it; the surface is sigma = splat_iso.
+As a field (for meshes, baked grids and the oracle's occupancy) the Gaussians are what their renders show: a solid
+carved out of space by carve views (rings of 8 cameras at the elevations carve_elevations, distance carve_distance,
+field of view carve_fovy, carve_resolution^2 pixels: by default the training cameras' span and the training render
+size, so the solid is what training saw), as 3D Gaussians' surfaces are read from their rendered opacity and depth (the opacity field of Gaussian Opacity Fields, Yu et al. 2024, at its level 0.5, through
+each view's expected depth):
+
+    s(x) = max over the views v whose image x falls in of  D_v(p) - z_v(x)   where the pixel p of x is opaque (> 0.5)
+                                                           + z_v(x) / f_v  (one pixel's width at x) where it is not
+    (x in no view: + bound)
+
+with z_v(x) the depth of x in view v and D_v(p) the rendered expected depth of p. s < 0 (inside) where every view
+sees x opaque and at or behind its surface; s is a signed depth (0 on the surface), read as an SDF (geometry "sdf")
+for marching cubes and the oracle's occupancy. The color at x is the rendered color of the view whose surface lies
+nearest x in depth.
 
 Shapes: N Gaussians, P prompts (1 in a per-prompt run), V views, M points.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from amortized3d.generators.common import EnvironmentMap, GeneratorBaseConfig
-from amortized3d.rendering.cameras import Cameras, camera_rays
-from amortized3d.rendering.gaussians import RADIUS_SIGMAS, SH_C0, quaternion_to_rotation, rasterize
+from amortized3d.rendering.cameras import Cameras, camera_rays, look_at_cameras
+from amortized3d.rendering.gaussians import NEAR, SH_C0, SplatRender, camera_matrices, rasterize
 from amortized3d.rendering.volume import ImageRender
 from amortized3d.schema import Int
 
@@ -51,7 +63,7 @@ def splat_names(sh_degree: int) -> list[str]:
 class GaussiansConfig(GeneratorBaseConfig):
     """The Gaussians' initialization (n_gaussians in the ball of radius sphere_radius, opacity init_opacity at the
     center), their color model (sh_degree), the rasterizer (auto: gsplat on CUDA, this project's PyTorch one
-    elsewhere) and the density level of their surface (splat_iso)."""
+    elsewhere) and the views that carve their solid (module docstring)."""
 
     n_gaussians: Int = Field(1000, ge=1, le=10_000_000)
     init_opacity: float = Field(0.5, gt=0, lt=1)
@@ -61,7 +73,13 @@ class GaussiansConfig(GeneratorBaseConfig):
     init_prompt: str | None = None
     sh_degree: Int = Field(0, ge=0, le=3)
     rasterizer: Literal["auto", "torch", "gsplat"] = "auto"
-    splat_iso: float = Field(1.0, gt=0, le=1e6)
+    # the carve views (module docstring); null: from the training cameras and renders (builders.build_generator):
+    # elevations the ends and middle of camera.elevation_range, distance the middle of camera.distance_range, fovy
+    # the widest of camera.fovy_range, resolution the last training render height
+    carve_elevations: list[Annotated[float, Field(ge=-90, le=90)]] | None = Field(None, min_length=1)
+    carve_distance: float | None = Field(None, gt=0, le=1000)
+    carve_fovy: float | None = Field(None, gt=0, lt=180)
+    carve_resolution: Int | None = Field(None, ge=8, le=4096)
 
 
 def nearest_neighbour_scale(points: torch.Tensor, k: int = 3, chunk: int = 4096) -> torch.Tensor:
@@ -148,44 +166,16 @@ class PromptGaussians(nn.Module):
         return GaussianRepresentation(self, text_pooled.shape[0])
 
 
-def splat_density(points: torch.Tensor, means: torch.Tensor, precision: torch.Tensor, opacities: torch.Tensor,
-                  colors: torch.Tensor, reach: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """sigma(x) and the weighted color of N Gaussians at points [M, 3]: means [N, 3], precision (Sigma^-1) [N, 3, 3],
-    opacities [N], colors [N, 3], reach [N] (3.33 x the largest standard deviation: each Gaussian's box) ->
-    (density [M], rgb [M, 3]). Points are grouped into compact chunks, each against the Gaussians whose box meets it."""
-    M = points.shape[0]
-    density, rgb = points.new_zeros(M), points.new_zeros(M, 3)
-    if M == 0:
-        return density, rgb
-    lo, hi = points.min(0).values, points.max(0).values
-    cells = ((points - lo) / ((hi - lo).max() / 16 + 1e-12)).long().clamp(0, 15)
-    order = torch.argsort((cells[:, 0] * 16 + cells[:, 1]) * 16 + cells[:, 2])
-    for start in range(0, M, chunk):
-        idx = order[start : start + chunk]
-        p = points[idx]
-        near = ((means + reach.unsqueeze(-1) >= p.min(0).values) & (means - reach.unsqueeze(-1) <= p.max(0).values)).all(-1)
-        g = near.nonzero()[:, 0]
-        if g.numel() == 0:
-            continue
-        d = p.unsqueeze(1) - means[g].unsqueeze(0)  # [m, n, 3]
-        q = torch.einsum("mni,nij,mnj->mn", d, precision[g], d)
-        w = torch.where(q <= RADIUS_SIGMAS**2, opacities[g] * torch.exp(-0.5 * q), torch.zeros_like(q))
-        density[idx] = w.sum(1)
-        rgb[idx] = (w @ colors[g]) / w.sum(1, keepdim=True).clamp_min(1e-12)
-    return density, rgb
-
-
 class GaussianRepresentation:
     """The Gaussians of a PromptGaussians as an amortized3d.interfaces.Representation (for P rows, all the same
-    asset): rasterized (amortized3d.rendering.gaussians) over the environment-map background, and a density field
-    (geometry "density", surface at splat_iso) for meshes, baked grids and occupancy."""
+    asset): rasterized (amortized3d.rendering.gaussians) over the environment-map background, and the solid their
+    carve views show (module docstring; geometry "sdf") for meshes, baked grids and occupancy."""
 
-    geometry = "density"
+    geometry = "sdf"
 
     def __init__(self, model: PromptGaussians, n_prompts: int):
         self.model, self.n_prompts = model, n_prompts
-        self.iso_density = model.config.splat_iso
-
+        self._carve = None
     def render(self, cameras: Cameras, height: int, width: int, settings=None, *, generator: torch.Generator | None = None,
                background: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rays: int | None = None) -> ImageRender:
         """cameras [P, V] -> ImageRender (rgb [P, V, 3, H, W] over the background, opacity, depth, z_variance
@@ -212,29 +202,70 @@ class GaussianRepresentation:
         """Gaussians have no regularizer of their own."""
         return {}
 
-    @torch.no_grad()
-    def density_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """points [P, M, 3] -> (sigma [P, M], rgb [P, M, 3]): the summed Gaussian density and the view-independent
-        (degree-0) color of the Gaussians weighted by their share of it."""
-        s = self.model.splats
-        scales = s["scales"].exp()
-        rot = quaternion_to_rotation(s["quats"])
-        precision = (rot / scales.pow(2).unsqueeze(-2)) @ rot.transpose(-1, -2)  # R S^-2 R^T
-        colors = (0.5 + SH_C0 * s["sh0"][:, 0]).clamp_min(0.0)
-        reach = RADIUS_SIGMAS * scales.max(-1).values
-        P, M, _ = points.shape
-        density, rgb = splat_density(points.reshape(P * M, 3), s["means"], precision, torch.sigmoid(s["opacities"]), colors, reach)
-        return density.reshape(P, M), rgb.reshape(P, M, 3)
+    def carve_cameras(self) -> Cameras:
+        """The carve views: a ring of 8 cameras per carve elevation (each ring turned by 45 / rings degrees) at
+        carve_distance with carve_fovy, looking at the origin. -> Cameras [len(elevations) 8]."""
+        cfg = self.model.config
+        if None in (cfg.carve_elevations, cfg.carve_distance, cfg.carve_fovy, cfg.carve_resolution):
+            raise ValueError("the carve views are not set: build the Gaussians with builders.build_generator, which takes "
+                             "them from the training cameras, or set generator.carve_elevations, carve_distance, "
+                             "carve_fovy and carve_resolution")
+        rings = len(cfg.carve_elevations)
+        elevation = torch.tensor(cfg.carve_elevations, dtype=torch.float32).repeat_interleave(8)
+        azimuth = -180.0 + 45.0 * torch.arange(8).repeat(rings) + (45.0 / rings) * torch.arange(rings).repeat_interleave(8)
+        return look_at_cameras(elevation, azimuth, torch.tensor(cfg.carve_distance), torch.tensor(cfg.carve_fovy))
 
-    def density(self, points: torch.Tensor) -> torch.Tensor:
-        """points [P, M, 3] -> sigma [P, M]."""
-        return self.density_and_color(points)[0]
+    @torch.no_grad()
+    def carve_views(self) -> tuple[Cameras, SplatRender]:
+        """The carve cameras and their renders at carve_resolution^2 (rendered once per representation)."""
+        if self._carve is None:
+            s, R = self.model.splats, self.model.config.carve_resolution
+            cams = self.carve_cameras().to(s["means"].device)
+            out = rasterize(s["means"], s["quats"], s["scales"].exp(), torch.sigmoid(s["opacities"]), self.model.sh(), cams, R, R,
+                            self.model.config.rasterizer)
+            self._carve = (cams, out)
+        return self._carve
+
+    @torch.no_grad()
+    def sdf_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """points [P, M, 3] -> (s [P, M], rgb [P, M, 3]): the carved signed depth (module docstring) and the color of
+        the view whose surface lies nearest in depth (0 where no view sees x opaque)."""
+        cams, out = self.carve_views()
+        R = self.model.config.carve_resolution
+        viewmats, Ks = camera_matrices(cams, R, R)  # [C, 4, 4], [C, 3, 3]
+        P, M, _ = points.shape
+        x = points.reshape(P * M, 3).to(viewmats.dtype)
+        cam = torch.einsum("cij,mj->cmi", viewmats[:, :3, :3], x) + viewmats[:, None, :3, 3]  # [C, PM, 3]
+        z = cam[..., 2]
+        zs = z.clamp_min(NEAR)
+        u = Ks[:, None, 0, 0] * cam[..., 0] / zs + Ks[:, None, 0, 2]  # pixel coordinates, [C, PM]
+        v = Ks[:, None, 1, 1] * cam[..., 1] / zs + Ks[:, None, 1, 2]
+        seen = (z > NEAR) & (u >= 0) & (u < R) & (v >= 0) & (v < R)
+        pixel = v.floor().long().clamp(0, R - 1) * R + u.floor().long().clamp(0, R - 1)  # [C, PM]
+        opacity = out.opacity.flatten(1).gather(1, pixel)
+        depth = out.depth.flatten(1).gather(1, pixel)
+        opaque = opacity > 0.5
+        per_view = torch.where(opaque, depth - z, zs / Ks[:, None, 1, 1])
+        per_view = torch.where(seen, per_view, torch.full_like(per_view, -float("inf")))
+        value = per_view.max(0).values
+        value = torch.where(torch.isinf(value), torch.full_like(value, self.model.config.bound), value)
+        gap = torch.where(seen & opaque, (depth - z).abs(), torch.full_like(z, float("inf")))
+        best = gap.argmin(0)  # [PM]
+        rgb = out.rgb.flatten(2).permute(0, 2, 1)  # [C, R R, 3], premultiplied by the opacity
+        at = pixel.gather(0, best.unsqueeze(0))[0]
+        color = rgb[best, at] / out.opacity.flatten(1)[best, at].clamp_min(1e-8).unsqueeze(-1)
+        color = torch.where(torch.isinf(gap.min(0).values).unsqueeze(-1), torch.zeros_like(color), color.clamp(0, 1))
+        return value.reshape(P, M).to(points.dtype), color.reshape(P, M, 3).to(points.dtype)
+
+    def sdf(self, points: torch.Tensor) -> torch.Tensor:
+        """points [P, M, 3] -> s [P, M]."""
+        return self.sdf_and_color(points)[0]
 
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         """Unit directions [P, R, 3] -> rgb [P, R, 3]."""
         return self.model.background(directions)
 
     def occupancy(self, points: torch.Tensor) -> torch.Tensor:
-        """Inside the surface: points [P, M, 3] -> bool [P, M] (density > splat_iso)."""
-        return self.density(points) > self.iso_density
+        """Inside the carved solid: points [P, M, 3] -> bool [P, M] (s < 0)."""
+        return self.sdf(points) < 0
 

@@ -44,6 +44,7 @@ T_MIN = 1e-4  # a pixel stops before the Gaussian that would bring its transmitt
 EPS_2D = 0.3  # the dilation of the 2D covariance, in pixels^2
 NEAR = 0.01  # Gaussians at camera depth <= NEAR are culled
 RADIUS_SIGMAS = 3.33  # the screen-space box half-width in standard deviations (gsplat 1.5)
+TILE_CHUNK = 512  # Gaussians per step of the pass that finds where a tile's pixels stop compositing
 SH_C0 = 0.28209479177387814  # the degree-0 spherical harmonic, 1 / (2 sqrt(pi))
 
 Backend = Literal["auto", "torch", "gsplat"]
@@ -173,8 +174,10 @@ def composite(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor,
     """Front-to-back alpha compositing with gsplat's tiles and cut-offs (module docstring), in PyTorch.
 
     means2d [C, N, 2], conics [C, N, 3], depths [C, N], radii [C, N, 2], opacities [N] in (0, 1), features
-    [C, N, F] -> (features [C, F, H, W], opacity [C, 1, H, W]). Each band of 16 pixel rows composites only the
-    Gaussians whose tiles reach it, as a dense [n, 16 W] block.
+    [C, N, F] -> (features [C, F, H, W], opacity [C, 1, H, W]). Each 16 x 16 tile composites, as one dense [n, 256]
+    block, the depth-sorted Gaussians whose boxes reach it, cut after the last one that any of its pixels still
+    composites: a pass without gradient over chunks of TILE_CHUNK Gaussians finds where every pixel's transmittance
+    has run out, so Gaussians hidden behind an opaque surface cost neither memory nor backward time.
     """
     C, N, F = features.shape
     tiles_x, tiles_y = (width + TILE - 1) // TILE, (height + TILE - 1) // TILE
@@ -185,29 +188,49 @@ def composite(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor,
     drawn = (radii > 0).all(-1)
     out_features = means2d.new_zeros(C, F, height, width)
     out_opacity = means2d.new_zeros(C, 1, height, width)
-    cols = torch.arange(width, device=means2d.device)
+    log_t_min = math.log(T_MIN)
+
+    def alphas(c: int, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """alpha_i(p) of Gaussians ids at pixels [Q, 2], zero where gsplat skips the term. -> [n, Q]."""
+        d = pixels.unsqueeze(0) - means2d[c, ids].unsqueeze(1)  # [n, Q, 2]
+        a, b, cc = conics[c, ids].unsqueeze(1).unbind(-1)
+        sigma = 0.5 * (a * d[..., 0] ** 2 + cc * d[..., 1] ** 2) + b * d[..., 0] * d[..., 1]  # [n, Q]
+        alpha = (opacities[ids].unsqueeze(1) * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
+        return torch.where((sigma >= 0) & (alpha >= ALPHA_MIN), alpha, torch.zeros_like(alpha))
+
     for c in range(C):
         order = torch.sort(depths[c], stable=True).indices  # nearest first; ties keep the index order
-        for band in range(tiles_y):
-            rows = torch.arange(band * TILE, min(height, (band + 1) * TILE), device=means2d.device)
-            ids = order[(drawn[c] & (lo_y[c] <= band) & (hi_y[c] > band))[order]]
-            if ids.numel() == 0:
-                continue
-            py, px = torch.meshgrid(rows, cols, indexing="ij")
-            pixels = torch.stack([px.reshape(-1), py.reshape(-1)], -1).to(means2d.dtype) + 0.5  # [Q, 2]
-            d = pixels.unsqueeze(0) - means2d[c, ids].unsqueeze(1)  # [n, Q, 2]
-            a, b, cc = conics[c, ids].unsqueeze(1).unbind(-1)
-            sigma = 0.5 * (a * d[..., 0] ** 2 + cc * d[..., 1] ** 2) + b * d[..., 0] * d[..., 1]  # [n, Q]
-            alpha = (opacities[ids].unsqueeze(1) * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
-            tile_x = (pixels[:, 0].long() // TILE).unsqueeze(0)
-            reach = (lo_x[c, ids].unsqueeze(1) <= tile_x) & (hi_x[c, ids].unsqueeze(1) > tile_x)
-            alpha = torch.where(reach & (sigma >= 0) & (alpha >= ALPHA_MIN), alpha, torch.zeros_like(alpha))
-            log_next = torch.cumsum(torch.log1p(-alpha), 0)  # log of the transmittance after each Gaussian
-            log_before = torch.cat([torch.zeros_like(log_next[:1]), log_next[:-1]])
-            weights = alpha * torch.exp(log_before) * (log_next > math.log(T_MIN)).to(alpha.dtype)  # [n, Q]
-            block = torch.einsum("nq,nf->fq", weights, features[c, ids])
-            out_features[c, :, rows[0] : rows[-1] + 1] = block.reshape(F, len(rows), width)
-            out_opacity[c, 0, rows[0] : rows[-1] + 1] = weights.sum(0).reshape(len(rows), width)
+        sorted_drawn = drawn[c][order]
+        for ty in range(tiles_y):
+            rows = torch.arange(ty * TILE, min(height, (ty + 1) * TILE), device=means2d.device)
+            in_band = sorted_drawn & (lo_y[c][order] <= ty) & (hi_y[c][order] > ty)
+            for tx in range(tiles_x):
+                ids = order[in_band & (lo_x[c][order] <= tx) & (hi_x[c][order] > tx)]
+                if ids.numel() == 0:
+                    continue
+                cols = torch.arange(tx * TILE, min(width, (tx + 1) * TILE), device=means2d.device)
+                py, px = torch.meshgrid(rows, cols, indexing="ij")
+                pixels = torch.stack([px.reshape(-1), py.reshape(-1)], -1).to(means2d.dtype) + 0.5  # [Q, 2]
+                with torch.no_grad():  # how many Gaussians the tile's pixels composite before they all stop
+                    log_t, used = pixels.new_zeros(len(pixels)), 0
+                    for start in range(0, len(ids), TILE_CHUNK):
+                        log_next = log_t + torch.cumsum(torch.log1p(-alphas(c, ids[start : start + TILE_CHUNK], pixels)), 0)
+                        used = start + int((log_next > log_t_min).sum(0).max())
+                        log_t = log_next[-1]
+                        if (log_t <= log_t_min).all():
+                            break
+                    else:
+                        used = len(ids)
+                ids = ids[:used]
+                if ids.numel() == 0:
+                    continue
+                alpha = alphas(c, ids, pixels)
+                log_next = torch.cumsum(torch.log1p(-alpha), 0)  # log of the transmittance after each Gaussian
+                log_before = torch.cat([torch.zeros_like(log_next[:1]), log_next[:-1]])
+                weights = alpha * torch.exp(log_before) * (log_next > log_t_min).to(alpha.dtype)  # [n, Q]
+                block = torch.einsum("nq,nf->fq", weights, features[c, ids])
+                out_features[c, :, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = block.reshape(F, len(rows), len(cols))
+                out_opacity[c, 0, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = weights.sum(0).reshape(len(rows), len(cols))
     return out_features, out_opacity
 
 
