@@ -228,6 +228,9 @@ class SplatsConfig(ConfigModel):
     in optimizer steps."""
 
     lr_means: float = Field(6.4e-4, gt=0, le=1)
+    # the position rate's exponential decay over the run, lr_means (lr_means_final / lr_means)^progress (3DGS: to
+    # 0.01 x its start); null: constant
+    lr_means_final: float | None = Field(None, gt=0, le=1)
     lr_scales: float = Field(5e-3, gt=0, le=1)
     lr_quats: float = Field(1e-3, gt=0, le=1)
     lr_opacities: float = Field(5e-2, gt=0, le=1)

@@ -239,7 +239,9 @@ def test_the_prompt_specific_matrices_load_and_the_gaussian_one_runs(tmp_path):
     assert fields["prompts"] == gaussians["prompts"] and len(fields["prompts"]) == 6
     assert fields["corpora"] == ["shapeworld-16"] and fields["methods"] == ["asd", "sds", "csd"]
     tiny = tmp_path / "matrix.yaml"
-    tiny.write_text(yaml.safe_dump({**gaussians, "config": str(REPO / gaussians["config"]), "prompts": gaussians["prompts"][:2],
+    assert gaussians["variants"] == {"base": [], "long": ["train.steps=1500", "splats.densify_until=1200", "splats.max_gaussians=5000"]}
+    tiny.write_text(yaml.safe_dump({**gaussians, "variants": {"base": []}, "config": str(REPO / gaussians["config"]),
+                                    "prompts": gaussians["prompts"][:2],
                                     "overrides": [*TINY, "train.prompts_per_step=1", "train.steps=1", "train.ckpt_every=1",
                                                   "eval.n_views=1", "generator.n_gaussians=50"]}, sort_keys=False))
     results = __import__("amortized3d.evaluation.bench", fromlist=["run_bench"]).run_bench(tiny, tmp_path / "bench")

@@ -465,6 +465,23 @@ def test_every_distillation_method_trains_gaussians(tmp_path, method):
         assert torch.isfinite(second[f"splats.{name}"]).all() and not torch.equal(first[f"splats.{name}"], second[f"splats.{name}"]), name
 
 
+def test_the_position_rate_decays_exponentially_over_the_run(tmp_path):
+    # 3DGS's position schedule: lr(p) = lr_0 (lr_final / lr_0)^p at progress p = step / (steps - 1); each checkpoint's
+    # optimizer holds the rate its last step used (p = 0, 1/3, 2/3, 1 for the 4 steps), the other attributes' unchanged.
+    from amortized3d.config import load_config
+    from amortized3d.training.train import train
+
+    cfg = load_config("prompt:" + PROMPT, str(REPO / "configs" / "prompt-gaussians.yaml"),
+                      [*GS_TINY, "train.ckpt_every=1", "train.keep_checkpoints=4", "splats.densify_until=0", "splats.lr_means=1e-3",
+                       "splats.lr_means_final=1e-5"])
+    train(cfg, tmp_path / "run")
+    for step in range(1, 5):
+        state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())
+        rates = {g["name"]: g["lr"] for g in state["optimizer"]["param_groups"]}
+        assert rates["means"] == pytest.approx(1e-3 * 0.01 ** ((step - 1) / 3), rel=1e-9)
+        assert rates["sh0"] == cfg.splats.lr_sh0 and rates["opacities"] == cfg.splats.lr_opacities
+
+
 def test_gaussians_with_stable_diffusion_and_the_two_phases(tiny_sd, tiny_if, tmp_path):
     """The real-prior recipes on the tiny random SD / IF folders: configs/gaussians-sd.yaml through --prior, and
     configs/stabledreamer.yaml's two phases (IF, then SD from half-way) in one run."""

@@ -220,6 +220,8 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
             metrics: dict[str, float] = {"epoch": step * cfg.train.grad_accum / batches_per_epoch}
             second = second_prior is not None and progress >= cfg.phase2.start
             active, active_suffixes = (second_prior, []) if second else (prior, suffixes)  # the second prior reads the prompts itself
+            if cfg.generator.kind == "gaussians" and cfg.splats.lr_means_final is not None:  # 3DGS's position decay
+                optimizer.param_groups[0]["lr"] = cfg.splats.lr_means * (cfg.splats.lr_means_final / cfg.splats.lr_means) ** progress
             if second and cfg.phase2.lr_geometry is not None:
                 optimizer.param_groups[0]["lr"] = cfg.phase2.lr_geometry
             if second_prior is not None:
