@@ -27,19 +27,22 @@ def rotation_from_axis_angle(axis, angle):
     return np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
 
 
-def test_an_isotropic_gaussian_on_the_axis_draws_its_analytic_footprint():
+@pytest.mark.parametrize("mode", ["classic", "antialiased"])
+def test_an_isotropic_gaussian_on_the_axis_draws_its_analytic_footprint(mode):
     # An isotropic Gaussian (std s) at depth D on the optical axis projects to an isotropic 2D Gaussian of variance
-    # (f s / D)^2 + 0.3 centered on the image center: alpha(p) = o exp(-|p - c|^2 / (2 var)), cut below 1/255.
+    # v = (f s / D)^2 + 0.3 centered on the image center: alpha(p) = o' exp(-|p - c|^2 / (2 v)), cut below 1/255, with
+    # o' = o (classic) or, antialiased (gsplat's compensation sqrt(det(Sigma - 0.3 I) / det Sigma)), o (v - 0.3) / v.
     H = W = 32
     cams = one_camera(elevation=0.0, azimuth=0.0, distance=2.0, fovy=40.0)
     s, o = 0.05, 0.8
     means = torch.zeros(1, 3)  # the camera looks at the origin from distance 2
     sh = torch.zeros(1, 1, 3)
     sh[0, 0] = (torch.tensor([0.9, 0.2, 0.4]) - 0.5) / SH_C0
-    out = rasterize(means, torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), s), torch.tensor([o]), sh, cams, H, W)
+    out = rasterize(means, torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), s), torch.tensor([o]), sh, cams, H, W, mode=mode)
     f = 0.5 * H / math.tan(math.radians(20.0))
     var = (f * s / 2.0) ** 2 + 0.3
     jj, ii = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    o = o if mode == "classic" else o * (var - 0.3) / var
     alpha = o * np.exp(-((ii - W / 2) ** 2 + (jj - H / 2) ** 2) / (2 * var))
     alpha = np.where(alpha >= 1 / 255, alpha, 0.0)
     np.testing.assert_allclose(out.opacity[0, 0].numpy(), alpha, atol=1e-6)
@@ -503,7 +506,8 @@ def test_gaussians_with_stable_diffusion_and_the_two_phases(tiny_sd, tiny_if, tm
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat rasterizes on CUDA only; this machine has no GPU "
                     "(the same comparison: python benchmarks/rasterizer.py on a CUDA machine)")
-def test_the_torch_rasterizer_matches_gsplat_on_cuda():
+@pytest.mark.parametrize("mode", ["classic", "antialiased"])
+def test_the_torch_rasterizer_matches_gsplat_on_cuda(mode):
     model = small_gaussians(n=500, sh_degree=1)
     s = {k: v.detach().cuda() for k, v in model.splats.items()}
     cams = one_camera().to("cuda")
@@ -512,7 +516,7 @@ def test_the_torch_rasterizer_matches_gsplat_on_cuda():
         leaves = {k: v.clone().requires_grad_() for k, v in s.items()}
         sh = torch.cat([leaves["sh0"], leaves["shN"]], 1)
         out = rasterize(leaves["means"], leaves["quats"], leaves["scales"].exp(), torch.sigmoid(leaves["opacities"]), sh, cams, 48, 64,
-                        backend)
+                        backend, mode)
         (out.rgb.square().sum() + out.opacity.sum()).backward()
         outs[backend] = (out, {k: leaves[k].grad for k in ("means", "scales", "opacities", "sh0")})
     (a, ga), (b, gb) = outs["torch"], outs["gsplat"]

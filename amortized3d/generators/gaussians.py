@@ -73,6 +73,7 @@ class GaussiansConfig(GeneratorBaseConfig):
     init_prompt: str | None = None
     sh_degree: Int = Field(0, ge=0, le=3)
     rasterizer: Literal["auto", "torch", "gsplat"] = "auto"
+    rasterize_mode: Literal["classic", "antialiased"] = "classic"  # gsplat's; antialiased: Mip-Splatting's 2D filter
     # the carve views (module docstring); null: from the training cameras and renders (builders.build_generator):
     # elevations the ends and middle of camera.elevation_range, distance the middle of camera.distance_range, fovy
     # the widest of camera.fovy_range, resolution the last training render height
@@ -186,7 +187,7 @@ class GaussianRepresentation:
         s = self.model.splats
         start = time.perf_counter()
         out = rasterize(s["means"], s["quats"], s["scales"].exp(), torch.sigmoid(s["opacities"]), self.model.sh(),
-                        cameras.reshape(P * V), height, width, self.model.config.rasterizer)
+                        cameras.reshape(P * V), height, width, self.model.config.rasterizer, self.model.config.rasterize_mode)
         out.seconds = time.perf_counter() - start  # the rasterizer's time (CUDA: its launch, not its kernels)
         _, dirs = camera_rays(cameras, height, width)  # [P, V, H W, 3]
         bg = self.model.background(dirs.reshape(P, V * height * width, 3)).reshape(P, V, height, width, 3)
@@ -222,7 +223,7 @@ class GaussianRepresentation:
             s, R = self.model.splats, self.model.config.carve_resolution
             cams = self.carve_cameras().to(s["means"].device)
             out = rasterize(s["means"], s["quats"], s["scales"].exp(), torch.sigmoid(s["opacities"]), self.model.sh(), cams, R, R,
-                            self.model.config.rasterizer)
+                            self.model.config.rasterizer, self.model.config.rasterize_mode)
             self._carve = (cams, out)
         return self._carve
 

@@ -173,8 +173,8 @@ def composite(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor,
               opacities: torch.Tensor, features: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Front-to-back alpha compositing with gsplat's tiles and cut-offs (module docstring), in PyTorch.
 
-    means2d [C, N, 2], conics [C, N, 3], depths [C, N], radii [C, N, 2], opacities [N] in (0, 1), features
-    [C, N, F] -> (features [C, F, H, W], opacity [C, 1, H, W]). Each 16 x 16 tile composites, as one dense [n, 256]
+    means2d [C, N, 2], conics [C, N, 3], depths [C, N], radii [C, N, 2], opacities [N] or per camera [C, N] in
+    (0, 1), features [C, N, F] -> (features [C, F, H, W], opacity [C, 1, H, W]). Each 16 x 16 tile composites, as one dense [n, 256]
     block, the depth-sorted Gaussians whose boxes reach it, cut after the last one that any of its pixels still
     composites: a pass without gradient over chunks of TILE_CHUNK Gaussians finds where every pixel's transmittance
     has run out, so Gaussians hidden behind an opaque surface cost neither memory nor backward time.
@@ -195,7 +195,7 @@ def composite(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor,
         d = pixels.unsqueeze(0) - means2d[c, ids].unsqueeze(1)  # [n, Q, 2]
         a, b, cc = conics[c, ids].unsqueeze(1).unbind(-1)
         sigma = 0.5 * (a * d[..., 0] ** 2 + cc * d[..., 1] ** 2) + b * d[..., 0] * d[..., 1]  # [n, Q]
-        alpha = (opacities[ids].unsqueeze(1) * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
+        alpha = ((opacities[c] if opacities.dim() == 2 else opacities)[ids].unsqueeze(1) * torch.exp(-sigma)).clamp_max(ALPHA_MAX)
         return torch.where((sigma >= 0) & (alpha >= ALPHA_MIN), alpha, torch.zeros_like(alpha))
 
     for c in range(C):
@@ -234,14 +234,30 @@ def composite(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor,
     return out_features, out_opacity
 
 
+def antialias_compensation(conics: torch.Tensor) -> torch.Tensor:
+    """gsplat's "antialiased" mode (Mip-Splatting's 2D filter): the opacity factor sqrt(det(Sigma_2D - 0.3 I) /
+    det(Sigma_2D)) that keeps a Gaussian's total footprint as the dilation widens it, so one smaller than a pixel
+    fades instead of growing to a pixel. conics [C, N, 3] (of the dilated Sigma_2D) -> [C, N]."""
+    a, b, c = conics.unbind(-1)
+    det_inv = (a * c - b * b).clamp_min(1e-20)
+    sa, sb, sc = c / det_inv, -b / det_inv, a / det_inv  # Sigma_2D
+    det_blur = sa * sc - sb * sb
+    det_orig = (sa - EPS_2D) * (sc - EPS_2D) - sb * sb
+    return (det_orig / det_blur.clamp_min(1e-20)).clamp_min(0.0).sqrt()
+
+
 def rasterize(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor, sh: torch.Tensor,
-              cameras: Cameras, height: int, width: int, backend: Backend = "auto") -> SplatRender:
+              cameras: Cameras, height: int, width: int, backend: Backend = "auto",
+              mode: Literal["classic", "antialiased"] = "classic") -> SplatRender:
     """Render N Gaussians into C cameras.
 
     means [N, 3], quats [N, 4] (w, x, y, z; normalized here), scales [N, 3] (positive), opacities [N] in (0, 1),
     sh [N, K, 3] spherical-harmonic color coefficients; cameras [C]. backend: "gsplat" (CUDA), "torch" (this module's
-    compositing; any device), "auto" (gsplat on CUDA tensors, torch otherwise).
+    compositing; any device), "auto" (gsplat on CUDA tensors, torch otherwise). mode: gsplat's rasterize_mode,
+    "classic" (3DGS) or "antialiased" (opacities times antialias_compensation).
     """
+    if mode not in ("classic", "antialiased"):
+        raise ValueError(f"rasterize mode {mode!r} is not one of classic, antialiased")
     if backend == "auto":
         backend = "gsplat" if means.is_cuda else "torch"
     if backend == "gsplat" and not means.is_cuda:
@@ -257,12 +273,14 @@ def rasterize(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, op
         from gsplat import rasterization
 
         image, alpha, info = rasterization(means, quats, scales, opacities, features, viewmats, Ks, width, height,
-                                           near_plane=NEAR, eps2d=EPS_2D, packed=False, rasterize_mode="classic")
+                                           near_plane=NEAR, eps2d=EPS_2D, packed=False, rasterize_mode=mode)
         image, opacity = image.permute(0, 3, 1, 2), alpha.permute(0, 3, 1, 2)
         means2d, radii = info["means2d"], info["radii"]
         radii = radii.max(-1).values if radii.dim() == 3 else radii
     else:
         means2d, conics, depths, radii2 = project(means, covariance(quats, scales), viewmats, Ks, height, width)
+        if mode == "antialiased":
+            opacities = opacities.unsqueeze(0) * antialias_compensation(conics)  # [C, N]
         image, opacity = composite(means2d, conics, depths, radii2, opacities, features, height, width)
         radii = radii2.max(-1).values
     if means2d.requires_grad:
