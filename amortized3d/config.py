@@ -29,7 +29,7 @@ from pydantic.fields import FieldInfo
 
 from amortized3d.distillation.methods import METHODS
 from amortized3d.distillation.methods.asd import ASD_SHIFTS
-from amortized3d.distillation.score_distillation import T_SCHEDULES
+from amortized3d.distillation.score_distillation import T_SCHEDULES, check_denoise_steps
 from amortized3d.generators import GENERATORS, PER_PROMPT
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import DEFAULT_MODELS
@@ -344,9 +344,10 @@ class ExperimentConfig(ConfigModel):
         if self.train.eval_every % self.train.ckpt_every:
             raise ConfigError(f"train.eval_every={self.train.eval_every} must be 0 (off) or a multiple of "
                               f"train.ckpt_every={self.train.ckpt_every}: it evaluates the checkpoint written at that step")
-        if self.distill.denoise_steps > 1 and self.distill.method != "sds":
-            raise ConfigError(f"distill.denoise_steps={self.distill.denoise_steps} is HiFA's multi-step z_hat of SDS+, for "
-                              f"distill.method=sds, not {self.distill.method}; set distill.denoise_steps=1 or distill.method=sds")
+        try:
+            check_denoise_steps(self.distill.method, self.distill.denoise_steps)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.train.eval_every and self.prior.kind != "analytic":
             raise ConfigError("train.eval_every runs the ShapeWorld oracle, which needs the analytic prior's ShapeWorld corpora; "
                               "evaluate other runs' checkpoints with `amortized3d evaluate --checkpoint RUN_DIR --clip MODEL`")

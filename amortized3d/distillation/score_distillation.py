@@ -96,6 +96,13 @@ def annealed_timestep(schedule: str, progress: float, t_min: int, t_max: int) ->
     return int(math.floor(t_max - (t_max - t_min) * fraction))
 
 
+def check_denoise_steps(method: str, denoise_steps: int) -> None:
+    """ValueError unless the multi-step z_hat (denoise_steps > 1, HiFA's SDS+) goes with SDS."""
+    if denoise_steps > 1 and method != "sds":
+        raise ValueError(f"distill.denoise_steps={denoise_steps} is HiFA's multi-step z_hat of SDS+, for distill.method=sds, "
+                         f"not {method}; set distill.denoise_steps=1 or distill.method=sds")
+
+
 def distillation_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """loss_b = 0.5 ||x_b - stopgrad(x_b - grad_b)||^2, so d loss_b / d x_b = grad_b.
 
@@ -175,9 +182,7 @@ def score_distillation(
         raise ValueError(f"distill.method={method!r} {'needs' if adapter is None else 'takes no'} learned branch (adapter)")
     if t_schedule not in T_SCHEDULES:
         raise ValueError(f"distill.t_schedule={t_schedule!r} is not known; choose one of {', '.join(T_SCHEDULES)}")
-    if denoise_steps > 1 and method != "sds":
-        raise ValueError(f"distill.denoise_steps={denoise_steps} is HiFA's multi-step z_hat of SDS+, for distill.method=sds, "
-                         f"not {method}; set distill.denoise_steps=1 or distill.method=sds")
+    check_denoise_steps(method, denoise_steps)
     B = x.shape[0]
     ceiling = spec.timestep_ceiling(t_range, eta, asd_shift)
     if t_schedule == "random":
@@ -191,8 +196,9 @@ def score_distillation(
         x_t = add_noise(x.detach(), noise, t, abar)
         draw = Draw(prior, x.detach(), cond, t, noise, x_t, weight, abar, guidance_scale, t_range, eta, asd_shift, generator, adapter)
         grad = spec.gradient(draw)
-        denoised = predict_clean(x_t, draw.eps_guided, t, abar)
-        if denoise_steps > 1:
+        if denoise_steps > 1:  # HiFA's latent residual to the multi-step z_hat (Eq. 3)
             denoised = multistep_denoised(draw, denoise_steps, denoise_eta)
             grad = reconstruction_weight(abar[t]).to(x.dtype).reshape(-1, 1, 1, 1) * (x.detach() - denoised)
+        else:
+            denoised = predict_clean(x_t, draw.eps_guided, t, abar)
     return DistillationOutput(distillation_loss(x, grad), grad, t, draw.shifted_timesteps, denoised)

@@ -177,6 +177,7 @@ class GaussianRepresentation:
     def __init__(self, model: PromptGaussians, n_prompts: int):
         self.model, self.n_prompts = model, n_prompts
         self._carve = None
+
     def render(self, cameras: Cameras, height: int, width: int, settings=None, *, generator: torch.Generator | None = None,
                background: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rays: int | None = None) -> ImageRender:
         """cameras [P, V] -> ImageRender (rgb [P, V, 3, H, W] over the background, opacity, depth, z_variance

@@ -200,12 +200,12 @@ def composite(means2d: torch.Tensor, conics: torch.Tensor, depths: torch.Tensor,
 
     for c in range(C):
         order = torch.sort(depths[c], stable=True).indices  # nearest first; ties keep the index order
-        sorted_drawn = drawn[c][order]
+        drawn_c, lo_xc, hi_xc, lo_yc, hi_yc = (v[c][order] for v in (drawn, lo_x, hi_x, lo_y, hi_y))  # in depth order
         for ty in range(tiles_y):
             rows = torch.arange(ty * TILE, min(height, (ty + 1) * TILE), device=means2d.device)
-            in_band = sorted_drawn & (lo_y[c][order] <= ty) & (hi_y[c][order] > ty)
+            in_band = drawn_c & (lo_yc <= ty) & (hi_yc > ty)
             for tx in range(tiles_x):
-                ids = order[in_band & (lo_x[c][order] <= tx) & (hi_x[c][order] > tx)]
+                ids = order[in_band & (lo_xc <= tx) & (hi_xc > tx)]
                 if ids.numel() == 0:
                     continue
                 cols = torch.arange(tx * TILE, min(width, (tx + 1) * TILE), device=means2d.device)
@@ -239,11 +239,8 @@ def antialias_compensation(conics: torch.Tensor) -> torch.Tensor:
     det(Sigma_2D)) that keeps a Gaussian's total footprint as the dilation widens it, so one smaller than a pixel
     fades instead of growing to a pixel. conics [C, N, 3] (of the dilated Sigma_2D) -> [C, N]."""
     a, b, c = conics.unbind(-1)
-    det_inv = (a * c - b * b).clamp_min(1e-20)
-    sa, sb, sc = c / det_inv, -b / det_inv, a / det_inv  # Sigma_2D
-    det_blur = sa * sc - sb * sb
-    det_orig = (sa - EPS_2D) * (sc - EPS_2D) - sb * sb
-    return (det_orig / det_blur.clamp_min(1e-20)).clamp_min(0.0).sqrt()
+    # 2 x 2: det(S - e I) / det(S) = 1 - e tr(S^-1) + e^2 det(S^-1), with S^-1 the conic
+    return (1 - EPS_2D * (a + c) + EPS_2D**2 * (a * c - b * b)).clamp_min(0.0).sqrt()
 
 
 def rasterize(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor, sh: torch.Tensor,

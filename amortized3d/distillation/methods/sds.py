@@ -12,9 +12,9 @@ z_hat = (x_t - sqrt(1 - abar_t) eps_cfg) / sqrt(abar_t) this is SDS itself (HiFA
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import replace
+
+import torch
 
 from amortized3d.distillation.guidance import Draw, guided_prediction
 from amortized3d.priors.schedule import ddim_scheduler
@@ -61,4 +61,3 @@ def multistep_denoised(d: Draw, steps: int, eta: float) -> torch.Tensor:
         t[active] -= stride
         active, eps_cfg = active[t[active] >= 0], None
     return sample
-
