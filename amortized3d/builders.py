@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def prior_store_suffixes(cfg: ExperimentConfig) -> list[str]:
     """What the embedding store holds for the prior beyond the generator's encoding, as suffixes of each prompt:
     '' (the plain prompt) when the generator's text encoder is not the prior's, and the four view suffixes
     with prior.view_dependent or prior.perp_neg. None for the analytic prior, which reads the prompt text."""
-    if cfg.prior.kind == "analytic":
+    if cfg.prior.analytic:
         return []
     plain = [] if cfg.text.encoder == "prior" else [""]
     return plain + (list(VIEW_SUFFIXES) if cfg.prior.view_dependent or cfg.prior.perp_neg else [])
@@ -104,7 +106,10 @@ def build_generator(cfg: ExperimentConfig) -> Generator:
     config = cfg.generator.part(generator_class.Config)
     if cfg.generator.kind == "gaussians":  # unset carve views: the training cameras' span, the last render size
         (lo, hi), camera = cfg.camera.elevation_range, cfg.camera
-        defaults = {"carve_elevations": [lo, (lo + hi) / 2, hi], "carve_distance": sum(camera.distance_range) / 2,
+        distance = sum(camera.distance_range) / 2
+        if camera.relative_distance:  # in units of 1 / tan(fovy / 2), at the carve views' fovy
+            distance /= math.tan(math.radians(max(camera.fovy_range)) / 2)
+        defaults = {"carve_elevations": [lo, (lo + hi) / 2, hi], "carve_distance": distance,
                     "carve_fovy": max(camera.fovy_range), "carve_resolution": cfg.render.size_at(1.0)[0]}
         config = config.model_copy(update={k: v for k, v in defaults.items() if getattr(config, k) is None})
     return generator_class(cfg.text.dim, config)
@@ -166,7 +171,7 @@ def build_adapter(cfg: ExperimentConfig, prior) -> tuple[torch.nn.Module, torch.
     from amortized3d.distillation.adapters import LODSEmbedding, LODSLoRA, VSDLoRA
     from amortized3d.distillation.analytic_adapters import AnalyticLODSEmbedding, AnalyticLODSLoRA, AnalyticVSD
 
-    method, analytic = cfg.distill.method, cfg.prior.kind == "analytic"
+    method, analytic = cfg.distill.method, cfg.prior.analytic
     if method == "vsd":
         adapter = AnalyticVSD(prior) if analytic else VSDLoRA(prior, rank=cfg.distill.lora_rank)
     elif method == "lods-embedding":

@@ -85,8 +85,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML file applied on top of the corpus recipe")
     parser.add_argument("--corpus-dir", default=None, help="folder with reference corpus JSON files")
     parser.add_argument("--prior", default=None, metavar="MODEL",
-                        help="diffusers hub id or local folder; sets prior.kind=stable_diffusion, prior.model=MODEL and "
-                             "text.encoder=prior (add prior.kind=deepfloyd_if for DeepFloyd IF)")
+                        help="diffusers hub id or local folder (MVDream: also its checkpoint file); sets prior.model=MODEL, "
+                             "text.encoder=prior and, unless the recipe's prior is already a pretrained one (deepfloyd_if, "
+                             "mvdream), prior.kind=stable_diffusion (add prior.kind=deepfloyd_if for DeepFloyd IF)")
     parser.add_argument("--output", default=None, help="run folder (default: runs/<corpus>-<method>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=200 distill.method=sds")
@@ -102,8 +103,6 @@ def _resolve_config(args, prompt: str | None = None):
         _one_prompt_only(args)
     prompt = prompt or args.prompt
     overrides = list(args.overrides)
-    if args.prior:
-        overrides = ["prior.kind=stable_diffusion", f"prior.model={args.prior}", "text.encoder=prior", *overrides]
     if args.corpus_dir:
         overrides.append(f"corpus.dir={args.corpus_dir}")
     gaussians = args.representation == "gaussians"
@@ -111,11 +110,12 @@ def _resolve_config(args, prompt: str | None = None):
         if gaussians:
             raise UsageError("--representation gaussians optimizes the Gaussians of one prompt; pass --prompt TEXT or --prompts FILE "
                              "instead of --corpus")
-        return load_config(args.corpus, args.config, overrides)
+        return load_config(args.corpus, args.config, _prior_overrides(args, args.corpus, args.config, overrides))
     recipes = {(False, False): None, (False, True): "prompt-nerf.yaml", (True, False): "prompt-gaussians.yaml",
                (True, True): "gaussians-sd.yaml"}  # (gaussians, a pretrained prior)
     recipe = recipes[gaussians, bool(args.prior)]
     config = args.config or (str(CONFIG_DIR / recipe) if recipe else None)
+    overrides = _prior_overrides(args, PROMPT_PREFIX + prompt, config, overrides)
     if gaussians and args.config:
         overrides = ["generator.kind=gaussians", *overrides]
     if args.init_from or args.init_prompt:
@@ -125,6 +125,18 @@ def _resolve_config(args, prompt: str | None = None):
         overrides = [*overrides, f"generator.init_from={json.dumps(args.init_from)}",  # quoted: read as a YAML string
                      *([f"generator.init_prompt={json.dumps(args.init_prompt)}"] if args.init_prompt else [])]
     return load_config(PROMPT_PREFIX + prompt, config, overrides)
+
+
+def _prior_overrides(args, corpus: str, config: str | None, overrides: list[str]) -> list[str]:
+    """--prior MODEL: prior.model=MODEL and text.encoder=prior before the other overrides, and prior.kind=stable_diffusion
+    unless the recipe, config file or overrides already name a pretrained prior's kind (deepfloyd_if, mvdream)."""
+    if not args.prior:
+        return overrides
+    from amortized3d.config import merged_layers
+
+    kind = merged_layers(corpus, config, overrides)[0].get("prior", {}).get("kind", "analytic")
+    keep = kind in ("stable_diffusion", "deepfloyd_if", "mvdream")
+    return [*([] if keep else ["prior.kind=stable_diffusion"]), f"prior.model={args.prior}", "text.encoder=prior", *overrides]
 
 
 def _check_train_sources(args) -> None:
@@ -171,10 +183,10 @@ def check_pretrained_weights(cfg) -> None:
     from amortized3d.priors.diffusers_prior import SUBFOLDERS, TEXT_SUBFOLDERS
     from amortized3d.priors.pretrained import resolve_model_dir
 
-    if cfg.prior.kind != "analytic" or cfg.text.encoder == "prior":
+    if not cfg.prior.analytic or cfg.text.encoder == "prior":
         resolve_model_dir(cfg.prior.model, SUBFOLDERS.get(cfg.prior.kind, TEXT_SUBFOLDERS))
     second = cfg.phase2_prior() if cfg.phase2.start > 0 else None
-    if second is not None and second.kind != "analytic":
+    if second is not None and not second.analytic:
         resolve_model_dir(second.model, SUBFOLDERS[second.kind])
 
 

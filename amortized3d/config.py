@@ -39,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
-PLANNED_PRIORS = {"mvdream": "the multi-view MVDream prior (needed by the DL17k recipe)"}
+ANALYTIC_PRIORS = ("analytic", "analytic_multiview")
+MULTIVIEW_PRIORS = ("analytic_multiview", "mvdream")  # they see each prompt's views as one object (Prior.multiview)
 
 
 class ConfigError(ValueError):
@@ -119,28 +120,28 @@ Fovy = Annotated[float, Field(gt=0, lt=180)]
 
 class CameraConfig(ConfigModel):
     elevation_range: list[Elevation] = [-10.0, 45.0]
+    # world units, or with relative_distance multiples of 1 / tan(fovy / 2) (MVDream's sampler: [0.8, 1.0])
     distance_range: list[Distance] = [1.0, 1.5]
     fovy_range: list[Fovy] = [40.0, 70.0]
     eval_elevation: Elevation = 15.0
     eval_distance: Distance = 1.5
     eval_fovy: Fovy = 70.0
+    # the views of each prompt as one object's orbit (azimuths 360 / V apart, one elevation, distance and fovy per
+    # prompt), as multi-view priors are trained (rendering/cameras.py, sample_training_cameras)
+    group_views: bool = False
+    relative_distance: bool = False
 
 
 class PriorConfig(*dict.fromkeys(p.Config for p in PRIORS.values())):
-    """The ``prior:`` section: ``kind`` ("analytic" (ShapeWorld, closed form), "stable_diffusion" or "deepfloyd_if"
-    (diffusers)) and the fields of both priors' configs; ``part(AnalyticPriorConfig)`` (...) gives a prior's own."""
+    """The ``prior:`` section: ``kind`` ("analytic" (ShapeWorld, closed form), "analytic_multiview" (its joint prior
+    over the views of one object), "stable_diffusion" or "deepfloyd_if" (diffusers)) and the fields of both priors' configs; ``part(AnalyticPriorConfig)`` (...) gives a prior's own."""
 
     kind: Literal[tuple(PRIORS)] = "analytic"
 
-    @field_validator("kind", mode="before")
-    @classmethod
-    def _not_planned(cls, kind):
-        if isinstance(kind, str) and kind in PLANNED_PRIORS:
-            raise ConfigError(
-                f"prior.kind={kind!r}: {PLANNED_PRIORS[kind]} is not implemented yet, so this recipe cannot run. "
-                "Pick another prior, e.g. prior.kind=stable_diffusion (4 views per prompt work with it too)."
-            )
-        return kind
+    @property
+    def analytic(self) -> bool:
+        """The closed-form ShapeWorld prior, per view or multi-view (it reads prompts as text, needs no weights)."""
+        return self.kind in ANALYTIC_PRIORS
 
 
 class Phase2Config(ConfigModel):
@@ -160,7 +161,7 @@ StepFraction = Annotated[float, Field(gt=0, lt=1)]
 
 class DistillConfig(ConfigModel):
     method: Literal[tuple(METHODS)] = "asd"
-    # null: the method's default (SDS 100, CSD 1, ASD 7.5, VSD 7.5, LODS 1000)
+    # null: the method's default (SDS 100, SDS* 50, CSD 1, ASD 7.5, VSD 7.5, LODS 1000)
     guidance_scale: float | None = Field(None, ge=0, le=100000)
     eta: float = Field(0.1, ge=0, le=1)
     # ASD's timestep shift dt (amortized3d/distillation/score_distillation.py, asd_shifted_timesteps): "paper"
@@ -179,6 +180,9 @@ class DistillConfig(ConfigModel):
     # HiFA A.1: r = 0.25, i.e. denoise_steps 4, eta 1 (its code's --denoising_steps 4 --eta 1); distill.method=sds only
     denoise_steps: Int = Field(1, ge=1, le=1000)
     denoise_eta: float = Field(1.0, ge=0, le=1)
+    # SDS* (distill.method=sds-star, MVDream's x0 reconstruction): the guidance rescale phi of its target,
+    # phi (std(x0_c) / std(x0_cfg)) x0_cfg + (1 - phi) x0_cfg per object; MVDream's recon_std_rescale 0.5
+    recon_rescale: float = Field(0.5, ge=0, le=1)
     # how t is chosen in [T_min, T_max]: "random" U{T_min..T_max} per image; or HiFA's annealing, one deterministic t
     # per step, t = T_max - (T_max - T_min) f(progress), f = sqrt (HiFA Eq. 5), linear or cosine (its ablation);
     # HiFA keeps the bounds fixed: distill.t_min=[0.02,0.02] distill.t_max=[0.98,0.98]
@@ -336,11 +340,14 @@ class ExperimentConfig(ConfigModel):
                 f"render.scene_radius={self.render.scene_radius} exceeds the generator's box (generator.bound={self.generator.bound}); "
                 "lower render.scene_radius or raise generator.bound"
             )
-        if (self.prior.view_dependent or self.prior.perp_neg) and self.prior.kind == "analytic":
+        if (self.prior.view_dependent or self.prior.perp_neg) and self.prior.analytic:
             raise ConfigError(
                 "prior.view_dependent and prior.perp_neg change the text of a text-to-image prior; the analytic prior's "
                 "conditionals are exact per camera already. Set them to false, or use prior.kind=stable_diffusion or deepfloyd_if"
             )
+        if self.prior.kind in MULTIVIEW_PRIORS and METHODS[self.distill.method].learned_branch:
+            raise ConfigError(f"distill.method={self.distill.method} trains a learned branch of a single-view prior; the multi-view "
+                              f"prior.kind={self.prior.kind} takes asd, sds, sds-star or csd")
         if self.train.eval_every % self.train.ckpt_every:
             raise ConfigError(f"train.eval_every={self.train.eval_every} must be 0 (off) or a multiple of "
                               f"train.ckpt_every={self.train.ckpt_every}: it evaluates the checkpoint written at that step")
@@ -348,7 +355,7 @@ class ExperimentConfig(ConfigModel):
             check_denoise_steps(self.distill.method, self.distill.denoise_steps)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if self.train.eval_every and self.prior.kind != "analytic":
+        if self.train.eval_every and not self.prior.analytic:
             raise ConfigError("train.eval_every runs the ShapeWorld oracle, which needs the analytic prior's ShapeWorld corpora; "
                               "evaluate other runs' checkpoints with `amortized3d evaluate --checkpoint RUN_DIR --clip MODEL`")
         from amortized3d.distillation.regularizers import scheduled_weight
@@ -381,10 +388,10 @@ class ExperimentConfig(ConfigModel):
             if self.text.encoder == "prior":
                 raise ConfigError("two-phase training switches priors, so the text embedding cannot be the first prior's own "
                                   "(text.encoder=prior); set text.encoder=hashed (a per-prompt field does not read it)")
-            if second.kind == "analytic" and second.latent and any(
+            if second.analytic and second.latent and any(
                     size % 2 for size in (self.render.height, self.render.width, *(int(k[1]) for k in self.render.size_schedule))):
                 raise ConfigError("phase2.prior's latent analytic prior encodes 2 x 2 pixel blocks: render sizes must be even")
-        if self.prior.kind == "analytic" and self.prior.latent:
+        if self.prior.analytic and self.prior.latent:
             if METHODS[self.distill.method].learned_branch:
                 raise ConfigError(f"distill.method={self.distill.method} trains a learned branch of the pixel-space analytic prior; "
                                   "with prior.latent=true use asd, sds or csd (or set prior.latent=false)")
@@ -627,6 +634,12 @@ def load_config(corpus: str | None = None, config_file: str | None = None, overr
     (e.g. --corpus df415 --config configs/mg15.yaml), which then replaces the recipe; so does a config file given for
     a per-prompt corpus ("prompt:TEXT", whose own recipe is the CPU one, configs/prompt-shapeworld.yaml).
     """
+    merged, sources = merged_layers(corpus, config_file, overrides)
+    return validated(merged, sources)
+
+
+def merged_layers(corpus: str | None, config_file: str | None, overrides: list[str] = ()) -> tuple[dict, dict]:
+    """load_config's layers merged, before validation: (merged dict, the source of every key)."""
     from amortized3d.data.corpora import CorpusError, recipe_for_corpus, single_prompt
 
     user = load_yaml(config_file) if config_file else {}
@@ -649,7 +662,7 @@ def load_config(corpus: str | None = None, config_file: str | None = None, overr
     layers += [(f"override {shown(text)}", m) for text, m in zip(overrides, override_maps)]
     merged, sources = merge_layers(layers)
     merged.setdefault("corpus", {})["name"] = name
-    return validated(merged, sources)
+    return merged, sources
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:

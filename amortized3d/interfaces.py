@@ -89,12 +89,15 @@ class Conditioning:
     from the embedding store); None: the prior encodes ``prompts`` itself (the analytic prior reads the text).
     view_tokens [N, 4, 77, C] or None: the same on prompt + each of the prior's view suffixes
     (amortized3d.priors.diffusers_prior.VIEW_SUFFIXES), for view-dependent prompting and Perp-Neg.
+    views_per_object: the rows come in consecutive groups of this many views of one object (one prompt, one
+    timestep), which a multi-view prior (Prior.multiview) denoises jointly; 1 for single-view priors.
     """
 
     prompts: list[str]
     cameras: Cameras
     tokens: torch.Tensor | None = None
     view_tokens: torch.Tensor | None = None
+    views_per_object: int = 1
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -103,12 +106,34 @@ class Conditioning:
         """The rows ``rows`` (long [M]) of the N, in that order (M rows)."""
         pick = lambda x: None if x is None else x[rows.to(x.device)]  # noqa: E731
         return Conditioning([self.prompts[i] for i in rows.tolist()], self.cameras[rows.to(self.cameras.fovy.device)],
-                            pick(self.tokens), pick(self.view_tokens))
+                            pick(self.tokens), pick(self.view_tokens), self.views_per_object)
+
+    def object_groups(self, timesteps: torch.Tensor, branch: torch.Tensor) -> int:
+        """For a multi-view prior's call: check that the N rows form consecutive groups of views_per_object rows, each
+        one prompt at one timestep on one branch, and return the group size V (ValueError naming the first bad group).
+        timesteps, branch long [N]."""
+        V, N = self.views_per_object, len(self)
+        if V < 1 or N % V:
+            raise ValueError(f"a multi-view prior denoises groups of views_per_object={V} views of one object, but the call "
+                             f"has {N} rows; render train.views_per_prompt views per prompt and keep each prompt's views together")
+        for name, values in (("timestep", timesteps.cpu()), ("branch", branch.cpu())):
+            grouped = values.reshape(N // V, V)
+            bad = (grouped != grouped[:, :1]).any(1).nonzero()
+            if len(bad):
+                g = int(bad[0])
+                raise ValueError(f"the views of object {g} (rows {g * V}-{g * V + V - 1}) have different {name}s "
+                                 f"{grouped[g].tolist()}; a multi-view prior takes one {name} per object")
+        for g in range(N // V):
+            if len(set(self.prompts[g * V:(g + 1) * V])) > 1:
+                raise ValueError(f"the views of object {g} (rows {g * V}-{g * V + V - 1}) mix prompts "
+                                 f"{sorted(set(self.prompts[g * V:(g + 1) * V]))}; a multi-view prior's object has one prompt")
+        return V
 
     def repeat(self, n: int) -> "Conditioning":
         """The N rows n times over (n N rows): the condition of n branches batched into one prior call."""
         tile = lambda x: None if x is None else torch.cat([x] * n)  # noqa: E731
-        return Conditioning(self.prompts * n, Cameras.cat([self.cameras] * n), tile(self.tokens), tile(self.view_tokens))
+        return Conditioning(self.prompts * n, Cameras.cat([self.cameras] * n), tile(self.tokens), tile(self.view_tokens),
+                            self.views_per_object)
 
 
 class Prior(Protocol):
@@ -117,12 +142,15 @@ class Prior(Protocol):
     alphas_cumprod [T]: its noise schedule. perp_neg: whether its guidance uses Perp-Neg's negative views
     (then predict_noise also answers the NEGATIVE_1 / NEGATIVE_2 branches and perp_neg_weights gives their
     weights). text_encoder: its own text encoder (what the embedding store encodes for it), or None when it
-    reads prompts as text.
+    reads prompts as text. multiview: whether it denoises the views of one object jointly (MVDream, the
+    multi-view analytic prior): then its conditions group rows by Conditioning.views_per_object, and every group
+    shares one prompt, timestep and branch.
     """
 
     alphas_cumprod: torch.Tensor
     perp_neg: bool
     text_encoder: object | None
+    multiview: bool
 
     @classmethod
     def from_config(cls, cfg, text_encoder=None, device: str | torch.device = "cpu") -> "Prior":

@@ -32,12 +32,11 @@ from amortized3d.config import load_config
 from amortized3d.files import write_text_atomic
 from amortized3d.inference.baked import bake_representation, render_baked
 from amortized3d.inference.export import extract_mesh
-from amortized3d.priors.pretrained import RandomWeightsWarning
+from amortized3d.priors.pretrained import RANDOM_MODELS, RandomWeightsWarning
 from amortized3d.rendering.cameras import orbit_cameras
 from amortized3d.rendering.volume import rays_per_chunk, render_images
 from recipe_step import device_name, sync  # benchmarks/, beside this script
 
-RANDOM_SD = "random:stable-diffusion-2-1-base"
 
 
 def build(args, device):
@@ -46,8 +45,8 @@ def build(args, device):
         cfg, generator, _ = load_run(args.checkpoint, device)
         return cfg, generator, build_text_encoder(cfg, device)
     cfg = load_config(args.recipe, overrides=["train.wandb=disabled", *args.overrides])
-    if cfg.text.encoder == "prior" and cfg.prior.kind == "stable_diffusion" and not any(o.startswith("prior.model=") for o in args.overrides):
-        cfg.prior.model = RANDOM_SD
+    if cfg.text.encoder == "prior" and cfg.prior.kind in RANDOM_MODELS and not any(o.startswith("prior.model=") for o in args.overrides):
+        cfg.prior.model = RANDOM_MODELS[cfg.prior.kind]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)  # said once, below
         encoder = build_text_encoder(cfg, device)

@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RANDOM_SD = "random:stable-diffusion-2-1-base"
 RANDOM_IF = "random:deepfloyd-if-I-XL-v1.0"
 RECIPES = ["mg15", "df415", "at2520", "cp100k"]
 
@@ -99,9 +98,10 @@ def nerfacc_sampling(device: torch.device, dry_run: bool, work: Path) -> dict:
 def prior_precision(device: torch.device, dry_run: bool, work: Path) -> dict:
     from amortized3d.config import load_config
     from amortized3d.priors.diffusers_prior import DiffusionPrior
+    from amortized3d.priors.pretrained import RANDOM_MODELS
 
     resolution = 64 if dry_run else 512
-    cfg = load_config("mg15", overrides=[f"prior.model={RANDOM_SD}", f"prior.resolution={resolution}", "prior.dtype=fp32"])
+    cfg = load_config("mg15", overrides=[f"prior.model={RANDOM_MODELS['stable_diffusion']}", f"prior.resolution={resolution}", "prior.dtype=fp32"])
     prior = DiffusionPrior.from_config(cfg, device=device)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 64, 64, generator=g).to(device)

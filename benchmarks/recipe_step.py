@@ -40,17 +40,17 @@ from amortized3d.builders import build_adapter, build_generator, build_optimizer
 from amortized3d.config import ConfigError, load_config
 from amortized3d.data.corpora import CorpusError, load_corpus
 from amortized3d.data.loader import PromptBatch
+from amortized3d.priors.pretrained import RANDOM_MODELS
 from amortized3d.training.guard import guarded_optimizer_step
 from amortized3d.training.profiler import StageProfiler, resident_bytes
 from amortized3d.training.step import distillation_step
 
-RANDOM_SD = "random:stable-diffusion-2-1-base"
 PROMPTS = [  # used when the recipe's corpus is not on this machine
    "a hamburger", "a frog wearing a sweater", "a red motorcycle", "a wooden chair", "a ceramic teapot",
            "a castle on a hill", "an astronaut riding a horse", "a bowl of ramen"]
 # UNet forward passes per image (ScaleDreamer Table 1, LODS Eq. 7): pretrained passes, learned-branch passes without
 # gradient, learned-branch training passes (forward + backward = 2 forward passes each)
-PASSES = {"sds": (2, 0, 0), "csd": (2, 0, 0), "asd": (3, 0, 0), "vsd": (2, 1, 1), "lods-embedding": (1, 1, 1), "lods-lora": (1, 1, 1)}
+PASSES = {"sds": (2, 0, 0), "sds-star": (2, 0, 0), "csd": (2, 0, 0), "asd": (3, 0, 0), "vsd": (2, 1, 1), "lods-embedding": (1, 1, 1), "lods-lora": (1, 1, 1)}
 PERP_NEG_PASSES = 2  # the two negative view prompts of the guided prediction (not LODS, which has no CFG)
 GENERATOR_STAGES = ("generator", "render", "generator backward", "render backward")
 
@@ -69,13 +69,16 @@ def unet_passes(cfg) -> float:
 
 def floor_prices(prior, cfg, device) -> dict:
     """FLOPs of one UNet forward on one image and of the VAE encoder's forward + backward on one render, each
-    counted alone with FlopCounterMode."""
+    counted alone with FlopCounterMode. A multi-view prior (MVDream) prices one image as 1 / V of a V-view object's
+    call (its self-attention runs over all V views at once)."""
     side = prior.resolution // prior.vae_factor
-    x = torch.randn(1, prior.channels, side, side, device=device)
-    tokens = prior.text_encoder.encode([""]).tokens.to(device)
+    V = cfg.train.views_per_prompt if prior.multiview else 1
+    x = torch.randn(V, prior.channels, side, side, device=device)
+    tokens = prior.text_encoder.encode([""] * V).tokens.to(device)
+    camera = torch.zeros(V, 16, device=device) if prior.multiview else None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        prior.unet_noise(x, torch.tensor([500], device=device), tokens)
-    unet = counter.get_total_flops()
+        prior.unet_noise(x, torch.full((V,), 500, device=device), tokens, camera, num_frames=V)
+    unet = counter.get_total_flops() / V
     render = torch.rand(1, 3, cfg.render.height, cfg.render.width, device=device, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         prior.encode(render).float().sum().backward()
@@ -89,8 +92,8 @@ class Recipe:
         from accelerate import Accelerator
 
         cfg = load_config(recipe, overrides=overrides)
-        if cfg.prior.kind == "stable_diffusion" and not any(o.startswith("prior.model=") for o in overrides):
-            cfg.prior.model = RANDOM_SD
+        if cfg.prior.kind in RANDOM_MODELS and not any(o.startswith("prior.model=") for o in overrides):
+            cfg.prior.model = RANDOM_MODELS[cfg.prior.kind]
         self.cfg, self.device = cfg, device
         key = json.dumps(cfg.prior.model_dump(), sort_keys=True, default=str)
         if key not in prior_cache:  # recipes with the same prior share it
@@ -181,7 +184,7 @@ def measure(recipe: Recipe, steps: int, progress: float) -> dict:
               for name, row in profiler.table().items()}
     total = profiler.total_flops()
     images = cfg.train.prompts_per_step * cfg.train.views_per_prompt
-    row = {"recipe": cfg.corpus.name, "device": device_name(device), "prior": cfg.prior.kind if cfg.prior.kind == "analytic" else cfg.prior.model,
+    row = {"recipe": cfg.corpus.name, "device": device_name(device), "prior": cfg.prior.kind if cfg.prior.analytic else cfg.prior.model,
            "prior_dtype": str(getattr(recipe.prior, "dtype", "n/a")).removeprefix("torch."), "method": cfg.distill.method,
            "generator": cfg.generator.kind, "generator_parameters": sum(p.numel() for p in recipe.generator.parameters()),
            "images_per_step": images, "render": f"{cfg.render.height}x{cfg.render.width}",

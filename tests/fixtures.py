@@ -52,6 +52,7 @@ class NaNAfter:
     def __init__(self, prior, good_calls):
         self.prior, self.good_calls, self.calls = prior, good_calls, 0
         self.alphas_cumprod, self.perp_neg, self.text_encoder = prior.alphas_cumprod, prior.perp_neg, prior.text_encoder
+        self.multiview = prior.multiview
 
     def encode(self, x, generator=None):
         return self.prior.encode(x, generator)

@@ -213,6 +213,7 @@ class InfiniteGradientPrior:
     def __init__(self, prior):
         self.prior = prior
         self.alphas_cumprod, self.perp_neg, self.text_encoder = prior.alphas_cumprod, prior.perp_neg, prior.text_encoder
+        self.multiview = prior.multiview
 
     def encode(self, x, generator=None):
         return InfiniteGradient.apply(self.prior.encode(x, generator))

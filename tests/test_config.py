@@ -73,15 +73,21 @@ def test_corpus_without_recipe_explains_why(monkeypatch):
     assert cfg.corpus.name == "mine" and cfg.prior.kind == "stable_diffusion"
 
 
-def test_paper_recipes_resolve_and_dl17k_stops_clearly():
+def test_paper_recipes_resolve():
     expected = {"df415": ("conv3d", 1, "adam", 100000), "at2520": ("conv3d", 1, "adam", 50000), "cp100k": ("conv3d", 2, "adan", 300000)}
     for name, (kind, m, optimizer, steps) in expected.items():
         cfg = load_config(name)
         assert (cfg.generator.kind, cfg.generator.channel_multiplier, cfg.optim.name, cfg.train.steps) == (kind, m, optimizer, steps)
         assert cfg.prior.kind == "stable_diffusion" and cfg.generator.sphere_radius == 0.8
     assert load_config("cp100k").optim.betas == [0.98, 0.92, 0.99]
-    with pytest.raises(ConfigError, match="MVDream prior .* is not implemented yet"):
-        load_config("dl17k")
+    # DL17k (reference notes, its multi-view recipe): triplane, MVDream, 1 prompt x 4 views as one orbit per object,
+    # elevation [0, 30], fovy [15, 60], distance [0.8, 1.0] / tan(fovy / 2), gradient accumulation 2, Adan 2e-4
+    dl = load_config("dl17k")
+    assert (dl.generator.kind, dl.prior.kind, dl.train.prompts_per_step, dl.train.views_per_prompt, dl.train.grad_accum) == ("triplane", "mvdream", 1, 4, 2)
+    assert dl.camera.group_views and dl.camera.relative_distance and dl.camera.distance_range == [0.8, 1.0]
+    assert (dl.camera.elevation_range, dl.camera.fovy_range, dl.optim.name, dl.optim.lr_geometry) == ([0.0, 30.0], [15.0, 60.0], "adan", 2e-4)
+    with pytest.raises(ConfigError, match="learned branch of a single-view prior"):
+        load_config("dl17k", overrides=["distill.method=vsd"])
     with pytest.raises(ConfigError, match="adan takes 3 betas"):
         load_config("shapeworld-16", overrides=["optim.name=adan"])
 

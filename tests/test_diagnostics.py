@@ -106,7 +106,7 @@ def test_toy2d_every_setting_writes_its_files(tmp_path):
 
     out = tmp_path / "toy"
     summaries = {s["name"]: s for s in toy2d("all", steps=3, particles=2, out=out)}
-    assert set(summaries) == {"sds", "csd", "vsd", "lods-embedding", "lods-lora", "asd-eta0", "asd-paper-eta0.1",
+    assert set(summaries) == {"sds", "sds-star", "csd", "vsd", "lods-embedding", "lods-lora", "asd-eta0", "asd-paper-eta0.1",
                               "asd-reference-eta0.1", "asd-deterministic-eta0.1", "asd-fixed-eta0.1"}
     for name, s in summaries.items():
         assert (out / f"{name}.png").is_file() and json.loads((out / f"{name}.json").read_text())["grad_norm"] == s["grad_norm"]

@@ -212,8 +212,10 @@ def test_piecewise_linear_bounds_stabledreamer():
 
 
 def test_default_guidance_scales_from_the_paper():
-    # ScaleDreamer: SDS 100, CSD 1, ASD 7.5, VSD 7.5 (on the pretrained branch); LODS: 1000 for 3D generation.
-    assert DEFAULT_GUIDANCE == {"sds": 100.0, "csd": 1.0, "asd": 7.5, "vsd": 7.5, "lods-embedding": 1000.0, "lods-lora": 1000.0}
+    # ScaleDreamer: SDS 100, CSD 1, ASD 7.5, VSD 7.5 (on the pretrained branch); LODS: 1000 for 3D generation;
+    # SDS*: MVDream's threestudio guidance (multiview_diffusion_guidance.py, guidance_scale 50).
+    assert DEFAULT_GUIDANCE == {"sds": 100.0, "sds-star": 50.0, "csd": 1.0, "asd": 7.5, "vsd": 7.5, "lods-embedding": 1000.0,
+                                "lods-lora": 1000.0}
 
 
 def test_noise_schedule_formula():

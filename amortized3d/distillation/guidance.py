@@ -29,7 +29,8 @@ class Draw:
     this step; eta, asd_shift: ASD's shift settings; generator: the step's random stream; adapter: the learned
     branch of VSD / LODS (None otherwise). A method that draws a second timestep records it in shifted_timesteps;
     every method records its guided prediction at (x_t, t) in eps_guided [B, C, H, W] (eps_cfg; LODS: its learned
-    unconditional branch guided, eps_l + g (eps_c - eps_l)), from which the one-step denoised image comes.
+    unconditional branch guided, eps_l + g (eps_c - eps_l)), from which the one-step denoised image comes, and
+    guided_prediction its conditional one in eps_cond. recon_rescale: SDS*'s guidance rescale (methods/sds_star.py).
     """
 
     prior: Prior
@@ -46,8 +47,10 @@ class Draw:
     asd_shift: str
     generator: torch.Generator
     adapter: object | None = None
+    recon_rescale: float = 0.5
     shifted_timesteps: torch.Tensor | None = None
     eps_guided: torch.Tensor | None = None
+    eps_cond: torch.Tensor | None = None
 
     def rows(self, code: int) -> torch.Tensor:
         """The branch code for every image: long [B]."""
@@ -94,5 +97,5 @@ def guided_prediction(d: Draw, extra: list[tuple[torch.Tensor, torch.Tensor, int
         eps_cfg = perp_neg_guidance(eps_cond, eps_uncond, eps[2:4], negative_weights, d.guidance_scale)
     else:
         eps_cfg = eps_uncond + d.guidance_scale * (eps_cond - eps_uncond)
-    d.eps_guided = eps_cfg
+    d.eps_guided, d.eps_cond = eps_cfg, eps_cond
     return eps_cfg, eps_uncond, list(eps[n - len(extra):])

@@ -5,6 +5,7 @@ x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, the gradient of each loss with resp
 to x is, with w(t) = 1 - abar_t and eps_cfg = eps_u + g (eps_c - eps_u):
 
     SDS  w(t) (eps_cfg(x_t, t, y) - eps)
+    SDS* x - x0_r, x0_r the x0 of eps_cfg with MVDream's guidance rescale (methods/sds_star.py)
     CSD  w(t) (eps_cfg(x_t, t, y) - eps_u(x_t, t))           (= w(t) g (eps_c - eps_u))
     ASD  w(t) (eps_cfg(x_t, t, y) - eps_c(x_{t+dt}, t + dt, y)),  dt ~ U[0, eta (t - T_min)], t + dt <= T_max
     VSD  w(t) (eps_cfg(x_t, t, y) - eps_phi'(x_t, t, pi, y))  with the camera-conditioned LoRA UNet phi'
@@ -163,6 +164,7 @@ def score_distillation(
     progress: float = 0.0,
     denoise_steps: int = 1,
     denoise_eta: float = 1.0,
+    recon_rescale: float = 0.5,
 ) -> DistillationOutput:
     """One score-distillation step on a batch of rendered images.
 
@@ -174,6 +176,8 @@ def score_distillation(
     gradients are kept as they are so the training loop's guard can see them. ``denoise_steps`` > 1 (SDS only): z_hat
     from that many guided DDIM strides (methods/sds.py, multistep_denoised; ``denoise_eta`` their eta) and the
     gradient HiFA's latent residual beta(t) (x - z_hat) (Eq. 3); 1: the one-step z_hat, with which that is SDS.
+    ``recon_rescale``: SDS*'s guidance rescale phi. For a multi-view prior (cond.views_per_object V > 1) each object's
+    V consecutive images share one t (and ASD's t + dt); the noise is drawn per image.
     """
     if method not in METHODS:
         raise ValueError(f"distill.method={method!r} is not known; choose one of {', '.join(METHODS)}")
@@ -183,10 +187,12 @@ def score_distillation(
     if t_schedule not in T_SCHEDULES:
         raise ValueError(f"distill.t_schedule={t_schedule!r} is not known; choose one of {', '.join(T_SCHEDULES)}")
     check_denoise_steps(method, denoise_steps)
-    B = x.shape[0]
+    B, V = x.shape[0], cond.views_per_object
+    if B % V:
+        raise ValueError(f"{B} images do not form objects of views_per_object={V} views each")
     ceiling = spec.timestep_ceiling(t_range, eta, asd_shift)
     if t_schedule == "random":
-        t = sample_timesteps(B, t_range[0], ceiling, generator, x.device)
+        t = sample_timesteps(B // V, t_range[0], ceiling, generator, x.device).repeat_interleave(V)  # one t per object
     else:
         t = torch.full((B,), annealed_timestep(t_schedule, progress, t_range[0], ceiling), dtype=torch.long, device=x.device)
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
@@ -194,7 +200,8 @@ def score_distillation(
     weight = (1 - abar[t]).to(x.dtype)
     with torch.no_grad():
         x_t = add_noise(x.detach(), noise, t, abar)
-        draw = Draw(prior, x.detach(), cond, t, noise, x_t, weight, abar, guidance_scale, t_range, eta, asd_shift, generator, adapter)
+        draw = Draw(prior, x.detach(), cond, t, noise, x_t, weight, abar, guidance_scale, t_range, eta, asd_shift, generator, adapter,
+                    recon_rescale)
         grad = spec.gradient(draw)
         if denoise_steps > 1:  # HiFA's latent residual to the multi-step z_hat (Eq. 3)
             denoised = multistep_denoised(draw, denoise_steps, denoise_eta)

@@ -10,6 +10,11 @@ its nearest scene:
     sim(p)     = mean_v (1 - sqrt(d(p, p, v)))          (1 - RMSE, in [0, 1])
     PSNR(p)    = mean_v -10 log10 d(p, p, v)
     IoU(p)     = max_k |{sdf_gen < 0} & {sdf_k < 0}| / |{sdf_gen < 0} | {sdf_k < 0}|   at the cell centers of a grid
+    view consistency(p) = max_k mean_v [k_v = k],  k_v = argmin_k mean (x_pv - mu_pkv)^2
+                 the largest fraction of the orbit views whose nearest exact scene of p is one and the same scene:
+                 1 when every view shows the same scene; below 1 when an under-specified prompt ("a cube", any color
+                 and size) shows different scenes from different sides (the Janus problem); always 1 for a prompt
+                 with one scene
 
 Ties count as hits: when two candidates share the nearest exact render (an under-specified
 "a cube" contains the scene of "a large yellow cube"), the render cannot tell them apart, and
@@ -64,6 +69,15 @@ def retrieval_metrics(renders: torch.Tensor, references: torch.Tensor, valid: to
     }
 
 
+def view_consistency(renders: torch.Tensor, scenes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """renders [P, V, 3, H, W], scenes [P, K, V, 3, H, W] each prompt's own exact scenes, valid [P, K] -> the largest
+    fraction of views whose nearest scene is the same one (module docstring), [P]."""
+    mse = ((renders.unsqueeze(1) - scenes) ** 2).flatten(3).mean(-1)  # [P, K, V]
+    nearest = mse.masked_fill(~valid.unsqueeze(-1), float("inf")).argmin(1)  # [P, V]
+    counts = torch.nn.functional.one_hot(nearest, scenes.shape[1]).sum(1)  # [P, K]
+    return counts.max(1).values.float() / renders.shape[1]
+
+
 def occupancy_iou(occupied: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """occupied bool [P, G], reference bool [P, K, G], valid [P, K] -> best IoU over valid k, [P]."""
     inter = (occupied.unsqueeze(1) & reference).sum(-1).float()
@@ -107,6 +121,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     position = {c: i for i, c in enumerate(candidates)}
     own = torch.tensor([position[p] for p in evaluated])
     metrics = retrieval_metrics(renders, references, valid_all, own)
+    metrics["view_consistency"] = view_consistency(renders, references[own], valid_all[own])
 
     bound = cfg.sampling_radius()
     pts = grid_points(cfg.eval.iou_resolution, bound, cell_centers=True)
@@ -126,7 +141,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     ]
     summary = {"corpus": cfg.corpus.name, "split": split, "method": cfg.distill.method, "step": state["step"],
                "n_prompts": len(evaluated), "n_candidates": len(candidates), "n_views": V, "resolution": R,
-               **summarize(per_prompt, ("r_at_1", "similarity", "psnr", "iou"))}
+               **summarize(per_prompt, ("r_at_1", "similarity", "psnr", "iou", "view_consistency"))}
+    open_prompts = [r["view_consistency"] for r in per_prompt if len(parse_prompt(r["prompt"])) > 1]
+    summary["view_consistency_open"] = sum(open_prompts) / len(open_prompts) if open_prompts else None  # under-specified prompts only
     summary["seconds"] = time.perf_counter() - start
     report = {"summary": summary, "per_prompt": per_prompt}
     out = Path(out) if out else RunDir(run_dir).oracle_report(split)

@@ -75,8 +75,9 @@ class GaussiansConfig(GeneratorBaseConfig):
     rasterizer: Literal["auto", "torch", "gsplat"] = "auto"
     rasterize_mode: Literal["classic", "antialiased"] = "classic"  # gsplat's; antialiased: Mip-Splatting's 2D filter
     # the carve views (module docstring); null: from the training cameras and renders (builders.build_generator):
-    # elevations the ends and middle of camera.elevation_range, distance the middle of camera.distance_range, fovy
-    # the widest of camera.fovy_range, resolution the last training render height
+    # elevations the ends and middle of camera.elevation_range, distance the middle of camera.distance_range (its
+    # distance at the carve fovy with camera.relative_distance), fovy the widest of camera.fovy_range, resolution the
+    # last training render height
     carve_elevations: list[Annotated[float, Field(ge=-90, le=90)]] | None = Field(None, min_length=1)
     carve_distance: float | None = Field(None, gt=0, le=1000)
     carve_fovy: float | None = Field(None, gt=0, lt=180)

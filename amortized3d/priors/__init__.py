@@ -9,6 +9,7 @@ fields come from this mapping.
 from amortized3d.priors.analytic import AnalyticPrior
 from amortized3d.priors.diffusers_prior import DiffusionPrior
 
-PRIORS = {"analytic": AnalyticPrior, "stable_diffusion": DiffusionPrior, "deepfloyd_if": DiffusionPrior}
+PRIORS = {"analytic": AnalyticPrior, "analytic_multiview": AnalyticPrior, "stable_diffusion": DiffusionPrior, "deepfloyd_if": DiffusionPrior,
+          "mvdream": DiffusionPrior}
 
 __all__ = ["PRIORS", "AnalyticPrior", "DiffusionPrior"]

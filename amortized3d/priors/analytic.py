@@ -26,6 +26,20 @@ and for the unconditional Gaussian eps*(x_t, t, pi) = sqrt(1 - a) / v_u (x_t - s
 v_u = a S^2 + 1 - a. Classifier-free guidance is eps_u + w (eps_c - eps_u), applied
 by the caller as with any prior.
 
+Multi-view (prior.kind=analytic_multiview): the V views of one object (Conditioning.views_per_object consecutive rows,
+one prompt and one t) are one sample of the joint
+
+    p(x_1..x_V | y, pi_1..pi_V) = (1/K) sum_k prod_v N(x_v; mu_k(pi_v), s^2 I)
+
+so the scene is drawn once for all views. Every view still diffuses independently, and Tweedie's formula stays exact,
+with responsibilities shared by the views:
+
+    eps*_v = sqrt(1 - a) / v * sum_k r_k (x_t,v - sqrt(a) mu_k(pi_v)),
+    r_k = softmax_k( -sum_v ||x_t,v - sqrt(a) mu_k(pi_v)||^2 / (2 v) )
+
+For a prompt with one scene (K = 1) both priors coincide; for an under-specified one ("a cube") the per-view prior
+lets each view pick its own scene, the joint one makes all views agree (the Janus problem in miniature).
+
 Latent space (prior.latent=true): the exact counterpart of a latent diffusion prior. A fixed linear encoder
 z = E(x) maps each 2 x 2 block of RGB pixels (12 values) to 4 channels, with orthonormal rows: the block's mean R, G
 and B (each 1/2 times the sum of its four pixels) and a left-minus-right luminance edge (+-1 / (2 sqrt 3) on every
@@ -101,8 +115,10 @@ def render_prompt_scenes(
     return rgb, valid
 
 
-def mixture_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, means: torch.Tensor, valid: torch.Tensor, std: float) -> torch.Tensor:
-    """E[eps | x_t] for x ~ (1/K) sum_k N(mu_k, s^2 I).
+def mixture_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, means: torch.Tensor, valid: torch.Tensor, std: float,
+                             views_per_object: int = 1) -> torch.Tensor:
+    """E[eps | x_t] for x ~ (1/K) sum_k N(mu_k, s^2 I); with views_per_object V > 1, for each group of V consecutive
+    rows (sharing alphabar and valid) jointly drawn from (1/K) sum_k prod_v N(mu_kv, s^2 I) (module docstring).
 
     noisy [N, C, H, W], alphabar [N], means [N, K, C, H, W], valid [N, K] -> eps [N, C, H, W].
     """
@@ -111,6 +127,8 @@ def mixture_noise_prediction(noisy: torch.Tensor, alphabar: torch.Tensor, means:
     diff = noisy.unsqueeze(1) - a.sqrt() * means  # [N, K, C, H, W]
     logits = -(diff**2).flatten(2).sum(-1) / (2 * v.reshape(-1, 1))
     logits = logits.masked_fill(~valid, float("-inf"))
+    if views_per_object > 1:  # one scene for the whole group: the views' log-likelihoods add up
+        logits = logits.unflatten(0, (-1, views_per_object)).sum(1).repeat_interleave(views_per_object, 0)
     resp = torch.softmax(logits, dim=1).reshape(*valid.shape, 1, 1, 1)
     return ((1 - a).sqrt() / v * resp * diff).sum(1)
 
@@ -158,12 +176,14 @@ class AnalyticPrior:
 
     @classmethod
     def from_config(cls, cfg, text_encoder=None, device: str | torch.device = "cpu") -> "AnalyticPrior":
-        """From the experiment config: its prior section's AnalyticPriorConfig, and the renderer's scene radius and
-        inv_std (render.*); ``text_encoder`` and ``device`` are unused (it reads prompts as text, on the CPU)."""
-        return cls(cfg.prior.part(AnalyticPriorConfig), scene_radius=cfg.render.scene_radius, inv_std=cfg.render.inv_std)
+        """From the experiment config: its prior section's AnalyticPriorConfig, prior.kind (analytic or
+        analytic_multiview), and the renderer's scene radius and inv_std (render.*); ``text_encoder`` and ``device``
+        are unused (it reads prompts as text, on the CPU)."""
+        return cls(cfg.prior.part(AnalyticPriorConfig), scene_radius=cfg.render.scene_radius, inv_std=cfg.render.inv_std,
+                   multiview=cfg.prior.kind == "analytic_multiview")
 
-    def __init__(self, config: AnalyticPriorConfig, *, scene_radius: float, inv_std: float):
-        self.config = config
+    def __init__(self, config: AnalyticPriorConfig, *, scene_radius: float, inv_std: float, multiview: bool = False):
+        self.config, self.multiview = config, multiview
         self.std, self.uncond_mean, self.uncond_std = config.std, config.uncond_mean, config.uncond_std
         self.render_kwargs = dict(scene_radius=scene_radius, n_proposal=config.n_proposal, n_importance=config.n_importance, inv_std=inv_std)
         self.alphas_cumprod = stable_diffusion_alphas_cumprod()
@@ -224,11 +244,12 @@ class AnalyticPrior:
 
         noisy [N, C, h, w] (C = 3 and the render size, or with prior.latent C = 4 and half of it), timesteps long [N],
         cond of N rows (its prompts and cameras), branch [N] (COND or UNCOND, amortized3d.priors.branches) -> eps [N, C, h, w]. Rows sharing a prompt and camera share
-        one ground-truth render.
+        one ground-truth render. Multi-view: each group of cond.views_per_object rows is one object (module docstring).
         """
         prompts, cameras = cond.prompts, cond.cameras
         if ((branch != COND) & (branch != UNCOND)).any():
             raise ValueError("the analytic prior answers COND and UNCOND rows only (Perp-Neg negatives need prior.kind=stable_diffusion)")
+        V = cond.object_groups(timesteps, branch) if self.multiview else 1
         N, _, h, w = noisy.shape
         H, W = (2 * h, 2 * w) if self.config.latent else (h, w)  # the renders the (latent) images come from
         alphabar = self.alphas_cumprod.to(noisy.device)[timesteps]
@@ -254,5 +275,5 @@ class AnalyticPrior:
         gather = torch.tensor(row_to_unique, device=noisy.device)
         rows = torch.tensor(cond_rows, device=noisy.device)
         eps = eps.clone()
-        eps[rows] = mixture_noise_prediction(noisy[rows], alphabar[rows], means[gather], valid[gather], self.std)
+        eps[rows] = mixture_noise_prediction(noisy[rows], alphabar[rows], means[gather], valid[gather], self.std, V)
         return eps

@@ -1,11 +1,14 @@
 """Diffusers text-to-image models as frozen score-distillation priors.
 
-Two kinds, from any diffusers-format folder or hub id:
+Three kinds, from any diffusers-format folder or hub id:
     stable_diffusion  Stable Diffusion 1.x / 2.x, latent space through its VAE
                       (default stabilityai/stable-diffusion-2-1-base)
     deepfloyd_if      DeepFloyd IF stage I, pixel space at the UNet's 64 x 64, T5 text encoder
                       (default DeepFloyd/IF-I-XL-v1.0); its UNet also predicts a variance
                       (6 output channels), of which only the noise half is used
+    mvdream           MVDream's 4-view model (amortized3d.priors.mvdream): SD 2.1-base with a camera embedding and
+                      self-attention across the views of each object; from its original checkpoint (default
+                      MVDream/MVDream's sd-v2.1-base-4view.pt, converted once), at 256 x 256
 
 The prior implements the same interface as the analytic prior:
 
@@ -55,11 +58,14 @@ from amortized3d.rendering.cameras import Cameras
 from amortized3d.schema import ConfigModel, Int
 from amortized3d.text.pretrained_encoder import TEXT_SUBFOLDERS, PretrainedTextEncoder
 
-DEFAULT_MODELS = {"stable_diffusion": "stabilityai/stable-diffusion-2-1-base", "deepfloyd_if": "DeepFloyd/IF-I-XL-v1.0"}
+DEFAULT_MODELS = {"stable_diffusion": "stabilityai/stable-diffusion-2-1-base", "deepfloyd_if": "DeepFloyd/IF-I-XL-v1.0",
+                  "mvdream": "MVDream/MVDream"}
 SUBFOLDERS = {
     "stable_diffusion": ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
     "deepfloyd_if": ["unet", "text_encoder", "tokenizer", "scheduler"],
+    "mvdream": ["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
 }
+DEFAULT_RESOLUTION = {"stable_diffusion": 512, "mvdream": 256}  # the image size each latent model was trained at
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # View-dependent prompting: suffix per view, in the order of view_index's codes.
@@ -75,8 +81,9 @@ PERP_NEG_FRONT_SIDE_BACK = (1.0, 0.5, 0.967)
 class DiffusionPriorConfig(ConfigModel):
     """A diffusers prior's config.
 
-    model: hub id or local diffusers folder; null: the kind's default (DEFAULT_MODELS).
-    resolution: renders are resized to this before the VAE (stable_diffusion; IF uses its UNet's size).
+    model: hub id or local diffusers folder (mvdream: also its checkpoint file); null: the kind's default (DEFAULT_MODELS).
+    resolution: renders are resized to this before the VAE; null: the model's own (512 Stable Diffusion, 256 MVDream;
+    IF always uses its UNet's size).
     tiny_encoder: null, or a tiny autoencoder (diffusers AutoencoderTiny: the hub id madebyollin/taesd, a folder, or
     random:taesd) whose encoder replaces the VAE's on the gradient path (stable_diffusion only). TAESD is distilled
     to give SD's latents (already scaled) for 1.2 M parameters instead of the VAE encoder's 34 M; decoding (the
@@ -89,7 +96,7 @@ class DiffusionPriorConfig(ConfigModel):
     """
 
     model: str | None = None
-    resolution: Int = Field(512, ge=8, le=4096)
+    resolution: Int | None = Field(None, ge=8, le=4096)
     tiny_encoder: str | None = None
     dtype: Literal[("auto", *DTYPES)] = "auto"
     view_dependent: bool = False
@@ -200,7 +207,7 @@ class DiffusionPrior:
         folder = resolve_model_dir(model, SUBFOLDERS[kind])
         self.text_encoder = text_encoder if text_encoder is not None else PretrainedTextEncoder(folder, model, device, self.dtype)
         self.unet = load_component(UNet2DConditionModel, folder, "unet", model, torch_dtype=self.dtype)
-        self.vae = load_component(AutoencoderKL, folder, "vae", model, torch_dtype=self.dtype) if kind == "stable_diffusion" else None
+        self.vae = load_component(AutoencoderKL, folder, "vae", model, torch_dtype=self.dtype) if "vae" in SUBFOLDERS[kind] else None
         scheduler = load_component(DDPMScheduler, folder, "scheduler", model)
         self.tiny_encoder = None
         if config.tiny_encoder is not None:
@@ -213,6 +220,14 @@ class DiffusionPrior:
             if module is not None:
                 module.requires_grad_(False).eval().to(device)
         self.unet.to(memory_format=torch.channels_last)
+        self.multiview = kind == "mvdream"
+        if self.multiview:
+            from amortized3d.priors.mvdream import set_multiview_attention
+
+            if self.unet.config.class_embed_type != "projection" or self.unet.config.projection_class_embeddings_input_dim != 16:
+                raise ValueError(f"{model!r} is not an MVDream model: its UNet has no 16-d camera embedding (class_embed_type "
+                                 f"{self.unet.config.class_embed_type!r}); pass MVDream's checkpoint, or prior.kind=stable_diffusion")
+            set_multiview_attention(self.unet)
         text_width = self.unet.config.encoder_hid_dim or self.unet.config.cross_attention_dim
         if text_width != self.text_encoder.dim:
             raise ValueError(
@@ -225,7 +240,7 @@ class DiffusionPrior:
         if self.vae is None:  # pixel space: the UNet's own resolution, no latent scaling
             self.resolution, self.latent_scale, self.vae_factor = int(self.unet.config.sample_size), 1.0, 1
         else:
-            self.resolution = config.resolution
+            self.resolution = config.resolution if config.resolution is not None else DEFAULT_RESOLUTION[kind]
             self.latent_scale = float(self.vae.config.scaling_factor)
             self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.tiny_encoder is not None:
@@ -236,7 +251,7 @@ class DiffusionPrior:
                                  f"{self.vae.config.latent_channels} channels at 1/{self.vae_factor}: use a tiny autoencoder "
                                  "distilled for this model's VAE (madebyollin/taesd for Stable Diffusion 1.x and 2.x)")
         if self.resolution % self.vae_factor:
-            raise ValueError(f"prior.resolution={config.resolution} must be a multiple of the VAE's downsampling factor {self.vae_factor}")
+            raise ValueError(f"prior.resolution={self.resolution} must be a multiple of the VAE's downsampling factor {self.vae_factor}")
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{model!r} predicts {self.prediction_type!r}; supported: epsilon, v_prediction")
@@ -307,18 +322,21 @@ class DiffusionPrior:
         return self.perp_neg_scale * perp_neg_decays(cameras.elevation.cpu(), cameras.azimuth.cpu())
 
     def unet_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor,
-                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                   class_labels: torch.Tensor | None = None, num_frames: int = 1) -> torch.Tensor:
         """The UNet's noise prediction eps(x_t, t, tokens): the one path every branch takes (the pretrained
         branches through predict_noise, and the learned branches of VSD and LODS with their adapters active).
 
-        noisy [N, C, h, w], timesteps long [N], tokens [N, 77, D] text condition, class_labels [N, K] or None
-        -> eps float32 [N, C, h, w]. Keeps the first C output channels (DeepFloyd IF's UNet also predicts a
+        noisy [N, C, h, w], timesteps long [N], tokens [N, 77, D] text condition, class_labels [N, K] or None (MVDream:
+        the cameras), num_frames: MVDream's views per object (consecutive rows) -> eps float32 [N, C, h, w]. Keeps the first C output channels (DeepFloyd IF's UNet also predicts a
         variance: 2C channels) and converts a v-prediction to eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
         Differentiable with respect to trainable parameters inside the UNet (adapters); the frozen weights get none.
         """
         x = noisy.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         steps = timesteps.to(self.device)
-        out = self.unet(x, steps, encoder_hidden_states=tokens.to(self.device, self.dtype), class_labels=class_labels).sample
+        if class_labels is not None:  # in the class embedding's dtype (MVDream's frozen one, or VSD's trainable fp32 one)
+            class_labels = class_labels.to(self.device, next(self.unet.class_embedding.parameters()).dtype)
+        kwargs = {"cross_attention_kwargs": {"num_frames": num_frames}} if self.multiview else {}
+        out = self.unet(x, steps, encoder_hidden_states=tokens.to(self.device, self.dtype), class_labels=class_labels, **kwargs).sample
         out = out.float()[:, : self.channels]
         if self.prediction_type == "v_prediction":
             abar = self.alphas_cumprod[steps].view(-1, 1, 1, 1)
@@ -328,7 +346,13 @@ class DiffusionPrior:
     @torch.no_grad()
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, branch: torch.Tensor) -> torch.Tensor:
         """eps(x_t, t, condition) in one UNet call; noisy [N, 4, h, w], timesteps long [N], cond of N rows,
-        branch [N] (amortized3d.priors.branches) -> eps float32 [N, 4, h, w]."""
+        branch [N] (amortized3d.priors.branches) -> eps float32 [N, 4, h, w]. MVDream: every group of
+        cond.views_per_object rows is one object, conditioned on its cameras (mvdream_cameras)."""
+        if self.multiview:
+            from amortized3d.priors.mvdream import mvdream_cameras
+
+            V = cond.object_groups(timesteps, branch)
+            return self.unet_noise(noisy, timesteps, self.text_condition(cond, branch), mvdream_cameras(cond.cameras), num_frames=V)
         return self.unet_noise(noisy, timesteps, self.text_condition(cond, branch))
 
 

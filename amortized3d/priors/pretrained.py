@@ -46,6 +46,9 @@ def how_to_get(model: str) -> str:
 
 
 RANDOM_PREFIX = "random:"
+# each diffusers prior kind's shipped architecture (benchmarks build the recipes' priors from these)
+RANDOM_MODELS = {"stable_diffusion": "random:stable-diffusion-2-1-base", "deepfloyd_if": "random:deepfloyd-if-I-XL-v1.0",
+                 "mvdream": "random:mvdream-sd21-base-4view"}
 ARCHITECTURES = Path(__file__).with_name("architectures")
 RANDOM_SEED = 0
 
@@ -141,8 +144,13 @@ def model_source(model: str) -> str | Path:
 
 def resolve_model_dir(model: str, subfolders: list[str]) -> Path:
     """Local folder holding ``subfolders`` of ``model`` (a folder path or a hub id such as
-    'stabilityai/stable-diffusion-2-1-base'). Raises PretrainedLoadError when it is not available."""
+    'stabilityai/stable-diffusion-2-1-base'; MVDream's checkpoint file or hub id MVDream/MVDream: its converted folder,
+    amortized3d.priors.mvdream.converted_folder). Raises PretrainedLoadError when it is not available."""
     path = Path(model_source(model)).expanduser()
+    from amortized3d.priors.mvdream import HUB_MODEL, converted_folder
+
+    if path.is_file() or model == HUB_MODEL:  # MVDream's original checkpoint, converted once into a diffusers folder
+        path = converted_folder(model)
     if path.is_dir():
         missing = [s for s in subfolders if not (path / s).is_dir()]
         if missing:

@@ -93,6 +93,9 @@ def sample_training_cameras(
     fovy_range: tuple[float, float],
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    *,
+    group_views: bool = False,
+    relative_distance: bool = False,
 ) -> Cameras:
     """Random training cameras, shape [n_prompts, n_views].
 
@@ -100,20 +103,34 @@ def sample_training_cameras(
     (sin(elevation) uniform) within ``elevation_range`` degrees. Azimuth:
     stratified over all n_prompts * n_views cameras so every batch covers 360
     degrees. Distance and fovy (degrees): uniform in their ranges.
+
+    group_views (multi-view priors: MVDream's and the reference's multi-view sampler): the views of each prompt are
+    one object's orbit, azimuths -180 + 360 (u + k) / n_views (k = 0..n_views-1, one u ~ U(0, 1) per prompt), with one
+    elevation, distance and fovy per prompt. relative_distance: distance = U(distance_range) / tan(fovy / 2), so the
+    object fills the same part of the image at every field of view.
     """
     n = n_prompts * n_views
+    draws = n_prompts if group_views else n  # one elevation, distance and fovy per prompt, or per camera
 
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator)
+    def uniform(low: float, high: float, size: int = draws) -> torch.Tensor:
+        return low + (high - low) * torch.rand(size, generator=generator)
 
     el_lo, el_hi = elevation_range
     by_angle = uniform(el_lo, el_hi)
     s = uniform(math.sin(math.radians(el_lo)), math.sin(math.radians(el_hi)))
     by_area = torch.rad2deg(torch.asin(s.clamp(-1.0, 1.0)))
-    elevation = torch.where(torch.rand(n, generator=generator) < 0.5, by_angle, by_area)
-    azimuth = -180.0 + 360.0 * (torch.arange(n, dtype=torch.float32) + torch.rand(n, generator=generator)) / n
+    elevation = torch.where(torch.rand(draws, generator=generator) < 0.5, by_angle, by_area)
+    if group_views:
+        offset = torch.rand(n_prompts, 1, generator=generator)
+        azimuth = (-180.0 + 360.0 * (offset + torch.arange(n_views, dtype=torch.float32)) / n_views).reshape(n)
+    else:
+        azimuth = -180.0 + 360.0 * (torch.arange(n, dtype=torch.float32) + torch.rand(n, generator=generator)) / n
     distance = uniform(*distance_range)
     fovy = uniform(*fovy_range)
+    if relative_distance:
+        distance = distance / torch.tan(torch.deg2rad(fovy) / 2)
+    if group_views:
+        elevation, distance, fovy = (v.repeat_interleave(n_views) for v in (elevation, distance, fovy))
     cams = look_at_cameras(elevation, azimuth, distance, fovy).reshape(n_prompts, n_views)
     return cams.to(device)
 

@@ -39,14 +39,16 @@ def denoised_views(cfg: ExperimentConfig, prior, renders: torch.Tensor, prompts:
     P, V, _, R, _ = renders.shape
     rng = torch.Generator().manual_seed(seed)
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, renders.device)
-    cond = Conditioning([p for p in prompts for _ in range(V)], cams.reshape(1, V)[[0] * P].reshape(P * V))
+    cond = Conditioning([p for p in prompts for _ in range(V)], cams.reshape(1, V)[[0] * P].reshape(P * V),
+                        views_per_object=V if prior.multiview else 1)  # a multi-view prior sees each orbit as one object
     lo, hi = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
     middle = (lo + hi) // 2
     x = renders.reshape(P * V, 3, R, R)
     if cfg.render.size_at(progress) != (R, R):  # the prior sees the views at the training renders' size
         x = torch.nn.functional.interpolate(x, size=cfg.render.size_at(progress), mode="bilinear", align_corners=False, antialias=True)
     out = score_distillation(prior, prior.encode(x, generator=rng), cond, method=cfg.distill.method,
-                             guidance_scale=guidance_scale(cfg.distill), t_range=(middle, middle), eta=0.0, generator=rng, adapter=adapter)
+                             guidance_scale=guidance_scale(cfg.distill), t_range=(middle, middle), eta=0.0, generator=rng, adapter=adapter,
+                             recon_rescale=cfg.distill.recon_rescale)
     images = prior.decode(out.denoised).float()
     if images.shape[-2:] != (R, R):
         images = torch.nn.functional.interpolate(images, size=(R, R), mode="bilinear", align_corners=False, antialias=True)

@@ -74,7 +74,8 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     P, V = len(batch.prompts), cfg.train.views_per_prompt
     H, W = cfg.render.size_at(progress)
     text = batch.text.to(device)
-    cameras = sample_training_cameras(P, V, cfg.camera.elevation_range, cfg.camera.distance_range, cfg.camera.fovy_range, rng, device)
+    cameras = sample_training_cameras(P, V, cfg.camera.elevation_range, cfg.camera.distance_range, cfg.camera.fovy_range, rng, device,
+                                      group_views=cfg.camera.group_views, relative_distance=cfg.camera.relative_distance)
     z = torch.randn(P, z_dim, generator=rng).to(device) if z_dim else None  # conv3d: a fresh latent per prompt and step
     representation = generator(text.pooled, text.tokens, z=z)
     background = None
@@ -84,11 +85,12 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     render = representation.render(cameras, H, W, cfg.render, generator=rng, background=background)
     images = prior.encode(render.rgb.reshape(P * V, 3, H, W), generator=rng)
     cond = batch_conditioning(batch, cameras.reshape(P * V), V, list(prior_suffixes), cfg.text.encoder == "prior")
+    cond.views_per_object = V if prior.multiview else 1  # a multi-view prior sees each prompt's V views as one object
     t_range = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
     out = score_distillation(prior, images, cond, method=cfg.distill.method, guidance_scale=guidance_scale(cfg.distill), t_range=t_range,
                              eta=cfg.distill.eta, generator=rng, adapter=adapter, asd_shift=cfg.distill.asd_shift,
                              t_schedule=cfg.distill.t_schedule, progress=progress, denoise_steps=cfg.distill.denoise_steps,
-                             denoise_eta=cfg.distill.denoise_eta)
+                             denoise_eta=cfg.distill.denoise_eta, recon_rescale=cfg.distill.recon_rescale)
     loss_sd = out.loss.mean()
     total = loss_sd
     metrics = {"loss_sd": loss_sd.item(), "t_min": t_range[0], "t_max": t_range[1], "grad_sd_norm": out.grad.flatten(1).norm(dim=1).mean().item()}

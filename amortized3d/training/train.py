@@ -153,7 +153,7 @@ def train(cfg: ExperimentConfig, run_dir: str | Path, resume: bool = False, max_
         torch.set_num_threads(max(torch.get_num_threads(), len(os.sched_getaffinity(0))))
     corpus = load_corpus(cfg.corpus.name, cfg.corpus.dir)
     train_prompts = corpus.train
-    if cfg.prior.kind == "analytic" or (cfg.phase2.start > 0 and cfg.phase2_prior().kind == "analytic"):
+    if cfg.prior.analytic or (cfg.phase2.start > 0 and cfg.phase2_prior().analytic):
         check_shapeworld_prompts(train_prompts, cfg.corpus.name)
     check_corpus_fits_a_step(len(train_prompts), cfg.train.prompts_per_step, world)
     val_prompts = (corpus.val or corpus.train)[:4]

@@ -11,8 +11,9 @@ from amortized3d.distillation.methods.asd import ASD
 from amortized3d.distillation.methods.csd import CSD
 from amortized3d.distillation.methods.lods import LODS
 from amortized3d.distillation.methods.sds import SDS
+from amortized3d.distillation.methods.sds_star import SDSStar
 from amortized3d.distillation.methods.vsd import VSD
 
-METHODS = {"asd": ASD(), "sds": SDS(), "csd": CSD(), "vsd": VSD(), "lods-embedding": LODS(), "lods-lora": LODS()}
+METHODS = {"asd": ASD(), "sds": SDS(), "sds-star": SDSStar(), "csd": CSD(), "vsd": VSD(), "lods-embedding": LODS(), "lods-lora": LODS()}
 
-__all__ = ["METHODS", "ASD", "CSD", "LODS", "SDS", "VSD"]
+__all__ = ["METHODS", "ASD", "CSD", "LODS", "SDS", "SDSStar", "VSD"]

@@ -88,7 +88,8 @@ class ASD:
         return asd_timestep_ceiling(t_range, eta, rule)
 
     def gradient(self, d: Draw) -> torch.Tensor:
-        d.shifted_timesteps = asd_shifted_timesteps(d.t, d.t_range, d.eta, d.generator, d.asd_shift)
+        V = d.cond.views_per_object  # one t + dt per object (its V consecutive images share t)
+        d.shifted_timesteps = asd_shifted_timesteps(d.t[::V], d.t_range, d.eta, d.generator, d.asd_shift).repeat_interleave(V)
         shifted = add_noise(d.x.detach(), d.noise, d.shifted_timesteps, d.abar)
         eps_cfg, _, (eps_shifted,) = guided_prediction(d, [(shifted, d.shifted_timesteps, COND)])
         return asd_gradient(eps_cfg, eps_shifted, d.weight)
