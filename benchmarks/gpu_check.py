@@ -42,8 +42,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RANDOM_IF = "random:deepfloyd-if-I-XL-v1.0"
-RECIPES = ["mg15", "df415", "at2520", "cp100k"]
+RECIPES = ["mg15", "df415", "at2520", "cp100k", "dl17k"]
 
 
 class Skip(Exception):
@@ -132,6 +131,8 @@ def recipe_steps(device: torch.device, dry_run: bool, out: Path, recipes: list[s
     sys.path.insert(0, str(REPO / "benchmarks"))
     import recipe_step
 
+    from amortized3d.priors.pretrained import RANDOM_MODELS
+
     rows = []
     if dry_run:
         rows += recipe_step.main(["mg15", "--steps", "0", "--dtype", "fp32", "--set", "prior.resolution=64", "--out", str(out)])
@@ -141,7 +142,7 @@ def recipe_steps(device: torch.device, dry_run: bool, out: Path, recipes: list[s
         # MG15's recipe against DeepFloyd IF stage I XL (4.3 B UNet, 4.8 B T5 encoder) in the first dtype, last: its
         # random weights take minutes to build on the CPU before they move to the GPU
         rows += recipe_step.main(["mg15", "--steps", "3", "--dtype", dtypes[0], "--set", "prior.kind=deepfloyd_if",
-                                  "--set", f"prior.model={RANDOM_IF}", "--out", str(out)])
+                                  "--set", f"prior.model={RANDOM_MODELS['deepfloyd_if']}", "--out", str(out)])
     summary = [{k: row.get(k) for k in ("recipe", "prior_dtype", "total_tflop", "floor_tflop", "ratio", "step_seconds",
                                         "achieved_tflop_per_s", "peak_memory_gb", "not_run")} for row in rows]
     return {"ok": all("not_run" in row or row.get("total_tflop") for row in rows), "rows": summary}
