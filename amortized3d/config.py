@@ -345,9 +345,20 @@ class ExperimentConfig(ConfigModel):
                 "prior.view_dependent and prior.perp_neg change the text of a text-to-image prior; the analytic prior's "
                 "conditionals are exact per camera already. Set them to false, or use prior.kind=stable_diffusion or deepfloyd_if"
             )
-        if self.prior.kind in MULTIVIEW_PRIORS and METHODS[self.distill.method].learned_branch:
-            raise ConfigError(f"distill.method={self.distill.method} trains a learned branch of a single-view prior; the multi-view "
-                              f"prior.kind={self.prior.kind} takes asd, sds, sds-star or csd")
+        if self.prior.kind in MULTIVIEW_PRIORS:
+            if METHODS[self.distill.method].learned_branch:
+                raise ConfigError(f"distill.method={self.distill.method} trains a learned branch of a single-view prior; the multi-view "
+                                  f"prior.kind={self.prior.kind} takes asd, sds, sds-star or csd")
+            if self.train.views_per_prompt < 2 or not self.camera.group_views:
+                raise ConfigError(f"prior.kind={self.prior.kind} denoises each prompt's views as one object: set train.views_per_prompt "
+                                  f"to the views per object (it is {self.train.views_per_prompt}; MVDream: 4) and camera.group_views=true "
+                                  "(one orbit per prompt), as configs/dl17k.yaml and configs/shapeworld-multiview.yaml do")
+            if self.prior.kind == "mvdream" and self.train.views_per_prompt != 4:
+                raise ConfigError(f"train.views_per_prompt={self.train.views_per_prompt}: MVDream was trained on 4 views of an object "
+                                  "(90 degrees apart); set train.views_per_prompt=4")
+            if self.prior.view_dependent or self.prior.perp_neg:
+                raise ConfigError(f"prior.view_dependent and prior.perp_neg add view words to the text; prior.kind={self.prior.kind} "
+                                  "takes each view's camera instead. Set them to false")
         if self.train.eval_every % self.train.ckpt_every:
             raise ConfigError(f"train.eval_every={self.train.eval_every} must be 0 (off) or a multiple of "
                               f"train.ckpt_every={self.train.ckpt_every}: it evaluates the checkpoint written at that step")

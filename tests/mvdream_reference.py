@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TEXT_WIDTH = 64  # the text tower's width = the UNet's context_dim (one head of 64, OpenCLIP's width / 64)
+TEXT_WIDTH = 128  # the text tower's width = the UNet's context_dim (two heads of 64, OpenCLIP's width / 64)
 UNET = dict(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1], num_res_blocks=1, channel_mult=[1, 2],
             num_head_channels=16, context_dim=TEXT_WIDTH, camera_dim=16)
 VAE_CHANNELS = [32, 32, 64, 64]  # 4 levels: latents at 1/8 of the image, 32^2 at MVDream's 256^2, as the real VAE

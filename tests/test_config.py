@@ -88,6 +88,12 @@ def test_paper_recipes_resolve():
     assert (dl.camera.elevation_range, dl.camera.fovy_range, dl.optim.name, dl.optim.lr_geometry) == ([0.0, 30.0], [15.0, 60.0], "adan", 2e-4)
     with pytest.raises(ConfigError, match="learned branch of a single-view prior"):
         load_config("dl17k", overrides=["distill.method=vsd"])
+    for overrides, message in [(["train.views_per_prompt=3"], "trained on 4 views"), (["camera.group_views=false"], "group_views=true"),
+                               (["prior.perp_neg=true"], "view words"), (["prior.view_dependent=true"], "view words")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("dl17k", overrides=overrides)
+    with pytest.raises(ConfigError, match="views_per_prompt"):  # the joint analytic prior needs objects of several views
+        load_config("shapeworld-16", overrides=["prior.kind=analytic_multiview"])
     with pytest.raises(ConfigError, match="adan takes 3 betas"):
         load_config("shapeworld-16", overrides=["optim.name=adan"])
 

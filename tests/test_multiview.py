@@ -29,19 +29,19 @@ def joint_monte_carlo_eps(x_t, a, means, std, n=400_000, seed=0):
 
 
 def test_joint_prediction_matches_monte_carlo_of_the_joint_distribution():
-    # 2 scenes, 3 views, 2 pixels per view: the views agree on scene 0 in two views and on scene 1 in one.
-    means = torch.tensor([[[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]],
-                          [[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]]], dtype=torch.float64)
-    std = 0.3
+    # 2 scenes, a joint 4-view sample, 2 pixels per view: the noisy views lean to scene 0 in three views, scene 1 in one.
+    means = torch.tensor([[[0.1, 0.9], [0.8, 0.2], [0.5, 0.5], [0.3, 0.6]],
+                          [[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.2]]], dtype=torch.float64)
+    std, V = 0.3, 4
     for a in (0.3, 0.7):
-        x_t = math.sqrt(a) * torch.tensor([[0.2, 0.7], [0.7, 0.3], [0.45, 0.55]], dtype=torch.float64) + 0.2
+        x_t = math.sqrt(a) * torch.tensor([[0.2, 0.7], [0.7, 0.3], [0.45, 0.55], [0.6, 0.3]], dtype=torch.float64) + 0.2
         mc = joint_monte_carlo_eps(x_t, a, means, std)
-        closed = mixture_noise_prediction(x_t.reshape(3, 2, 1, 1), torch.full((3,), a, dtype=torch.float64),
-                                          means.permute(1, 0, 2).reshape(3, 2, 2, 1, 1), torch.ones(3, 2, dtype=torch.bool),
-                                          std, views_per_object=3).reshape(3, 2)
+        closed = mixture_noise_prediction(x_t.reshape(V, 2, 1, 1), torch.full((V,), a, dtype=torch.float64),
+                                          means.permute(1, 0, 2).reshape(V, 2, 2, 1, 1), torch.ones(V, 2, dtype=torch.bool),
+                                          std, views_per_object=V).reshape(V, 2)
         assert torch.allclose(closed, mc, atol=0.01), (a, closed, mc)
-        per_view = mixture_noise_prediction(x_t.reshape(3, 2, 1, 1), torch.full((3,), a, dtype=torch.float64),
-                                            means.permute(1, 0, 2).reshape(3, 2, 2, 1, 1), torch.ones(3, 2, dtype=torch.bool), std)
+        per_view = mixture_noise_prediction(x_t.reshape(V, 2, 1, 1), torch.full((V,), a, dtype=torch.float64),
+                                            means.permute(1, 0, 2).reshape(V, 2, 2, 1, 1), torch.ones(V, 2, dtype=torch.bool), std)
         assert (per_view - closed).abs().max() > 0.05  # the joint prior is a different distribution from the per-view one
 
 
@@ -186,3 +186,44 @@ def test_prior_flag_keeps_a_recipes_pretrained_prior_kind():
     assert kind("--corpus", "dl17k", "--prior", "/some/4view.pt") == "mvdream"
     assert kind("--corpus", "dl17k", "--prior", "/some/sd21", "prior.kind=stable_diffusion") == "stable_diffusion"
     assert kind("--corpus", "shapeworld-16", "--prior", "/some/if", "prior.kind=deepfloyd_if") == "deepfloyd_if"
+
+
+def test_the_multiview_recipe_trains_with_one_orbit_and_one_t_per_object(tmp_path, monkeypatch):
+    # configs/shapeworld-multiview.yaml through train(): every prior call sees 2 prompts x 4 views as 2 objects of 4
+    # views, each an orbit (azimuths 90 degrees apart, one elevation), at one timestep per object and branch.
+    from amortized3d.config import load_config
+    from amortized3d.training.train import train
+    from tests.fixtures import TINY
+
+    cfg = load_config("shapeworld-16", "configs/shapeworld-multiview.yaml",
+                      [*[o for o in TINY if not o.startswith("generator.")], "generator.preset=tiny", "train.steps=2",
+                       "train.prompts_per_step=2", "train.ckpt_every=2"])
+    calls = []
+    original = AnalyticPrior.predict_noise
+
+    def recording(self, noisy, timesteps, cond, branch):
+        calls.append((cond.views_per_object, timesteps.clone(), cond.cameras.azimuth.clone(), cond.cameras.elevation.clone(), list(cond.prompts)))
+        return original(self, noisy, timesteps, cond, branch)
+
+    monkeypatch.setattr(AnalyticPrior, "predict_noise", recording)
+    train(cfg, tmp_path / "run")
+    training_calls = [c for c in calls if len(c[1]) == 3 * 8]  # ASD: [cond(t), uncond(t), cond(t + dt)] x 8 images
+    assert len(training_calls) == 2
+    for V, t, azimuth, elevation, prompts in training_calls:
+        assert V == 4
+        groups = t.view(-1, 4)
+        assert (groups == groups[:, :1]).all()
+        step = torch.remainder(azimuth.view(-1, 4).diff(dim=1), 360.0)
+        assert torch.allclose(step, torch.full_like(step, 90.0), atol=1e-3)
+        assert (elevation.view(-1, 4) == elevation.view(-1, 4)[:, :1]).all()
+        assert all(len(set(prompts[i:i + 4])) == 1 for i in range(0, len(prompts), 4))
+
+
+def test_multistep_z_hat_keeps_objects_together():
+    # HiFA's DDIM z_hat with a multi-view prior: objects at different t step down in whole groups
+    prior, cams = make_prior(True), orbit_cameras(4, 15.0, 2.2, 50.0)
+    x = torch.rand(8, 3, 8, 8)
+    cond = Conditioning(["a cube"] * 4 + ["a cone"] * 4, Cameras.cat([cams] * 2), views_per_object=4)
+    out = score_distillation(prior, x, cond, method="sds", guidance_scale=7.5, t_range=(20, 980), eta=0.0,
+                             generator=torch.Generator().manual_seed(7), denoise_steps=4)
+    assert out.timesteps[0] != out.timesteps[4] and torch.isfinite(out.denoised).all()

@@ -30,7 +30,8 @@ class Draw:
     branch of VSD / LODS (None otherwise). A method that draws a second timestep records it in shifted_timesteps;
     every method records its guided prediction at (x_t, t) in eps_guided [B, C, H, W] (eps_cfg; LODS: its learned
     unconditional branch guided, eps_l + g (eps_c - eps_l)), from which the one-step denoised image comes, and
-    guided_prediction its conditional one in eps_cond. recon_rescale: SDS*'s guidance rescale (methods/sds_star.py).
+    guided_prediction its conditional one in eps_cond. recon_rescale: SDS*'s guidance rescale (methods/sds_star.py);
+    a method whose target is not the one-step estimate of eps_guided records it in denoised (SDS*: x0_r).
     """
 
     prior: Prior
@@ -51,6 +52,7 @@ class Draw:
     shifted_timesteps: torch.Tensor | None = None
     eps_guided: torch.Tensor | None = None
     eps_cond: torch.Tensor | None = None
+    denoised: torch.Tensor | None = None
 
     def rows(self, code: int) -> torch.Tensor:
         """The branch code for every image: long [B]."""

@@ -117,8 +117,8 @@ def distillation_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 class DistillationOutput:
     """loss [B] per image, grad [B, C, H, W], timesteps [B], shifted timesteps [B] (ASD only), and denoised [B, C, H, W]:
     the one-step estimate of the clean image from the method's guided prediction, x_hat = (x_t - sqrt(1 - abar_t)
-    eps_guided) / sqrt(abar_t) (StableDreamer Prop. 1's pseudo ground truth; HiFA's z_hat), or HiFA's multi-step
-    z_hat (score_distillation's denoise_steps)."""
+    eps_guided) / sqrt(abar_t) (StableDreamer Prop. 1's pseudo ground truth; HiFA's z_hat), HiFA's multi-step
+    z_hat (score_distillation's denoise_steps), or SDS*'s rescaled x0 (its target)."""
 
     loss: torch.Tensor
     grad: torch.Tensor
@@ -206,6 +206,8 @@ def score_distillation(
         if denoise_steps > 1:  # HiFA's latent residual to the multi-step z_hat (Eq. 3)
             denoised = multistep_denoised(draw, denoise_steps, denoise_eta)
             grad = reconstruction_weight(abar[t]).to(x.dtype).reshape(-1, 1, 1, 1) * (x.detach() - denoised)
+        elif draw.denoised is not None:  # the method's own target (SDS*: the rescaled x0)
+            denoised = draw.denoised
         else:
             denoised = predict_clean(x_t, draw.eps_guided, t, abar)
     return DistillationOutput(distillation_loss(x, grad), grad, t, draw.shifted_timesteps, denoised)

@@ -135,9 +135,10 @@ def _load_into(module, state: dict[str, torch.Tensor], what: str, path: Path, al
 
 
 def _unconsumed(source: dict[str, torch.Tensor], converted: dict[str, torch.Tensor]) -> list[str]:
-    """Keys of ``source`` whose tensors the conversion did not carry over (it maps tensors, or views of them)."""
-    used = {t.untyped_storage().data_ptr() for t in converted.values()}
-    return sorted(k for k, t in source.items() if t.untyped_storage().data_ptr() not in used)
+    """Keys of ``source`` whose tensors the conversion did not carry over (it maps tensors, or views of them that
+    start where they do)."""
+    used = {t.data_ptr() for t in converted.values()}
+    return sorted(k for k, t in source.items() if t.data_ptr() not in used)
 
 
 def text_config_from_weights(text: dict[str, torch.Tensor]):
@@ -195,6 +196,10 @@ def convert_checkpoint(path: Path, out: Path, ldm_config: Path | None = None) ->
         ldm_config = path.with_suffix(".yaml") if path.with_suffix(".yaml").is_file() else LDM_CONFIG
     original = yaml.safe_load(ldm_config.read_text())
     params = original["model"]["params"]
+    layer = params.get("cond_stage_config", {}).get("params", {}).get("layer", "penultimate")
+    if layer != "penultimate":
+        raise PretrainedLoadError(f"{str(ldm_config)!r} reads the text tower at layer {layer!r}; MVDream (and this conversion) "
+                                  "read it at its penultimate layer")
     state = load_ldm_checkpoint(path)
     other = sorted(k for k in state if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)) and k not in SCHEDULE_BUFFERS)
     if other:
@@ -242,6 +247,11 @@ def convert_checkpoint(path: Path, out: Path, ldm_config: Path | None = None) ->
                               beta_end=float(params["linear_end"]), beta_schedule="scaled_linear", clip_sample=False,
                               steps_offset=1,
                               prediction_type={"eps": "epsilon", "v": "v_prediction"}[params.get("parameterization", "eps")])
+    if "alphas_cumprod" in state:  # the checkpoint's own schedule buffer must be the one its config describes
+        mismatch = (state["alphas_cumprod"].double() - scheduler.alphas_cumprod.double()).abs().max().item()
+        if state["alphas_cumprod"].shape != scheduler.alphas_cumprod.shape or mismatch > 1e-5:
+            raise PretrainedLoadError(f"the noise schedule stored in {str(path)!r} differs from its config's (linear_start, linear_end, "
+                                      f"timesteps) by {mismatch:.3g}; put the checkpoint's own ldm config beside it as <stem>.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as work:
         staging = Path(work) / "folder"
@@ -296,13 +306,17 @@ def converted_folder(model: str) -> Path:
 
     where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     candidates = [path.parent / f"{path.stem}-diffusers", cache_root() / "mvdream" / f"{path.stem}-{where}"]
+    done = lambda folder: (folder / "conversion.json").is_file() and json.loads((folder / "conversion.json").read_text()) == signature  # noqa: E731
     for folder in candidates:
-        marker = folder / "conversion.json"
-        if marker.is_file() and json.loads(marker.read_text()) == signature:
+        if done(folder):
             return folder
+    from filelock import FileLock
+
     for folder in candidates:
         try:
-            return convert_checkpoint(path, folder, config)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(folder) + ".lock"):  # the processes of a distributed launch convert once, one after the other
+                return folder if done(folder) else convert_checkpoint(path, folder, config)
         except PermissionError:
             continue
     raise PretrainedLoadError(f"could not write the converted MVDream folder beside {str(path)!r} or under {str(candidates[-1].parent)!r}")

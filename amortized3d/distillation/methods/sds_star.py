@@ -40,4 +40,5 @@ class SDSStar:
         eps_cfg, _, _ = guided_prediction(d)
         x0_cfg = predict_clean(d.x_t, eps_cfg, d.t, d.abar)
         x0_cond = predict_clean(d.x_t, d.eps_cond, d.t, d.abar)
-        return d.x - rescaled_reconstruction(x0_cfg, x0_cond, d.cond.views_per_object, d.recon_rescale)
+        d.denoised = rescaled_reconstruction(x0_cfg, x0_cond, d.cond.views_per_object, d.recon_rescale)
+        return d.x - d.denoised
