@@ -297,3 +297,13 @@ def test_dl17k_recipe_trains_with_the_tiny_checkpoint(tiny, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss_sd"] for r in rows if "loss_sd" in r]
     assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_cameras_for_a_unet_without_a_camera_embedding_are_refused(tmp_path):
+    from amortized3d.priors.diffusers_prior import DiffusionPrior, DiffusionPriorConfig
+    from amortized3d.priors.tiny import make_tiny_stable_diffusion
+
+    prior = DiffusionPrior(DiffusionPriorConfig(model=str(make_tiny_stable_diffusion(tmp_path / "sd"))))
+    tokens = prior.text_encoder.encode(["a"]).tokens
+    with pytest.raises(ValueError, match="no class embedding"):
+        prior.unet_noise(torch.randn(1, 4, 8, 8), torch.tensor([10]), tokens, torch.zeros(1, 16))

@@ -334,6 +334,9 @@ class DiffusionPrior:
         x = noisy.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         steps = timesteps.to(self.device)
         if class_labels is not None:  # in the class embedding's dtype (MVDream's frozen one, or VSD's trainable fp32 one)
+            if self.unet.class_embedding is None:
+                raise ValueError(f"class labels (cameras) were given, but the UNet of {self.model_name!r} has no class embedding to "
+                                 "take them (MVDream's camera embedding, or VSD's camera adapter)")
             class_labels = class_labels.to(self.device, next(self.unet.class_embedding.parameters()).dtype)
         kwargs = {"cross_attention_kwargs": {"num_frames": num_frames}} if self.multiview else {}
         out = self.unet(x, steps, encoder_hidden_states=tokens.to(self.device, self.dtype), class_labels=class_labels, **kwargs).sample
