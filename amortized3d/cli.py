@@ -133,9 +133,9 @@ def _prior_overrides(args, corpus: str, config: str | None, overrides: list[str]
     if not args.prior:
         return overrides
     from amortized3d.config import merged_layers
+    from amortized3d.priors.diffusers_prior import SUBFOLDERS
 
-    kind = merged_layers(corpus, config, overrides)[0].get("prior", {}).get("kind", "analytic")
-    keep = kind in ("stable_diffusion", "deepfloyd_if", "mvdream")
+    keep = merged_layers(corpus, config, overrides)[0].get("prior", {}).get("kind", "analytic") in SUBFOLDERS  # a pretrained kind
     return [*([] if keep else ["prior.kind=stable_diffusion"]), f"prior.model={args.prior}", "text.encoder=prior", *overrides]
 
 

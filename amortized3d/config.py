@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from amortized3d.distillation.methods import METHODS
@@ -134,7 +134,8 @@ class CameraConfig(ConfigModel):
 
 class PriorConfig(*dict.fromkeys(p.Config for p in PRIORS.values())):
     """The ``prior:`` section: ``kind`` ("analytic" (ShapeWorld, closed form), "analytic_multiview" (its joint prior
-    over the views of one object), "stable_diffusion" or "deepfloyd_if" (diffusers)) and the fields of both priors' configs; ``part(AnalyticPriorConfig)`` (...) gives a prior's own."""
+    over the views of one object), "stable_diffusion", "deepfloyd_if" or "mvdream" (diffusers)) and the fields of both
+    priors' configs; ``part(AnalyticPriorConfig)`` (...) gives a prior's own."""
 
     kind: Literal[tuple(PRIORS)] = "analytic"
 

@@ -108,6 +108,14 @@ class Conditioning:
         return Conditioning([self.prompts[i] for i in rows.tolist()], self.cameras[rows.to(self.cameras.fovy.device)],
                             pick(self.tokens), pick(self.view_tokens), self.views_per_object)
 
+    @staticmethod
+    def orbits(prompts: list[str], cameras: Cameras, multiview: bool) -> "Conditioning":
+        """Every prompt of ``prompts`` (P) seen from the same cameras [V], prompt-major (P V rows); with ``multiview``
+        (the prior's) each prompt's V views are one object."""
+        V = cameras.shape[0]
+        return Conditioning([p for p in prompts for _ in range(V)], cameras.reshape(1, V)[[0] * len(prompts)].reshape(len(prompts) * V),
+                            views_per_object=V if multiview else 1)
+
     def object_groups(self, timesteps: torch.Tensor, branch: torch.Tensor) -> int:
         """For a multi-view prior's call: check that the N rows form consecutive groups of views_per_object rows, each
         one prompt at one timestep on one branch, and return the group size V (ValueError naming the first bad group).

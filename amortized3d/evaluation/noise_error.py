@@ -73,8 +73,7 @@ def noise_error(run_dir: str | Path, *, n_prompts: int = 4, n_views: int = 4, n_
     x = prior.encode(rgb.reshape(P * V, *rgb.shape[2:]), generator=rng)
     noise = torch.randn(x.shape, generator=rng).to(x.device, x.dtype)
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device)
-    cond = Conditioning([p for p in prompts for _ in range(V)], cams.reshape(1, V)[[0] * P].reshape(P * V),
-                        views_per_object=V if prior.multiview else 1)
+    cond = Conditioning.orbits(prompts, cams, prior.multiview)
     abar = prior.alphas_cumprod.to(x.device)
     start, end = (timestep_range(p, cfg.distill.t_min, cfg.distill.t_max) for p in (0.0, 1.0))
     lo_t, hi_t = min(start[0], end[0]), max(start[1], end[1])

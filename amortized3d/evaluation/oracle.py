@@ -122,6 +122,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     own = torch.tensor([position[p] for p in evaluated])
     metrics = retrieval_metrics(renders, references, valid_all, own)
     metrics["view_consistency"] = view_consistency(renders, references[own], valid_all[own])
+    open_prompt = (valid_all[own].sum(1) > 1).tolist()  # under-specified: more than one scene
 
     bound = cfg.sampling_radius()
     pts = grid_points(cfg.eval.iou_resolution, bound, cell_centers=True)
@@ -142,7 +143,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     summary = {"corpus": cfg.corpus.name, "split": split, "method": cfg.distill.method, "step": state["step"],
                "n_prompts": len(evaluated), "n_candidates": len(candidates), "n_views": V, "resolution": R,
                **summarize(per_prompt, ("r_at_1", "similarity", "psnr", "iou", "view_consistency"))}
-    open_prompts = [r["view_consistency"] for r in per_prompt if len(parse_prompt(r["prompt"])) > 1]
+    open_prompts = [r["view_consistency"] for r, is_open in zip(per_prompt, open_prompt) if is_open]
     summary["view_consistency_open"] = sum(open_prompts) / len(open_prompts) if open_prompts else None  # under-specified prompts only
     summary["seconds"] = time.perf_counter() - start
     report = {"summary": summary, "per_prompt": per_prompt}

@@ -173,6 +173,12 @@ def unet_config_from_ldm(original: dict) -> dict:
     return config
 
 
+def ldm_config_of(path: Path) -> Path:
+    """The ldm config of checkpoint ``path``: <stem>.yaml beside it, else MVDream's sd-v2-base (LDM_CONFIG)."""
+    beside = path.with_suffix(".yaml")
+    return beside if beside.is_file() else LDM_CONFIG
+
+
 def convert_checkpoint(path: Path, out: Path, ldm_config: Path | None = None) -> Path:
     """Convert MVDream's ldm checkpoint ``path`` into a diffusers folder ``out`` (unet/ vae/ text_encoder/ tokenizer/
     scheduler/, safetensors). ldm_config: its ldm YAML (default: <stem>.yaml beside it, else MVDream's sd-v2-base)."""
@@ -192,8 +198,7 @@ def convert_checkpoint(path: Path, out: Path, ldm_config: Path | None = None) ->
     from amortized3d.priors.pretrained import PretrainedLoadError
     from amortized3d.text.clip_vocabulary import clip_tokenizer
 
-    if ldm_config is None:
-        ldm_config = path.with_suffix(".yaml") if path.with_suffix(".yaml").is_file() else LDM_CONFIG
+    ldm_config = ldm_config or ldm_config_of(path)
     original = yaml.safe_load(ldm_config.read_text())
     params = original["model"]["params"]
     layer = params.get("cond_stage_config", {}).get("params", {}).get("layer", "penultimate")
@@ -300,7 +305,7 @@ def converted_folder(model: str) -> Path:
             raise PretrainedLoadError(f"{HUB_FILE} of {HUB_MODEL} is not in the local Hugging Face cache and cannot be downloaded "
                                       f"({type(err).__name__}); download it on a machine with internet access (`hf download {HUB_MODEL} "
                                       f"{HUB_FILE}`) and pass it with --prior PATH.pt prior.kind=mvdream") from err
-    config = path.with_suffix(".yaml") if path.with_suffix(".yaml").is_file() else LDM_CONFIG
+    config = ldm_config_of(path)
     signature = source_signature(path, config)
     from amortized3d.data.embedding_store import cache_root
 

@@ -39,8 +39,7 @@ def denoised_views(cfg: ExperimentConfig, prior, renders: torch.Tensor, prompts:
     P, V, _, R, _ = renders.shape
     rng = torch.Generator().manual_seed(seed)
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, renders.device)
-    cond = Conditioning([p for p in prompts for _ in range(V)], cams.reshape(1, V)[[0] * P].reshape(P * V),
-                        views_per_object=V if prior.multiview else 1)  # a multi-view prior sees each orbit as one object
+    cond = Conditioning.orbits(prompts, cams, prior.multiview)  # a multi-view prior sees each orbit as one object
     lo, hi = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
     middle = (lo + hi) // 2
     x = renders.reshape(P * V, 3, R, R)

@@ -38,7 +38,7 @@ class StepResult:
 
 
 def batch_conditioning(batch: PromptBatch, cameras: Cameras, views_per_prompt: int, prior_suffixes: list[str],
-                       text_is_prior_encoding: bool) -> Conditioning:
+                       text_is_prior_encoding: bool, multiview: bool = False) -> Conditioning:
     """The prior's condition for the batch's P x V images (prompt-major): its prompts and cameras, and the prior's
     own text embeddings where the batch carries them.
 
@@ -46,7 +46,7 @@ def batch_conditioning(batch: PromptBatch, cameras: Cameras, views_per_prompt: i
     plain prompt, then the four VIEW_SUFFIXES for view-dependent prompting and Perp-Neg), the batch's prior_text
     holding [P S, 77, C] rows prompt-major (no suffixes: the prior encodes the prompts itself, as the second prior of
     a two-phase run does); text_is_prior_encoding: the generator's embedding (batch.text) is the prior's own encoding
-    of the plain prompt (text.encoder=prior).
+    of the plain prompt (text.encoder=prior); multiview: the prior's (Prior.multiview): each prompt's V views are one object.
     """
     P, V = len(batch.prompts), views_per_prompt
     rows = torch.arange(P).repeat_interleave(V)  # image -> its prompt
@@ -59,7 +59,7 @@ def batch_conditioning(batch: PromptBatch, cameras: Cameras, views_per_prompt: i
     if stored is not None and all(s in prior_suffixes for s in VIEW_SUFFIXES):
         view_tokens = stored[:, [prior_suffixes.index(s) for s in VIEW_SUFFIXES]]
     pick = lambda x: None if x is None else x[rows]  # noqa: E731
-    return Conditioning([batch.prompts[i] for i in rows.tolist()], cameras, pick(tokens), pick(view_tokens))
+    return Conditioning([batch.prompts[i] for i in rows.tolist()], cameras, pick(tokens), pick(view_tokens), V if multiview else 1)
 
 
 def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior, batch: PromptBatch, progress: float,
@@ -84,8 +84,7 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
         background = (torch.rand(P, 3, generator=rng).to(device), mask.to(device))
     render = representation.render(cameras, H, W, cfg.render, generator=rng, background=background)
     images = prior.encode(render.rgb.reshape(P * V, 3, H, W), generator=rng)
-    cond = batch_conditioning(batch, cameras.reshape(P * V), V, list(prior_suffixes), cfg.text.encoder == "prior")
-    cond.views_per_object = V if prior.multiview else 1  # a multi-view prior sees each prompt's V views as one object
+    cond = batch_conditioning(batch, cameras.reshape(P * V), V, list(prior_suffixes), cfg.text.encoder == "prior", prior.multiview)
     t_range = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
     out = score_distillation(prior, images, cond, method=cfg.distill.method, guidance_scale=guidance_scale(cfg.distill), t_range=t_range,
                              eta=cfg.distill.eta, generator=rng, adapter=adapter, asd_shift=cfg.distill.asd_shift,
