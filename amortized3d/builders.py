@@ -12,7 +12,7 @@ from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
 from amortized3d.data.corpora import CorpusError, load_corpus, single_prompt
 from amortized3d.data.embedding_store import build_store, default_store_dir, load_manifest, prompts_digest
 from amortized3d.generators import GENERATORS, PER_PROMPT
-from amortized3d.generators.gaussians import splat_names
+from amortized3d.generators.gaussians import parameter_group_names
 from amortized3d.interfaces import Generator, Prior
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, load_prior_text_encoder
@@ -132,7 +132,8 @@ def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, ...]:
     """The learning rates of build_optimizer's parameter groups, in their order: geometry, background, and the decoders
     when optim.lr_decoder is set; for 3D Gaussians each splat attribute's (splats.lr_*), then the background."""
     if cfg.generator.kind == "gaussians":
-        return *(getattr(cfg.splats, f"lr_{name}") for name in splat_names(cfg.generator.sh_degree)), cfg.optim.lr_background
+        names = parameter_group_names(cfg.generator.sh_degree, cfg.generator.color_field)
+        return *(getattr(cfg.splats, f"lr_{name}") for name in names), cfg.optim.lr_background
     decoder = () if cfg.optim.lr_decoder is None else (cfg.optim.lr_decoder,)
     return cfg.optim.lr_geometry, cfg.optim.lr_background, *decoder
 
@@ -140,13 +141,15 @@ def optimizer_learning_rates(cfg: ExperimentConfig) -> tuple[float, ...]:
 def build_optimizer(cfg: ExperimentConfig, generator) -> torch.optim.Optimizer:
     """Adam, AdamW or Adan over the groups of optimizer_learning_rates: geometry (optim.lr_geometry), background
     (optim.lr_background), and with optim.lr_decoder the decoding MLPs (taken out of the geometry group); for 3D
-    Gaussians one group per splat attribute (splats.lr_*), named after it, then the background."""
+    Gaussians one group per splat attribute and for the color field's grid and MLP (splats.lr_*), named after it, then
+    the background."""
     rates = optimizer_learning_rates(cfg)
     geometry = list(generator.geometry_parameters())
     groups = [{"params": geometry, "lr": rates[0]}, {"params": list(generator.background_parameters()), "lr": rates[1]}]
     if cfg.generator.kind == "gaussians":  # a group per attribute, named: density control edits them (training/densify.py)
-        names = splat_names(cfg.generator.sh_degree)
-        groups = [{"params": [generator.splats[name]], "lr": lr, "name": name} for name, lr in zip(names, rates)]
+        params = generator.parameter_groups()
+        names = parameter_group_names(cfg.generator.sh_degree, cfg.generator.color_field)
+        groups = [{"params": params[name], "lr": lr, "name": name} for name, lr in zip(names, rates)]
         groups.append({"params": list(generator.background_parameters()), "lr": rates[-1], "name": "background"})
     elif cfg.optim.lr_decoder is not None:
         decoders = {id(p) for p in generator.decoder_parameters()}

@@ -241,6 +241,9 @@ class SplatsConfig(ConfigModel):
     lr_opacities: float = Field(5e-2, gt=0, le=1)
     lr_sh0: float = Field(2.5e-3, gt=0, le=1)
     lr_shN: float = Field(1.25e-4, gt=0, le=1)  # 3DGS: the color rate / 20
+    # generator.color_field: its hash grid's and MLP's rates (the per-prompt Instant-NGP recipe's grid and MLP rates)
+    lr_color_grid: float = Field(1e-2, gt=0, le=1)
+    lr_color_mlp: float = Field(1e-3, gt=0, le=1)
     densify_from: Int = Field(100, ge=0, le=1_000_000_000)  # densify at steps after this one ...
     densify_every: Steps = 500  # ... that are multiples of this ...
     densify_until: Int = Field(12000, ge=0, le=1_000_000_000)  # ... and before this one (0: never)

@@ -57,7 +57,7 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
         except ValueError as err:
             result.update(mesh_error=str(err))
         if cfg.generator.kind == "gaussians":  # the splats themselves, as a splat viewer shows them, and their .ply
-            result["splats_ply"] = str(save_splats_ply(generator.splats, out / f"{name}_splats.ply"))
+            result["splats_ply"] = str(save_splats_ply(generator.export_splats(), out / f"{name}_splats.ply"))
             rgb = representation.render(turntable.reshape(1, frames), image_size, image_size).rgb[0].clamp(0, 1)
         else:
             rgb = render_baked(baked, turntable, image_size, image_size, **cfg.render.volume_kwargs())  # [frames, 3, H, W]
