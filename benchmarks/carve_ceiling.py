@@ -1,7 +1,7 @@
 """How well the carve reading of 3D Gaussians can score on ShapeWorld's IoU at best: the exact scene carved.
 
     python benchmarks/carve_ceiling.py [--config configs/prompt-gaussians.yaml] [--resolutions 32 64]
-        [--json benchmarks/results/carve_ceiling.json]
+        [--matrix benchmarks/matrices/shapeworld-prompt-gaussians.yaml] [--json benchmarks/results/carve_ceiling.json]
 
 The oracle's IoU reads 3D Gaussians through the solid their carve views show (amortized3d/generators/gaussians.py:
 opacity and expected depth of rings of views, amortized3d.generators.gaussians.carve), while a field's IoU reads its
@@ -10,7 +10,8 @@ SDF through the volume renderer: opacity, and the expected ray depth turned into
 recipe's Gaussians would use, and reports the IoU of that carved solid with the exact scene on the oracle's grid
 (eval.iou_resolution cell centers, as amortized3d.evaluation.oracle). That is the IoU a perfect asset would get through
 this reading: views above elevation camera.elevation_range[0] never see under an object, pixels quantize the
-silhouettes. The six prompts are those of benchmarks/matrices/shapeworld-prompt-gaussians.yaml.
+silhouettes. The prompts are those of --matrix (benchmarks/matrices/shapeworld-prompt-gaussians.yaml: the six of the
+Gaussians-against-field bench).
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ from pathlib import Path
 import torch
 
 from amortized3d.files import write_text_atomic
-
-PROMPTS = ["a large red cube", "a large blue cone", "a small purple torus on top of a large cyan octahedron",
-           "a large green sphere", "a large yellow cube", "a large red cone"]
-
 
 @torch.no_grad()
 def exact_carve_iou(prompt: str, config: str, resolution: int | None) -> float:
@@ -62,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/prompt-gaussians.yaml")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64], help="carve view sizes in pixels")
+    parser.add_argument("--matrix", default="benchmarks/matrices/shapeworld-prompt-gaussians.yaml", help="a bench matrix: its prompts")
     parser.add_argument("--json", default="benchmarks/results/carve_ceiling.json")
     args = parser.parse_args(argv)
+    from amortized3d.evaluation.bench import load_matrix
+
     rows = [{"prompt": p, **{f"iou_at_{r}px": round(exact_carve_iou(p, args.config, r), 4) for r in args.resolutions}}
-            for p in PROMPTS]
+            for p in load_matrix(args.matrix)["prompts"]]
     keys = [f"iou_at_{r}px" for r in args.resolutions]
     mean = {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys}
     print("| prompt | " + " | ".join(f"exact scene carved, {r} px" for r in args.resolutions) + " |")

@@ -117,8 +117,8 @@ def test_accumulate_adds_ndc_gradient_norms_of_the_drawn_cameras():
 def test_a_run_resumes_bit_identically_across_a_densification(tmp_path, color_field):
     from amortized3d.training.train import train
 
-    overrides = [*GAUSSIANS, f"generator.color_field={str(color_field).lower()}", "generator.n_gaussians=64", "train.steps=8", "train.ckpt_every=3", "splats.densify_from=1",
-                 "splats.densify_every=4", "splats.densify_until=7", "splats.grad_threshold=1e-9", "splats.reset_opacity_at=[6]"]
+    overrides = [*GAUSSIANS, f"generator.color_field={str(color_field).lower()}", "generator.n_gaussians=64", "train.steps=8",
+                 "train.ckpt_every=3", "splats.densify_from=1", "splats.densify_every=4", "splats.densify_until=7", "splats.grad_threshold=1e-9", "splats.reset_opacity_at=[6]"]
     cfg = load_config("prompt:" + PROMPT, overrides=overrides)
     train(cfg, tmp_path / "whole")
     train(cfg, tmp_path / "parts", max_steps=3)  # stops before the densification at step 4

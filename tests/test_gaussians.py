@@ -369,8 +369,8 @@ def test_the_carved_solid_follows_its_definition_per_point_and_view():
     # (camera looks down -z, y up; u = W/2 + f x / d, v = H/2 - f y / d, d = -z, f = H / (2 tan(fovy / 2))), the
     # rendered opacity and expected depth read at the pixel containing (u, v); s(x) = the max over the views whose
     # image holds x of (depth - d - half a pixel's width d / (2 f)) where the pixel is opaque (> 0.5), else one pixel's
-    # width d / f; the color that of the view whose
-    # surface is nearest in depth (module docstring of amortized3d/generators/gaussians.py).
+    # width d / f; the color that of the view whose surface is nearest in depth (module docstring of
+    # amortized3d/generators/gaussians.py).
     model = small_gaussians(n=60, sh_degree=0)
     with torch.no_grad():
         model.splats["opacities"].fill_(2.0)

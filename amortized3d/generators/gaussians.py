@@ -170,9 +170,9 @@ class PromptGaussians(nn.Module):
         if self.config.color_field:
             self.fit_color_field(points.to(self.splats["means"]), colors.to(self.splats["means"]))
 
-    def fit_color_field(self, points: torch.Tensor, colors: torch.Tensor, steps: int = 500, lr: float = 1e-2) -> float:
+    def fit_color_field(self, points: torch.Tensor, colors: torch.Tensor, steps: int = 500, lr: float = 1e-2) -> None:
         """Fit the color field to colors [N, 3] in [0, 1] at points [N, 3]: Adam on the mean squared error, ``steps``
-        full-batch steps at ``lr``. -> the final root-mean-square error."""
+        full-batch steps at ``lr``."""
         parameters = [*self.color_grid.parameters(), *self.color_mlp.parameters()]
         optimizer = torch.optim.Adam(parameters, lr=lr)
         with torch.enable_grad():
@@ -181,8 +181,6 @@ class PromptGaussians(nn.Module):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-        with torch.no_grad():
-            return float((self.field_colors(points) - colors).pow(2).mean().sqrt())
 
     def field_colors(self, points: torch.Tensor) -> torch.Tensor:
         """The color field at points [M, 3] -> rgb [M, 3] in (0, 1) (color_field only)."""
