@@ -228,18 +228,20 @@ def test_a_prompt_specific_bench_scores_every_cell_on_the_fixed_prompts(tmp_path
 
 
 def test_the_prompt_specific_matrices_load_and_the_gaussian_one_runs(tmp_path):
-    # The README's Table 2 matrices: the same six prompts in both (so their per-prompt rows share candidates), and the
-    # Gaussians' matrix end to end at a tiny size.
+    # The README's Table 2 matrices and the Gaussians-against-field ones: the same six prompts in all (so their per-prompt
+    # rows share candidates), the variants the Gaussians' matrix's header names, and that matrix end to end at a tiny size.
     import yaml
 
     from tests.fixtures import REPO
 
     fields = load_matrix(REPO / "benchmarks" / "matrices" / "shapeworld-prompt-specific.yaml")
     gaussians = load_matrix(REPO / "benchmarks" / "matrices" / "shapeworld-prompt-gaussians.yaml")
-    assert fields["prompts"] == gaussians["prompts"] and len(fields["prompts"]) == 6
+    schedule = load_matrix(REPO / "benchmarks" / "matrices" / "shapeworld-prompt-field-schedule.yaml")
+    assert fields["prompts"] == gaussians["prompts"] == schedule["prompts"] and len(fields["prompts"]) == 6
     assert fields["corpora"] == ["shapeworld-16"] and fields["methods"] == ["asd", "sds", "csd"]
     tiny = tmp_path / "matrix.yaml"
-    assert gaussians["variants"] == {"base": [], "long": ["train.steps=1500", "splats.densify_until=1200", "splats.max_gaussians=5000"]}
+    assert gaussians["variants"] == {"base": [], "steps_1000": ["train.steps=1000"],
+                                     "per_gaussian_colors": ["generator.color_field=false", "train.steps=1000"]}
     tiny.write_text(yaml.safe_dump({**gaussians, "variants": {"base": []}, "config": str(REPO / gaussians["config"]),
                                     "prompts": gaussians["prompts"][:2],
                                     "overrides": [*TINY, "train.prompts_per_step=1", "train.steps=1", "train.ckpt_every=1",
