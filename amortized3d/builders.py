@@ -12,7 +12,7 @@ from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
 from amortized3d.data.corpora import CorpusError, load_corpus, single_prompt
 from amortized3d.data.embedding_store import build_store, default_store_dir, load_manifest, prompts_digest
 from amortized3d.generators import GENERATORS, PER_PROMPT
-from amortized3d.generators.gaussians import parameter_group_names
+from amortized3d.generators.gaussians import POLAR_RING, parameter_group_names
 from amortized3d.interfaces import Generator, Prior
 from amortized3d.priors import PRIORS
 from amortized3d.priors.diffusers_prior import VIEW_SUFFIXES, load_prior_text_encoder
@@ -103,12 +103,13 @@ def build_generator(cfg: ExperimentConfig) -> Generator:
     generator section it has) and text.dim."""
     generator_class = GENERATORS[cfg.generator.kind]
     config = cfg.generator.part(generator_class.Config)
-    if cfg.generator.kind == "gaussians":  # unset carve views: the training cameras' span, the last render size
+    if cfg.generator.kind == "gaussians":  # unset carve views: training span + near-polar rings, last render size
         (lo, hi), camera = cfg.camera.elevation_range, cfg.camera
         distance = sum(camera.distance_range) / 2
         if camera.relative_distance:  # in units of 1 / tan(fovy / 2), at the carve views' fovy
             distance /= math.tan(math.radians(max(camera.fovy_range)) / 2)
-        defaults = {"carve_elevations": [lo, (lo + hi) / 2, hi], "carve_distance": distance,
+        elevations = sorted({-POLAR_RING, lo, (lo + hi) / 2, hi, POLAR_RING})
+        defaults = {"carve_elevations": elevations, "carve_distance": distance,
                     "carve_fovy": max(camera.fovy_range), "carve_resolution": cfg.render.size_at(1.0)[0]}
         config = config.model_copy(update={k: v for k, v in defaults.items() if getattr(config, k) is None})
     return generator_class(cfg.text.dim, config)

@@ -18,6 +18,9 @@ Checks, in this order, each a row with its status (ok / failed / skipped and why
                      run: mg15 in fp32 with a 64 x 64 prior input
   generate_latency   train a ShapeWorld run briefly, then benchmarks/generate.py on it (seconds per prompt by stage),
                      and on the mg15, df415 and cp100k generators at their real size with random weights
+  gsplat_rasterizer  benchmarks/rasterizer.py at 1k, 10k and 100k Gaussians with both backends: images/s and memory,
+                     and the PyTorch rasterizer against gsplat (image and gradient differences, with tolerances);
+                     the dry run: the PyTorch backend at 1k on the CPU
   deepspeed_zero2    the trainer under `accelerate launch --config_file launch/deepspeed_zero2.yaml` on one GPU:
                      15 steps with checkpoints (twice), and resumed from its step-10 checkpoint; the final weights'
                      differences are reported (exactness is tested on the CPU); skipped in the dry run
@@ -176,6 +179,29 @@ def generate_latency(device: torch.device, dry_run: bool, work: Path) -> dict:
             "rows": results}
 
 
+RASTER_IMAGE_TOLERANCE = 1e-3  # largest |torch - gsplat| of rgb and opacity, in [0, 1] units
+RASTER_GRADIENT_TOLERANCE = 1e-2  # |grad_torch - grad_gsplat| / |grad_gsplat| of means, scales and opacities
+
+
+def gsplat_rasterizer(device: torch.device, dry_run: bool, work: Path) -> dict:
+    """benchmarks/rasterizer.py at 1k, 10k and 100k Gaussians: images/s, forward time and peak memory of both backends,
+    and the PyTorch rasterizer against gsplat on the same Gaussians and cameras; ok when every size was compared and
+    stays within RASTER_IMAGE_TOLERANCE and RASTER_GRADIENT_TOLERANCE (looser than tests/test_gaussians.py's check
+    on 500 Gaussians: with thousands overlapping a pixel, the two sum in different orders). The dry run: the PyTorch
+    backend alone at 1k Gaussians on the CPU (gsplat needs CUDA), which checks only that the benchmark runs."""
+    sizes = [1000] if dry_run else [1000, 10000, 100000]
+    out = work / "rasterizer.json"
+    run([sys.executable, "benchmarks/rasterizer.py", "--sizes", *map(str, sizes), "--repeats", "1" if dry_run else "3",
+         "--json", str(out)])
+    rows = json.loads(out.read_text())["sizes"]
+    compared = [row["torch_vs_gsplat"] for row in rows.values() if "torch_vs_gsplat" in row]
+    within = all(c["rgb_max_abs"] < RASTER_IMAGE_TOLERANCE and c["opacity_max_abs"] < RASTER_IMAGE_TOLERANCE
+                 and all(v < RASTER_GRADIENT_TOLERANCE for k, v in c.items() if k.startswith("grad_")) for c in compared)
+    must_compare = device.type == "cuda"
+    return {"ok": within and (len(compared) == len(rows) or not must_compare), "gsplat_compared": bool(compared),
+            "rows": rows}
+
+
 def deepspeed_zero2(device: torch.device, dry_run: bool, work: Path) -> dict:
     """A ZeRO-2 run of 15 steps run twice, and resumed from its step-10 checkpoint: it must finish, with its shards.
 
@@ -234,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     recipe_out = out.with_name(out.name + "-recipe_step.json")
     checks = {"prior_precision": prior_precision, "nerfacc_sampling": nerfacc_sampling,
               "recipe_steps": lambda d, dry, w: recipe_steps(d, dry, recipe_out, args.recipes, args.dtypes),
-              "generate_latency": generate_latency, "deepspeed_zero2": deepspeed_zero2}
+              "generate_latency": generate_latency, "gsplat_rasterizer": gsplat_rasterizer, "deepspeed_zero2": deepspeed_zero2}
     unknown = sorted(set(args.only or ()) - set(checks))
     if unknown:
         parser.error(f"--only {' '.join(unknown)}: no such check; the checks are {', '.join(checks)}")

@@ -188,7 +188,7 @@ def test_prior_flag_keeps_a_recipes_pretrained_prior_kind():
     assert kind("--corpus", "shapeworld-16", "--prior", "/some/if", "prior.kind=deepfloyd_if") == "deepfloyd_if"
 
 
-def test_the_multiview_recipe_trains_with_one_orbit_and_one_t_per_object(tmp_path, monkeypatch):
+def test_the_multiview_recipe_trains_with_one_orbit_and_one_t_per_object(tmp_path, monkeypatch, capsys):
     # configs/shapeworld-multiview.yaml through train(): every prior call sees 2 prompts x 4 views as 2 objects of 4
     # views, each an orbit (azimuths 90 degrees apart, one elevation), at one timestep per object and branch.
     from amortized3d.config import load_config
@@ -217,6 +217,15 @@ def test_the_multiview_recipe_trains_with_one_orbit_and_one_t_per_object(tmp_pat
         assert torch.allclose(step, torch.full_like(step, 90.0), atol=1e-3)
         assert (elevation.view(-1, 4) == elevation.view(-1, 4)[:, :1]).all()
         assert all(len(set(prompts[i:i + 4])) == 1 for i in range(0, len(prompts), 4))
+    # the noise-error diagnostic shows the prior objects of the views it was trained on (4), and says so for others
+    from amortized3d.cli import main
+
+    capsys.readouterr()
+    assert main(["noise-error", str(tmp_path / "run"), "--prompts", "1", "--views", "3", "--timesteps", "2"]) == 2
+    assert "use --views 4" in capsys.readouterr().err
+    calls.clear()
+    assert main(["noise-error", str(tmp_path / "run"), "--prompts", "1", "--views", "4", "--timesteps", "2"]) == 0
+    assert calls and all(V == 4 for V, *_ in calls)
 
 
 def test_multistep_z_hat_keeps_objects_together():

@@ -167,12 +167,16 @@ def test_recipe_step_reports_recipes_that_cannot_run(tmp_path):
 
 def test_gpu_check_dry_run_writes_its_tables(tmp_path):
     """benchmarks/gpu_check.py --dry-run on the CPU: the CUDA-only checks are skipped with their reason, the others
-    run (here the inference-latency one, which trains and times a tiny run), and the JSON and Markdown tables are
-    written; an unknown check name is refused."""
+    run (here the inference-latency one, which trains and times a tiny run, and the rasterizer's, with the PyTorch
+    backend alone), and the JSON and Markdown tables are written; an unknown check name is refused."""
     gpu_check = load_benchmark("gpu_check")
     out = tmp_path / "check"
-    report = gpu_check.main(["--dry-run", "--out", str(out), "--only", "nerfacc_sampling", "generate_latency", "deepspeed_zero2"])
+    report = gpu_check.main(["--dry-run", "--out", str(out), "--only", "nerfacc_sampling", "generate_latency", "deepspeed_zero2",
+                             "gsplat_rasterizer"])
     checks = report["checks"]
+    raster = checks["gsplat_rasterizer"]  # the PyTorch backend alone here: nothing compared with gsplat
+    assert raster["status"] == "ok" and raster["gsplat_compared"] is False, raster.get("error")
+    assert list(raster["rows"]) == ["1000"] and raster["rows"]["1000"]["torch"]["images_per_s"] > 0
     assert checks["nerfacc_sampling"]["status"] == "skipped" and "CUDA" in checks["nerfacc_sampling"]["error"]
     assert checks["deepspeed_zero2"]["status"] == "skipped"
     assert checks["generate_latency"]["status"] == "ok", checks["generate_latency"].get("error")

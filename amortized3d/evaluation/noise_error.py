@@ -49,6 +49,7 @@ def noise_error(run_dir: str | Path, *, n_prompts: int = 4, n_views: int = 4, n_
                 seed: int = 0, out: str | Path | None = None, device: str | torch.device = "cpu") -> dict:
     """Compute, write (JSON and PNG) and return the e(t) curves of the run's prior on the run's renders."""
     from amortized3d.builders import build_adapter, build_prior, build_text_encoder, load_run
+    from amortized3d.config import MULTIVIEW_PRIORS, ConfigError
     from amortized3d.data.corpora import load_corpus
     from amortized3d.distillation.score_distillation import timestep_range
     from amortized3d.rendering.cameras import orbit_cameras
@@ -58,6 +59,10 @@ def noise_error(run_dir: str | Path, *, n_prompts: int = 4, n_views: int = 4, n_
 
     run_dir = Path(run_dir)
     cfg, generator, state = load_run(run_dir, device)
+    if cfg.prior.kind in MULTIVIEW_PRIORS and n_views != cfg.train.views_per_prompt:
+        views = cfg.train.views_per_prompt
+        raise ConfigError(f"--views {n_views}: prior.kind={cfg.prior.kind} denoises the {views} views of one object "
+                          f"together (train.views_per_prompt of this run); use --views {views}")
     prompts = load_corpus(cfg.corpus.name, cfg.corpus.dir).test[:n_prompts]
     text_encoder = build_text_encoder(cfg, device)
     prior = build_prior(cfg, text_encoder if cfg.text.encoder == "prior" else None, device)

@@ -29,10 +29,11 @@ control's running sums, saved with the parameters so a resumed run densifies as 
 
 As a field (for meshes, baked grids and the oracle's occupancy) the Gaussians are what their renders show: a solid
 carved out of space by carve views (rings of carve_azimuths cameras at the elevations carve_elevations, distance
-carve_distance, field of view carve_fovy, carve_resolution^2 pixels: by default the training cameras' span and the
-training render size, so the solid is what training saw), as 3D Gaussians' surfaces are read from their rendered
-opacity and depth (the opacity field of Gaussian Opacity Fields, Yu et al. 2024, at its level 0.5, through each view's
-expected depth):
+carve_distance, field of view carve_fovy, carve_resolution^2 pixels: by default rings at the ends and middle of the
+training cameras' elevations and at +-POLAR_RING, at the training render size; without the near-polar rings the
+underside is seen only at grazing angles, where a render's opacity reaches 0.5 before the surface, and a slab under
+every object stays solid), as 3D Gaussians' surfaces are read from their rendered opacity and depth (the opacity
+field of Gaussian Opacity Fields, Yu et al. 2024, at its level 0.5, through each view's expected depth):
 
     s(x) = max over the views v whose image x falls in of  D_v(p) - z_v(x) - w_v(x) / 2   where the pixel p of x is
                                                                                            opaque (> 0.5)
@@ -68,6 +69,7 @@ from amortized3d.rendering.volume import ImageRender
 from amortized3d.schema import Int
 
 MIN_INIT_OPACITY = 0.01
+POLAR_RING = 80.0  # the default carve views add rings at +-80 degrees elevation: the top and bottom seen face-on
 
 
 def splat_names(sh_degree: int, color_field: bool = False) -> list[str]:
@@ -99,9 +101,9 @@ class GaussiansConfig(HashGridConfig):
     rasterizer: Literal["auto", "torch", "gsplat"] = "auto"
     rasterize_mode: Literal["classic", "antialiased"] = "classic"  # gsplat's; antialiased: Mip-Splatting's 2D filter
     # the carve views (module docstring); null: from the training cameras and renders (builders.build_generator):
-    # elevations the ends and middle of camera.elevation_range, distance the middle of camera.distance_range (its
-    # distance at the carve fovy with camera.relative_distance), fovy the widest of camera.fovy_range, resolution the
-    # last training render height
+    # elevations the ends and middle of camera.elevation_range and +-POLAR_RING, distance the middle of
+    # camera.distance_range (its distance at the carve fovy with camera.relative_distance), fovy the widest of
+    # camera.fovy_range, resolution the last training render height
     carve_elevations: list[Annotated[float, Field(ge=-90, le=90)]] | None = Field(None, min_length=1)
     carve_distance: float | None = Field(None, gt=0, le=1000)
     carve_fovy: float | None = Field(None, gt=0, lt=180)
