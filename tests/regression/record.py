@@ -1,17 +1,28 @@
 """The cases of the refactor regression check (tests/test_regression.py) and the recorder of their expected values.
 
 Each case trains 20 steps on tiny settings and keeps every step's logged numbers (losses, gradient norms, t range,
-regularizers); the oracle case also evaluates its run. The expected values in expected.json were recorded by
-running this file at the commit named there, before the refactor it guards: they are the earlier code's output,
-not this code's. Re-record only for an intended change of behaviour, and say so in the commit:
+regularizers); the oracle case also evaluates its run. The first recording in expected.json was made by running this
+file at the commit named there, before the refactor it guards: the earlier code's output, not this code's.
 
-    AMORTIZED3D_CORPORA=../shared/corpora python -m tests.regression.record [CASE ...]
+Bit-identical numbers need the same float arithmetic, and CPUs differ in it (vector width of the math library's and
+PyTorch's kernels: the same code gives other last bits with AVX-512 than with AVX2). So each recording carries the
+fingerprint of its machine's arithmetic (arithmetic_fingerprint: the bits of a few fixed computations), and the test
+compares a run bit for bit with the recording of its own arithmetic. The first recording's machine was not
+fingerprinted; a machine whose run equals it bit for bit is taken to be that one.
 
-(with case names, only those are re-recorded; the others are kept)"""
+    AMORTIZED3D_CORPORA=../shared/corpora python -m tests.regression.record CASE ...     # an intended change
+    AMORTIZED3D_CORPORA=../shared/corpora python -m tests.regression.record --add-machine
+
+With case names (an intended change of behaviour; say so in the commit): those cases are re-recorded on this machine
+and dropped from the other machines' recordings, which no longer hold. --add-machine: every case recorded on this
+machine as one more recording; only at a commit whose behaviour is unchanged (its test passes on a recorded
+machine), so that the new recording is the same behaviour in this machine's arithmetic."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
 import subprocess
 import sys
 import tempfile
@@ -42,6 +53,33 @@ def diffusers_overrides(kind: str, method: str, folder: Path) -> list[str]:
 
     return [*SD_TINY, f"prior.kind={kind}", f"prior.model={folder}", f"distill.method={method}",
             "distill.guidance_scale=null", f"train.steps={STEPS}", "train.ckpt_every=1000", "train.prompts_per_step=2"]
+
+
+@torch.no_grad()
+def arithmetic_fingerprint() -> str:
+    """A hash of the bits of fixed float32 computations of the kinds a training step uses (matrix products of odd
+    shapes, 2D and 3D convolutions, transcendental functions, reductions, softmax, grid sampling), at THREADS threads:
+    two machines with the same fingerprint are taken to compute a run's numbers with the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4099, generator=g)
+        a, b = torch.randn(37, 131, generator=g), torch.randn(131, 67, generator=g)
+        image, volume = torch.randn(2, 3, 17, 17, generator=g), torch.randn(1, 4, 9, 9, 9, generator=g)
+        grid = torch.rand(2, 5, 7, 2, generator=g) * 2 - 1
+        outputs = [a @ b, torch.randn(512, 512, generator=g) @ torch.randn(512, 64, generator=g),
+                   torch.nn.functional.conv2d(image, torch.randn(8, 3, 3, 3, generator=g), padding=1),
+                   torch.nn.functional.conv3d(volume, torch.randn(4, 4, 3, 3, 3, generator=g), padding=1),
+                   x.exp(), x.sigmoid(), x.tanh(), torch.nn.functional.softplus(x), x.abs().log(), x.abs().sqrt(),
+                   x.sum(), x.cumsum(0), x.norm(), torch.softmax(a, -1), torch.nn.functional.layer_norm(a, (131,)),
+                   torch.nn.functional.grid_sample(image, grid, align_corners=False)]
+        digest = hashlib.sha256()
+        for out in outputs:
+            digest.update(out.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def step_rows(run: Path) -> list[dict]:
@@ -93,17 +131,43 @@ def run_case(name: str, workdir: Path) -> dict:
 CASES = [f"analytic/{k}/{m}" for k, m in ANALYTIC] + [f"{k}/{m}" for k, m in DIFFUSERS] + ["oracle", "old_run"]
 
 
+def load_recordings() -> list[dict]:
+    """expected.json's recordings, each {"fingerprint" (None: the first, unfingerprinted machine), "cpu",
+    "recorded_at_commit", "cases": {name: numbers}}."""
+    return json.loads(EXPECTED.read_text())["recordings"] if EXPECTED.exists() else []
+
+
 def main() -> None:
+    args = sys.argv[1:]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "amortized3d"], capture_output=True, text=True, cwd=HERE).stdout
     if dirty:
         sys.exit(f"amortized3d/ has uncommitted changes; record at a commit:\n{dirty}")
-    results = json.loads(EXPECTED.read_text())["cases"] if EXPECTED.exists() and len(sys.argv) > 1 else {}
-    for name in sys.argv[1:] or CASES:
+    add_machine = args == ["--add-machine"]
+    if not args or (not add_machine and any(a.startswith("-") for a in args)):
+        sys.exit("usage: python -m tests.regression.record CASE ... | --add-machine")
+    names = CASES if add_machine else args
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        sys.exit(f"no such case: {', '.join(unknown)}; the cases are {', '.join(CASES)}")
+    fingerprint, recordings = arithmetic_fingerprint(), load_recordings()
+    if add_machine and any(r["fingerprint"] == fingerprint for r in recordings):
+        sys.exit(f"this machine's arithmetic ({fingerprint}) is recorded already")
+    mine = next((r for r in recordings if r["fingerprint"] == fingerprint), None)
+    if mine is None:
+        mine = {"fingerprint": fingerprint, "cpu": f"{platform.processor() or platform.machine()}, "
+                f"{torch.backends.cpu.get_cpu_capability()}", "recorded_at_commit": commit, "cases": {}}
+        recordings.append(mine)
+    for name in names:
         with tempfile.TemporaryDirectory() as tmp:
-            results[name] = run_case(name, Path(tmp))
+            mine["cases"][name] = run_case(name, Path(tmp))
+        if not add_machine:
+            for other in recordings:
+                if other is not mine:
+                    other["cases"].pop(name, None)
         print(name, "recorded", flush=True)
-    EXPECTED.write_text(json.dumps({"recorded_at_commit": commit, "threads": THREADS, "cases": results}, indent=1) + "\n")
+    mine["recorded_at_commit"] = commit
+    EXPECTED.write_text(json.dumps({"threads": THREADS, "recordings": recordings}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
