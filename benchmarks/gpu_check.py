@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     recipe_out = out.with_name(out.name + "-recipe_step.json")
     checks = {"prior_precision": prior_precision, "nerfacc_sampling": nerfacc_sampling,
               "recipe_steps": lambda d, dry, w: recipe_steps(d, dry, recipe_out, args.recipes, args.dtypes),
-              "generate_latency": generate_latency, "gsplat_rasterizer": gsplat_rasterizer, "deepspeed_zero2": deepspeed_zero2}
+              "generate_latency": generate_latency, "gsplat_rasterizer": gsplat_rasterizer,
+              "deepspeed_zero2": deepspeed_zero2}
     unknown = sorted(set(args.only or ()) - set(checks))
     if unknown:
         parser.error(f"--only {' '.join(unknown)}: no such check; the checks are {', '.join(checks)}")

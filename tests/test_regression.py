@@ -18,9 +18,9 @@ import math
 import pytest
 import torch
 
-from tests.regression.record import CASES, EXPECTED, THREADS, arithmetic_fingerprint, load_recordings, run_case
+from tests.regression.record import CASES, EXPECTED, THREADS, arithmetic_fingerprint, run_case
 
-RECORDINGS = load_recordings()
+RECORDED = json.loads(EXPECTED.read_text())  # {"threads", "recordings": [{"fingerprint", "cpu", ..., "cases"}]}
 FINGERPRINT = arithmetic_fingerprint()
 FIRST_STEP_RTOL = 1e-4  # float32 results of other kernels differ by ~1e-5 relative at most in the first step
 
@@ -44,21 +44,24 @@ def first_step_far(got: dict, want: dict) -> dict:
     if not want["steps"]:
         return {}
     g, w = got["steps"][0], want["steps"][0]
-    return {k: (w[k], g.get(k)) for k in set(w) | set(g) if not (
-        isinstance(w.get(k), float) and isinstance(g.get(k), float)
-        and math.isclose(g[k], w[k], rel_tol=FIRST_STEP_RTOL, abs_tol=1e-9) or g.get(k) == w.get(k))}
+    def close(a, b) -> bool:
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=FIRST_STEP_RTOL, abs_tol=1e-9)
+        return a == b
+
+    return {k: (w.get(k), g.get(k)) for k in set(w) | set(g) if not close(g.get(k), w.get(k))}
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_numbers_equal_the_recorded_ones(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert json.loads(EXPECTED.read_text())["threads"] == THREADS
+    assert RECORDED["threads"] == THREADS
     threads = torch.get_num_threads()
     try:
         got = run_case(name, tmp_path)
     finally:
         torch.set_num_threads(threads)
-    holding = [r for r in RECORDINGS if name in r["cases"]]
+    holding = [r for r in RECORDED["recordings"] if name in r["cases"]]
     assert holding, f"{name}: recorded on no machine; python -m tests.regression.record {name}"
     mine = next((r for r in holding if r["fingerprint"] == FINGERPRINT), None)
     if mine is not None:
@@ -69,7 +72,7 @@ def test_numbers_equal_the_recorded_ones(name, tmp_path, monkeypatch):
         return  # the first recording's machine
     far = first_step_far(got, holding[0]["cases"][name])
     assert not far, f"step 1 (recorded, now): {far}"
-    compared = f"step 1 agrees within {FIRST_STEP_RTOL:g}" if got["steps"] else "nothing else compared"
+    compared = f"step 1 agrees within {FIRST_STEP_RTOL:g}" if got["steps"] else "nothing compared"
     pytest.skip(f"this CPU's float arithmetic (fingerprint {FINGERPRINT}) matches no recording of {name}: {compared}; "
                 "for the bit-for-bit check, python -m tests.regression.record --add-machine at a commit whose test "
                 "passes on a recorded machine")
