@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.config import ExperimentConfig, config_from_dict, load_yaml
+from amortized3d.config import LATENT_CHANNELS, ExperimentConfig, config_from_dict, load_yaml
 from amortized3d.data.corpora import CorpusError, load_corpus, single_prompt
 from amortized3d.data.embedding_store import build_store, default_store_dir, load_manifest, prompts_digest
 from amortized3d.generators import GENERATORS, PER_PROMPT
@@ -100,7 +100,7 @@ def store_report(cfg: ExperimentConfig, action: str, *, rebuild: bool = False, r
 
 def build_generator(cfg: ExperimentConfig) -> Generator:
     """The generator of generator.kind (amortized3d.generators.GENERATORS), from its own config (the fields of the
-    generator section it has) and text.dim."""
+    generator section it has) and text.dim; with render.latents its colors are LATENT_CHANNELS latents."""
     generator_class = GENERATORS[cfg.generator.kind]
     config = cfg.generator.part(generator_class.Config)
     if cfg.generator.kind == "gaussians":  # unset carve views: training span + near-polar rings, last render size
@@ -112,6 +112,8 @@ def build_generator(cfg: ExperimentConfig) -> Generator:
         defaults = {"carve_elevations": elevations, "carve_distance": distance,
                     "carve_fovy": max(camera.fovy_range), "carve_resolution": cfg.render.size_at(1.0)[0]}
         config = config.model_copy(update={k: v for k, v in defaults.items() if getattr(config, k) is None})
+    if cfg.render.latents:
+        return generator_class(cfg.text.dim, config, latent_channels=LATENT_CHANNELS)
     return generator_class(cfg.text.dim, config)
 
 
@@ -119,6 +121,14 @@ def build_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.de
     """The prior of prior.kind (amortized3d.priors.PRIORS): stable_diffusion / deepfloyd_if load prior.model (sharing
     ``text_encoder`` when it is that model's own); analytic builds the closed-form ShapeWorld prior."""
     return PRIORS[cfg.prior.kind].from_config(cfg, text_encoder, device)
+
+
+def build_decoding_prior(cfg: ExperimentConfig, text_encoder=None, device: str | torch.device = "cpu") -> Prior | None:
+    """The prior whose decoder turns the renders of a render.latents run into images (its evaluations need it), or
+    None for a run that renders RGB. text_encoder: the run's, shared when it is the prior's own."""
+    if not cfg.render.latents:
+        return None
+    return build_prior(cfg, text_encoder if cfg.text.encoder == "prior" else None, device)
 
 
 def build_second_prior(cfg: ExperimentConfig, device: str | torch.device = "cpu") -> Prior | None:
@@ -202,6 +212,15 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
     return config_from_dict(load_yaml(config), source=str(config))
 
 
+def check_rgb_run(cfg: ExperimentConfig, run_dir: str | Path, use: str) -> None:
+    """Refuse a render.latents run where ``use`` needs RGB colors at 3D points (mesh vertex colors, baked turntables):
+    its field's colors are the prior's latents, which only the prior's decoder, on whole images, turns into colors."""
+    if cfg.render.latents:
+        raise CheckpointError(f"{str(run_dir)!r} was trained with render.latents=true: its field's colors are the prior's latents, "
+                              f"not RGB, so {use} would have no colors. Score it with `amortized3d evaluate`, whose renders the prior "
+                              "decodes; for meshes, train with render.latents=false")
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, Generator, dict]:
     """Rebuild a trained generator from RUN_DIR (its config.yaml and latest checkpoint).
 
@@ -227,6 +246,7 @@ def init_from_run(model, run_dir: str | Path, prompt: str, seed: int = 0) -> Non
     from amortized3d.inference.export import extract_mesh
 
     source_cfg, source, _ = load_run(run_dir)
+    check_rgb_run(source_cfg, run_dir, "starting 3D Gaussians from its mesh")
     check_trained_prompts(source_cfg, [prompt], run_dir)
     text = build_text_encoder(source_cfg).encode([prompt])
     with torch.no_grad():

@@ -41,6 +41,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 
 ANALYTIC_PRIORS = ("analytic", "analytic_multiview")
 MULTIVIEW_PRIORS = ("analytic_multiview", "mvdream")  # they see each prompt's views as one object (Prior.multiview)
+LATENT_CHANNELS = 4  # the latents of the priors that have them: SD's and MVDream's VAE, the latent analytic prior (render.latents)
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,11 @@ class RenderConfig(ConfigModel):
     inv_std: float = Field(30.0, gt=0, le=100000)
     scene_radius: float = Field(2.0, gt=0, le=100)  # near/far come from this bounding sphere
     random_background_prob: float = Field(0.2, ge=0, le=1)
+    # direct latent rendering (the reference's rgb_as_latents): the field's colors and background are the prior's
+    # LATENT_CHANNELS latents, rendered at the prior's latent size (SD at 512: 64 x 64; the latent analytic prior: half
+    # the render size), with no VAE encoder on the gradient path; evaluation decodes them with the prior's decoder
+    # (training/step.py prior_space, training/previews.py render_validation)
+    latents: bool = False
     eikonal_points: Int = Field(4096, ge=0, le=10_000_000)  # ray samples per step used for the eikonal term
     # HiFA's kernel smoothing of the proposal weights before importance sampling (rendering/volume.py smooth_weights):
     # an odd-length kernel, e.g. [1, 1, 1] (HiFA); [] : off
@@ -414,6 +420,8 @@ class ExperimentConfig(ConfigModel):
             if any(size % 2 for size in sizes):
                 raise ConfigError(f"prior.latent=true encodes 2 x 2 pixel blocks, so render.height, render.width, eval.resolution and "
                                   f"render.size_schedule's sizes must be even (they are {sizes})")
+        if self.render.latents:
+            self._check_latent_rendering()
         kernel = self.render.importance_kernel
         if kernel and (len(kernel) % 2 == 0 or sum(kernel) <= 0):
             raise ConfigError(f"render.importance_kernel={kernel!r} must hold an odd number of weights >= 0, not all 0 (centered on the "
@@ -443,6 +451,27 @@ class ExperimentConfig(ConfigModel):
             raise ConfigError(f"optim.betas={self.optim.betas!r}: {self.optim.name} takes {n_betas} betas in [0, 1), e.g. "
                               + ("[0.98, 0.92, 0.99]" if n_betas == 3 else "[0.9, 0.99]"))
         return self
+
+    def _check_latent_rendering(self) -> None:
+        """The rules of render.latents=true (RenderConfig): a prior with latents, a field generator, no RGB-only options."""
+        latent_prior = self.prior.kind in ("stable_diffusion", "mvdream") or (self.prior.analytic and self.prior.latent)
+        if not latent_prior:
+            raise ConfigError(f"render.latents=true renders the prior's latents, but prior.kind={self.prior.kind}"
+                              f"{' (prior.latent=false)' if self.prior.analytic else ''} denoises pixels: use prior.kind=stable_diffusion "
+                              "or mvdream, or the analytic prior with prior.latent=true (or set render.latents=false)")
+        if self.generator.kind == "gaussians":
+            raise ConfigError("render.latents=true needs a field generator (generator.kind=hyper_ingp, conv3d, triplane or ngp): "
+                              "3D Gaussians render RGB colors; set render.latents=false")
+        if self.render.random_background_prob > 0:
+            raise ConfigError(f"render.random_background_prob={self.render.random_background_prob} draws random RGB background colors, "
+                              "but with render.latents=true the renders are latents (the learned background is one too): set "
+                              "render.random_background_prob=0")
+        if self.distill.rgb_weight > 0:
+            raise ConfigError(f"distill.rgb_weight={self.distill.rgb_weight} (HiFA's image term) compares RGB renders with the decoded "
+                              "estimate, but with render.latents=true the renders are latents: set distill.rgb_weight=0")
+        if self.phase2.start > 0:
+            raise ConfigError(f"phase2.start={self.phase2.start} switches priors mid-run, but a render.latents=true field renders the "
+                              "first prior's latents: set phase2.start=0 (or render.latents=false)")
 
 
 SECTIONS: dict[str, type[ConfigModel]] = {name: field.annotation for name, field in ExperimentConfig.model_fields.items()}

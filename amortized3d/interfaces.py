@@ -165,6 +165,10 @@ class Prior(Protocol):
         """The prior the experiment config ``cfg`` names (its ``Config`` is the prior section's part it reads);
         text_encoder: the generator's, shared when it is the prior's own (text.encoder=prior)."""
 
+    def space_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w): the shape of encode's output for images of height x width (what a render.latents field renders
+        directly, amortized3d.training.step.prior_space)."""
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> x [B, C, h, w] in the prior's space, differentiable."""
 

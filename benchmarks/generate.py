@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.builders import build_generator, build_text_encoder, load_run
+from amortized3d.builders import build_generator, build_text_encoder, check_rgb_run, load_run
 from amortized3d.config import load_config
 from amortized3d.files import write_text_atomic
 from amortized3d.inference.baked import bake_representation, render_baked
@@ -43,6 +43,7 @@ def build(args, device):
     """-> (config, generator in eval mode on device, text encoder) from --checkpoint or --recipe."""
     if args.checkpoint:
         cfg, generator, _ = load_run(args.checkpoint, device)
+        check_rgb_run(cfg, args.checkpoint, "generate's colored meshes and turntables")
         return cfg, generator, build_text_encoder(cfg, device)
     cfg = load_config(args.recipe, overrides=["train.wandb=disabled", *args.overrides])
     if cfg.text.encoder == "prior" and cfg.prior.kind in RANDOM_MODELS and not any(o.startswith("prior.model=") for o in args.overrides):

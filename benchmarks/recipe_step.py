@@ -18,7 +18,7 @@ The floor is what the method cannot avoid per step: per image, the UNet forward 
 Table 1: SDS and CSD 2, ASD 3; VSD 2 + its LoRA branch 1 + the branch's training forward and backward, counted as 2
 forward passes since the frozen weights need no weight gradients; LODS 1 + 1 + 2; Perp-Neg 2 more for the guided
 methods), each priced by counting one UNet forward on one image alone, plus the VAE encoder's forward and backward
-on one render alone, plus the generator and the renderer as measured in the step (what is trained). The ratio
+on one render alone (none with render.latents, whose renders are the latents), plus the generator and the renderer as measured in the step (what is trained). The ratio
 measured / floor shows what the step spends beyond that. Memory: on CUDA, the allocator's peak during the
 profiled step; on the CPU, the largest resident memory after any op of the step minus the resident memory before
 it (the loaded weights), labeled as such. Results are merged into --out (one entry per recipe, device, dtype and overrides)
@@ -68,9 +68,9 @@ def unet_passes(cfg) -> float:
 
 
 def floor_prices(prior, cfg, device) -> dict:
-    """FLOPs of one UNet forward on one image and of the VAE encoder's forward + backward on one render, each
-    counted alone with FlopCounterMode. A multi-view prior (MVDream) prices one image as 1 / V of a V-view object's
-    call (its self-attention runs over all V views at once)."""
+    """FLOPs of one UNet forward on one image and of the VAE encoder's forward + backward on one render (0 with
+    render.latents: no encoder), each counted alone with FlopCounterMode. A multi-view prior (MVDream) prices one image
+    as 1 / V of a V-view object's call (its self-attention runs over all V views at once)."""
     side = prior.resolution // prior.vae_factor
     V = cfg.train.views_per_prompt if prior.multiview else 1
     x = torch.randn(V, prior.channels, side, side, device=device)
@@ -79,6 +79,8 @@ def floor_prices(prior, cfg, device) -> dict:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         prior.unet_noise(x, torch.full((V,), 500, device=device), tokens, camera, num_frames=V)
     unet = counter.get_total_flops() / V
+    if cfg.render.latents:
+        return {"unet_forward_per_image": unet, "vae_encode_forward_backward_per_image": 0}
     render = torch.rand(1, 3, cfg.render.height, cfg.render.width, device=device, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
         prior.encode(render).float().sum().backward()
@@ -187,7 +189,7 @@ def measure(recipe: Recipe, steps: int, progress: float) -> dict:
     row = {"recipe": cfg.corpus.name, "device": device_name(device), "prior": cfg.prior.kind if cfg.prior.analytic else cfg.prior.model,
            "prior_dtype": str(getattr(recipe.prior, "dtype", "n/a")).removeprefix("torch."), "method": cfg.distill.method,
            "generator": cfg.generator.kind, "generator_parameters": sum(p.numel() for p in recipe.generator.parameters()),
-           "images_per_step": images, "render": f"{cfg.render.height}x{cfg.render.width}",
+           "images_per_step": images, "render": render_label(cfg, recipe.prior),
            "prior_resolution": getattr(recipe.prior, "resolution", None), "progress": progress, "total_tflop": total / 1e12,
            "profiled_step_seconds": profiled_seconds, "step_seconds": step_seconds,
            "achieved_tflop_per_s": total / 1e12 / step_seconds if step_seconds else None,
@@ -202,6 +204,14 @@ def measure(recipe: Recipe, steps: int, progress: float) -> dict:
         row.update(floor_tflop=floor / 1e12, ratio=total / floor, unet_passes_per_image=passes,
                    floor_parts={**{k: v / 1e9 for k, v in prices.items()}, "generator_and_render_gflop": generator_flops / 1e9})
     return row
+
+
+def render_label(cfg, prior) -> str:
+    """The training renders' size, and what they hold with render.latents ("64x64 latents")."""
+    if cfg.render.latents:
+        C, h, w = prior.space_shape(cfg.render.height, cfg.render.width)
+        return f"{h}x{w} latents ({C} channels)"
+    return f"{cfg.render.height}x{cfg.render.width}"
 
 
 def device_name(device: torch.device) -> str:

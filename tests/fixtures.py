@@ -60,6 +60,9 @@ class NaNAfter:
     def decode(self, x):
         return self.prior.decode(x)
 
+    def space_shape(self, height, width):
+        return self.prior.space_shape(height, width)
+
     def predict_noise(self, *args):
         self.calls += 1
         eps = self.prior.predict_noise(*args)

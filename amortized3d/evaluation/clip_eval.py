@@ -172,7 +172,7 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", prompt
     """
     from accelerate import Accelerator
 
-    from amortized3d.builders import build_text_encoder, load_run
+    from amortized3d.builders import build_decoding_prior, build_text_encoder, load_run
     from amortized3d.data.corpora import load_corpus
     from amortized3d.evaluation.clip_models import load_clip
     from amortized3d.training.previews import render_validation
@@ -204,6 +204,7 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", prompt
     blocks = text_feature_blocks(model, candidates, out / "text_features", rank=rank, world=world,
                                  barrier=accelerator.wait_for_everyone, progress=progress and accelerator.is_local_main_process)
     text_encoder = build_text_encoder(cfg, device)
+    decoder = build_decoding_prior(cfg, text_encoder, device)
     seen = set(corpus.train)
     part = out / "parts" / f"rank{rank}.jsonl"
     todo = [i for i in range(rank, len(evaluated), world) if i not in done]
@@ -213,7 +214,7 @@ def evaluate_clip(run_dir: str | Path, clip: str, *, split: str = "test", prompt
     with open(part, "a") as sink:
         for i in tqdm(todo, desc=f"CLIP evaluation (rank {rank})", disable=not progress or not accelerator.is_local_main_process):
             prompt = evaluated[i]
-            views = render_validation(cfg, generator, text_encoder, [prompt], device, n_views, R, elevation)[0]
+            views = render_validation(cfg, generator, text_encoder, [prompt], device, n_views, R, elevation, decoder)[0]
             hit, sim = score_views(model.encode_images(views).cpu(), blocks, position[prompt])
             row = {"index": i, "prompt": prompt, "seen_in_training": prompt in seen,
                    "r_at_1": hit.float().mean().item(), "similarity": sim.mean().item()}

@@ -59,6 +59,10 @@ def noise_error(run_dir: str | Path, *, n_prompts: int = 4, n_views: int = 4, n_
 
     run_dir = Path(run_dir)
     cfg, generator, state = load_run(run_dir, device)
+    if cfg.render.latents:
+        raise ConfigError(f"{str(run_dir)!r} renders the prior's latents (render.latents=true); noise-error measures the prior on "
+                          "encoded RGB renders, which this run does not make. Evaluate it with `amortized3d evaluate` (CLIP or the "
+                          "ShapeWorld oracle), whose renders the prior decodes")
     if cfg.prior.kind in MULTIVIEW_PRIORS and n_views != cfg.train.views_per_prompt:
         views = cfg.train.views_per_prompt
         raise ConfigError(f"--views {n_views}: prior.kind={cfg.prior.kind} denoises the {views} views of one object "

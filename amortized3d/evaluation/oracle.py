@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.builders import build_text_encoder, load_run
+from amortized3d.builders import build_decoding_prior, build_text_encoder, load_run
 from amortized3d.data.corpora import load_corpus
 from amortized3d.evaluation.clip_eval import select_prompts, summarize
 from amortized3d.fields import grid_points
@@ -104,10 +104,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", out: str | Path | Non
     for p in candidates:
         parse_prompt(p)  # the oracle needs ShapeWorld prompts; this raises a clear error otherwise
     text_encoder = build_text_encoder(cfg)
+    decoder = build_decoding_prior(cfg, text_encoder)
     R, V = cfg.eval.resolution, cfg.eval.n_views
     cams = orbit_cameras(V, cfg.camera.eval_elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy)
     render_kwargs = dict(cfg.render.volume_kwargs(), chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
-    renders = torch.cat([render_validation(cfg, generator, text_encoder, evaluated[i : i + 8], "cpu", V, R)
+    renders = torch.cat([render_validation(cfg, generator, text_encoder, evaluated[i : i + 8], "cpu", V, R, prior=decoder)
                          for i in range(0, len(evaluated), 8)])  # [P, V, 3, R, R], at the same cameras as cams
     refs, valid = [], []
     for i in range(0, len(candidates), 8):

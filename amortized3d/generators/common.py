@@ -10,6 +10,10 @@ EnvironmentMap: a prompt-agnostic background, ray direction -> color, shared by 
 
 DecodedField: a field whose points are read as features by ``features(points)`` and decoded by
 the model's MLPs: sdf = sdf_mlp(f) + (|x| - sphere_radius), rgb = sigmoid(color_mlp(f)).
+
+Latent colors (render.latents, the reference's rgb_as_latents): a generator built with ``latent_channels=C`` has color
+heads and background of C channels without the sigmoid, so its renders are the prior's latents themselves (C = 4 for
+Stable Diffusion, MVDream and the latent analytic prior); color_activation is the one place that tells the two apart.
 """
 
 from __future__ import annotations
@@ -49,23 +53,35 @@ class HashGridConfig(GeneratorBaseConfig):
                     base_resolution=self.base_resolution, per_level_scale=self.per_level_scale, bound=self.bound)
 
 
-class EnvironmentMap(nn.Module):
-    """Unit directions [P, R, 3] -> rgb [P, R, 3] in [0, 1]."""
+def color_channels(latent_channels: int) -> int:
+    """The width of a generator's colors: 3 (RGB), or latent_channels with latent colors (module docstring)."""
+    return latent_channels or 3
 
-    def __init__(self, n_frequencies: int = 4, hidden: int = 32):
+
+def color_activation(raw: torch.Tensor, latent_channels: int) -> torch.Tensor:
+    """A color head's output [..., C] -> colors: sigmoid(raw) in [0, 1] (RGB), or raw itself with latent colors
+    (latent_channels > 0: the prior's latents, unbounded)."""
+    return raw.float() if latent_channels else torch.sigmoid(raw.float())
+
+
+class EnvironmentMap(nn.Module):
+    """Unit directions [P, R, 3] -> rgb [P, R, 3] in [0, 1] (with latent_channels = C > 0: latents [P, R, C])."""
+
+    def __init__(self, n_frequencies: int = 4, hidden: int = 32, latent_channels: int = 0):
         super().__init__()
+        self.latent_channels = latent_channels
         self.register_buffer("frequencies", (2.0 ** torch.arange(n_frequencies)) * math.pi, persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(3 + 6 * n_frequencies, hidden), nn.SiLU(), nn.Linear(hidden, 3))
+        self.mlp = nn.Sequential(nn.Linear(3 + 6 * n_frequencies, hidden), nn.SiLU(), nn.Linear(hidden, color_channels(latent_channels)))
 
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
         angles = directions.unsqueeze(-1) * self.frequencies  # [..., 3, F]
         encoded = torch.cat([directions, angles.sin().flatten(-2), angles.cos().flatten(-2)], -1)
-        return torch.sigmoid(self.mlp(encoded.to(self.mlp[0].weight.dtype)).float())
+        return color_activation(self.mlp(encoded.to(self.mlp[0].weight.dtype)), self.latent_channels)
 
 
 class DecodedField(SDFRepresentation):
     """Field of P prompts: subclasses give features(points [P, N, 3]) -> [P, N, F]; ``model`` has
-    sdf_mlp, color_mlp, sphere_radius and background."""
+    sdf_mlp, color_mlp, sphere_radius, latent_channels and background."""
 
     model: nn.Module
 
@@ -80,9 +96,9 @@ class DecodedField(SDFRepresentation):
         return self.model.sdf_mlp(self.features(points)).squeeze(-1).float() + self._sphere(points)
 
     def sdf_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """points [P, N, 3] -> (sdf [P, N], rgb [P, N, 3] in [0, 1])."""
+        """points [P, N, 3] -> (sdf [P, N], rgb [P, N, 3] in [0, 1], or latents [P, N, C] with latent colors)."""
         f = self.features(points)
-        return self.model.sdf_mlp(f).squeeze(-1).float() + self._sphere(points), torch.sigmoid(self.model.color_mlp(f).float())
+        return self.model.sdf_mlp(f).squeeze(-1).float() + self._sphere(points), color_activation(self.model.color_mlp(f), self.model.latent_channels)
 
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         """Unit directions [P, R, 3] -> rgb [P, R, 3], the same environment map for every prompt."""

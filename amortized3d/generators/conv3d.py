@@ -38,7 +38,7 @@ from torch import nn
 from pydantic import Field
 from torch.utils.checkpoint import checkpoint
 
-from amortized3d.generators.common import DecodedField, EnvironmentMap, GeneratorBaseConfig
+from amortized3d.generators.common import DecodedField, EnvironmentMap, GeneratorBaseConfig, color_channels
 from amortized3d.schema import Int
 
 PRESETS = {
@@ -110,14 +110,16 @@ class SynthesisBlock(nn.Module):
 
 
 class Conv3DGenerator(nn.Module):
-    """(pooled text [P, D], z [P, z_dim]) -> Conv3DField for those P prompts; ``config`` is its Conv3DConfig."""
+    """(pooled text [P, D], z [P, z_dim]) -> Conv3DField for those P prompts; ``config`` is its Conv3DConfig;
+    latent_channels > 0: latent colors of that width (amortized3d.generators.common)."""
 
 
     Config = Conv3DConfig
 
-    def __init__(self, text_dim: int, config: Conv3DConfig):
+    def __init__(self, text_dim: int, config: Conv3DConfig, latent_channels: int = 0):
         super().__init__()
         size = PRESETS[config.preset]
+        self.latent_channels = latent_channels
         self.config = config
         self.text_dim, self.z_dim, self.w_dim = text_dim, size["z_dim"], size["w_dim"]
         self.sphere_radius, self.bound, self.activation_checkpointing = config.sphere_radius, config.bound, config.activation_checkpointing
@@ -137,9 +139,9 @@ class Conv3DGenerator(nn.Module):
             SynthesisBlock(channels[r // 2], channels[r], r, self.w_dim, feat, r <= size["voxel_bias_max_resolution"]) for r in resolutions
         )
         self.sdf_mlp = nn.Sequential(nn.Linear(feat, size["mlp_hidden"], bias=False), nn.SiLU(), nn.Linear(size["mlp_hidden"], 1, bias=False))
-        self.color_mlp = nn.Sequential(nn.Linear(feat, size["mlp_hidden"], bias=False), nn.SiLU(), nn.Linear(size["mlp_hidden"], 3, bias=False))
+        self.color_mlp = nn.Sequential(nn.Linear(feat, size["mlp_hidden"], bias=False), nn.SiLU(), nn.Linear(size["mlp_hidden"], color_channels(latent_channels), bias=False))
         nn.init.normal_(self.sdf_mlp[-1].weight, 0.0, 1e-3)  # start as the sphere: a near-zero SDF correction
-        self.background = EnvironmentMap()
+        self.background = EnvironmentMap(latent_channels=latent_channels)
 
     def describe(self) -> dict[str, int]:
         """Sizes for a memory estimate (builders.describe_generator): float values of the activations kept per prompt

@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as add_spectral_norm
 
-from amortized3d.generators.common import HashGridConfig
+from amortized3d.generators.common import HashGridConfig, color_activation, color_channels
 from amortized3d.generators.hash_grid import HashGrid
 from amortized3d.rendering.volume import SDFRepresentation
 from amortized3d.schema import Int
@@ -115,14 +115,15 @@ class Hypernetwork(nn.Module):
 
 class HyperINGP(nn.Module):
     """Prompt-amortized generator: pooled text [P, D] -> HyperINGPField for those P prompts; ``config`` is its
-    HyperINGPConfig."""
+    HyperINGPConfig; latent_channels > 0: latent colors of that width (amortized3d.generators.common)."""
 
 
     Config = HyperINGPConfig
 
-    def __init__(self, text_dim: int, config: HyperINGPConfig):
+    def __init__(self, text_dim: int, config: HyperINGPConfig, latent_channels: int = 0):
         super().__init__()
-        self.config = config
+        self.config, self.latent_channels = config, latent_channels
+        C = color_channels(latent_channels)
         self.text_dim, self.z_dim = text_dim, 0  # no latent: one asset per prompt
         self.mlp_hidden = config.mlp_hidden
         self.sphere_radius = config.sphere_radius
@@ -131,7 +132,7 @@ class HyperINGP(nn.Module):
         # Layer order: SDF hidden, SDF out, color hidden, color out.
         h, spectral_norm = config.mlp_hidden, bool(config.spectral_norm)
         self.hypernet = Hypernetwork(
-            text_dim, config.hyper_hidden, [(enc, h), (h, 1), (enc, h), (h, 3)],
+            text_dim, config.hyper_hidden, [(enc, h), (h, 1), (enc, h), (h, C)],
             [True, False, True, False],
             spectral_norm,
         )
@@ -141,7 +142,7 @@ class HyperINGP(nn.Module):
         self.background_hypernet = Hypernetwork(
             text_dim,
             BACKGROUND["hyper_hidden"],
-            [(self.background_grid.output_dim, BACKGROUND["hidden"]), (BACKGROUND["hidden"], 3)],
+            [(self.background_grid.output_dim, BACKGROUND["hidden"]), (BACKGROUND["hidden"], C)],
             [True, False],
             spectral_norm,
         )
@@ -183,9 +184,9 @@ class HyperINGP(nn.Module):
 
 
 def block_diagonal_out(sdf_out: torch.Tensor, color_out: torch.Tensor) -> torch.Tensor:
-    """[P, H, 1], [P, H, 3] -> [P, 2H, 4] = [[sdf_out, 0], [0, color_out]], so one bmm decodes both heads."""
+    """[P, H, 1], [P, H, C] -> [P, 2H, 1 + C] = [[sdf_out, 0], [0, color_out]], so one bmm decodes both heads."""
     P, H, _ = sdf_out.shape
-    zeros_sdf, zeros_color = sdf_out.new_zeros(P, H, 3), sdf_out.new_zeros(P, H, 1)
+    zeros_sdf, zeros_color = sdf_out.new_zeros(P, H, color_out.shape[-1]), sdf_out.new_zeros(P, H, 1)
     return torch.cat([torch.cat([sdf_out, zeros_sdf], -1), torch.cat([zeros_color, color_out], -1)], 1)
 
 
@@ -207,9 +208,9 @@ class HyperINGPField(SDFRepresentation):
         self.sdf_hidden = sdf_hidden  # [P, E, H]
         self.sdf_out = sdf_out  # [P, H, 1]
         self.color_hidden = color_hidden  # [P, E, H]
-        self.color_out = color_out  # [P, H, 3]
+        self.color_out = color_out  # [P, H, C] (C = 3, or the latent channels)
         self.background_hidden = background_hidden  # [P, Eb, Hb]
-        self.background_out = background_out  # [P, Hb, 3]
+        self.background_out = background_out  # [P, Hb, C]
 
     def _check(self, points: torch.Tensor, name: str) -> None:
         if points.dim() != 3 or points.shape[0] != self.n_prompts or points.shape[2] != 3:
@@ -233,15 +234,15 @@ class HyperINGPField(SDFRepresentation):
         return torch.bmm(hidden, self.sdf_out).squeeze(-1) + self._sphere(points)
 
     def sdf_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """points [P, N, 3] -> (sdf [P, N], rgb [P, N, 3] in [0, 1]); both hidden layers in one bmm."""
+        """points [P, N, 3] -> (sdf [P, N], rgb [P, N, 3] in [0, 1] or latents [P, N, C]); both hidden layers in one bmm."""
         self._check(points, "points")
         encoding = self._encode(self.model.grid, points)
         hidden = F.silu(torch.bmm(encoding, torch.cat([self.sdf_hidden, self.color_hidden], -1)))  # [P, N, 2H]
-        out = torch.bmm(hidden, block_diagonal_out(self.sdf_out, self.color_out))  # [P, N, 4]
-        return out[..., 0] + self._sphere(points), torch.sigmoid(out[..., 1:])
+        out = torch.bmm(hidden, block_diagonal_out(self.sdf_out, self.color_out))  # [P, N, 1 + C]
+        return out[..., 0] + self._sphere(points), color_activation(out[..., 1:], self.model.latent_channels)
 
     def background(self, directions: torch.Tensor) -> torch.Tensor:
-        """Unit directions [P, R, 3] -> rgb [P, R, 3] in [0, 1]."""
+        """Unit directions [P, R, 3] -> rgb [P, R, 3] in [0, 1] (latents [P, R, C] with latent colors)."""
         self._check(directions, "directions")
         hidden = F.silu(torch.bmm(self._encode(self.model.background_grid, directions), self.background_hidden))
-        return torch.sigmoid(torch.bmm(hidden, self.background_out))
+        return color_activation(torch.bmm(hidden, self.background_out), self.model.latent_channels)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from amortized3d.generators.common import DecodedField, EnvironmentMap, HashGridConfig
+from amortized3d.generators.common import DecodedField, EnvironmentMap, HashGridConfig, color_activation, color_channels
 from amortized3d.generators.hash_grid import HashGrid
 from amortized3d.rendering.volume import DensityRepresentation
 
@@ -53,21 +53,22 @@ def decoder(inputs: int, hidden: int, outputs: int, activation: type[nn.Module] 
 
 class PromptNGP(nn.Module):
     """One prompt's Instant-NGP field: text [P, D] (unread) -> NGPField (SDF) or NGPDensityField; ``config`` is its
-    NGPConfig. ``sdf_mlp`` decodes the geometry (the SDF correction, or the density before its activation)."""
+    NGPConfig. ``sdf_mlp`` decodes the geometry (the SDF correction, or the density before its activation);
+    latent_channels > 0: latent colors of that width (amortized3d.generators.common)."""
 
     Config = NGPConfig
     z_dim = 0
 
-    def __init__(self, text_dim: int, config: NGPConfig):
+    def __init__(self, text_dim: int, config: NGPConfig, latent_channels: int = 0):
         super().__init__()
-        self.config, self.text_dim = config, text_dim
+        self.config, self.text_dim, self.latent_channels = config, text_dim, latent_channels
         self.sphere_radius = config.sphere_radius
         self.grid = HashGrid(**config.grid_sizes())
         activation = nn.ReLU if config.geometry == "density" else nn.SiLU
         self.sdf_mlp = decoder(self.grid.output_dim, config.mlp_hidden, 1, activation)
-        self.color_mlp = decoder(self.grid.output_dim, config.mlp_hidden, 3, activation)
+        self.color_mlp = decoder(self.grid.output_dim, config.mlp_hidden, color_channels(latent_channels), activation)
         nn.init.normal_(self.sdf_mlp[-1].weight, 0.0, 1e-3)  # start as the sphere (or the blob): a near-zero correction
-        self.background = EnvironmentMap()
+        self.background = EnvironmentMap(latent_channels=latent_channels)
 
     def describe(self) -> dict[str, int]:
         """Sizes for a memory estimate (builders.describe_generator): nothing per prompt; per rendered sample the
@@ -129,9 +130,9 @@ class NGPDensityField(DensityRepresentation):
         return self._sigma(grid_features(self.model, self.n_prompts, points), points)
 
     def density_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """points [P, N, 3] -> (sigma [P, N], rgb [P, N, 3] in [0, 1])."""
+        """points [P, N, 3] -> (sigma [P, N], rgb [P, N, 3] in [0, 1], or latents [P, N, C] with latent colors)."""
         f = grid_features(self.model, self.n_prompts, points)
-        return self._sigma(f, points), torch.sigmoid(self.model.color_mlp(f).float())
+        return self._sigma(f, points), color_activation(self.model.color_mlp(f), self.model.latent_channels)
 
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         """Unit directions [P, R, 3] -> rgb [P, R, 3]."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from amortized3d.generators.common import DecodedField, EnvironmentMap, GeneratorBaseConfig
+from amortized3d.generators.common import DecodedField, EnvironmentMap, GeneratorBaseConfig, color_channels
 
 PRESETS = {
     "paper": dict(tokens_side=32, width=768, depth=12, heads=16, plane_channels=32, mlp_hidden=64),
@@ -86,14 +86,16 @@ def decoder(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class TriplaneTransformer(nn.Module):
-    """Per-token text [P, T, D] -> TriplaneField for those P prompts; ``config`` is its TriplaneConfig."""
+    """Per-token text [P, T, D] -> TriplaneField for those P prompts; ``config`` is its TriplaneConfig;
+    latent_channels > 0: latent colors of that width (amortized3d.generators.common)."""
 
 
     Config = TriplaneConfig
 
-    def __init__(self, text_dim: int, config: TriplaneConfig):
+    def __init__(self, text_dim: int, config: TriplaneConfig, latent_channels: int = 0):
         super().__init__()
         size = PRESETS[config.preset]
+        self.latent_channels = latent_channels
         self.config = config
         self.side, self.width, self.channels = size["tokens_side"], size["width"], size["plane_channels"]
         self.text_dim, self.sphere_radius, self.bound = text_dim, config.sphere_radius, config.bound
@@ -104,10 +106,10 @@ class TriplaneTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.width, eps=1e-6)
         self.upsample = nn.ConvTranspose2d(self.width, self.channels, kernel_size=2, stride=2)
         self.sdf_mlp = decoder(3 * self.channels, size["mlp_hidden"], 1)
-        self.color_mlp = decoder(3 * self.channels, size["mlp_hidden"], 3)
+        self.color_mlp = decoder(3 * self.channels, size["mlp_hidden"], color_channels(latent_channels))
         nn.init.normal_(self.sdf_mlp[-1].weight, 0.0, 1e-3)  # start as the sphere: a near-zero SDF correction
         nn.init.zeros_(self.sdf_mlp[-1].bias)
-        self.background = EnvironmentMap()
+        self.background = EnvironmentMap(latent_channels=latent_channels)
 
     def geometry_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("background.")]

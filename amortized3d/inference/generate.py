@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.builders import build_text_encoder, check_trained_prompts, load_run
+from amortized3d.builders import build_text_encoder, check_rgb_run, check_trained_prompts, load_run
 from amortized3d.data.corpora import check_prompts
 from amortized3d.inference.baked import bake_representation, render_baked
 from amortized3d.inference.export import (contact_sheet, extract_mesh, safe_output_names, save_mesh, save_splats_ply, to_uint8,
@@ -34,6 +34,7 @@ def generate(prompts: list[str], run_dir: str | Path, out: str | Path = "outputs
     """
     prompts = check_prompts(prompts, example='generate "a red cube" --checkpoint RUN_DIR')
     cfg, generator, _ = load_run(run_dir)
+    check_rgb_run(cfg, run_dir, "generate's colored meshes and turntables")
     check_trained_prompts(cfg, prompts, run_dir)
     text_encoder = build_text_encoder(cfg)
     out = Path(out)

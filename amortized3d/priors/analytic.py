@@ -189,6 +189,10 @@ class AnalyticPrior:
         self.alphas_cumprod = stable_diffusion_alphas_cumprod()
         self._render_cache: dict[tuple, tuple[torch.Tensor, int]] = {}  # _scene_renders
 
+    def space_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of what encode gives for images of height x width: (3, H, W), or with prior.latent (4, H/2, W/2)."""
+        return (4, height // 2, width // 2) if self.config.latent else (3, height, width)
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] -> the prior's space: the images themselves, or with prior.latent the linear
         latents E(x) [B, 4, H/2, W/2] (``generator`` is unused: the encoder is deterministic)."""

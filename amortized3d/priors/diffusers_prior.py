@@ -258,6 +258,14 @@ class DiffusionPrior:
         self.alphas_cumprod = scheduler.alphas_cumprod.float().to(device)  # [T]
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
+    def space_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of what encode gives for images of height x width: (4, r/f, r/f) latents (SD, MVDream), or
+        (3, r, r) pixels (DeepFloyd IF); r = prior.resolution whatever the images' size."""
+        if self.vae is None:
+            return 3, self.resolution, self.resolution
+        side = self.resolution // self.vae_factor
+        return int(self.vae.config.latent_channels), side, side
+
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> latents [B, 4, r/f, r/f] (float32), with gradient to the images."""
         x = images

@@ -30,7 +30,7 @@ PDF_FLOOR = 1e-5  # added to every proposal weight so empty or missed rays fall 
 class RayRender:
     """Per-ray renders of P prompts with R rays each and S samples per ray.
 
-    rgb [P, R, 3] composited over the background; opacity [P, R] = sum w;
+    rgb [P, R, 3] composited over the background (C channels for a field with latent colors); opacity [P, R] = sum w;
     depth [P, R] = sum w t (background counts as depth 0); depth_normalized [P, R] = depth / opacity;
     z_variance [P, R] = sum w (t - depth_normalized)^2 / opacity; normal [P, R, 3] = sum w n (or None);
     weights [P, R, S]; t_mid [P, R, S] sample positions (interval midpoints);
@@ -52,7 +52,8 @@ class RayRender:
 class ImageRender:
     """Images of P prompts seen from V cameras each, H x W pixels.
 
-    rgb [P, V, 3, H, W]; opacity, depth, z_variance [P, V, 1, H, W]; normal [P, V, 3, H, W] or None.
+    rgb [P, V, 3, H, W] (a field with latent colors, render.latents: its C channels of the prior's latents); opacity,
+    depth, z_variance [P, V, 1, H, W]; normal [P, V, 3, H, W] or None.
     The per-sample tensors (weights, t_mid, sdf_grad) are not kept: render_rays returns them. splats: the rasterizer's
     output when 3D Gaussians drew the images (amortized3d.rendering.gaussians.SplatRender, for density control), else None.
     """
@@ -266,7 +267,7 @@ def _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_impor
     sigma = values if geometry == "density" else volsdf_density(values, inv_std)
     weights = composite_weights(t_starts, t_ends, sigma.reshape(P, R, S))
     opacity = weights.sum(-1)
-    rgb = nerfacc.accumulate_along_rays(weights, color.reshape(P, R, S, 3)) + field.background(dirs) * (1.0 - opacity).unsqueeze(-1)
+    rgb = nerfacc.accumulate_along_rays(weights, color.reshape(P, R, S, -1)) + field.background(dirs) * (1.0 - opacity).unsqueeze(-1)
     depth = (weights * t_mid).sum(-1)
     depth_normalized, variance = z_variance(weights, t_mid)
     normal = sdf_grad = None

@@ -13,17 +13,29 @@ from amortized3d.run_dir import RunDir
 
 @torch.no_grad()
 def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: list[str], device, n_views: int = 4,
-                      resolution: int | None = None, elevation: float | None = None) -> torch.Tensor:
+                      resolution: int | None = None, elevation: float | None = None, prior=None) -> torch.Tensor:
     """Orbit renders of ``prompts`` at the evaluation camera (elevation: cfg.camera.eval_elevation unless given).
+    With render.latents the generator renders the prior's latents, at the prior's latent size for R x R images, and
+    ``prior`` (required then) decodes them (resized to R x R, antialiased, where the decoder's size differs).
     -> rgb [P, n_views, 3, R, R] in [0, 1]."""
     R = resolution or cfg.eval.resolution
+    if cfg.render.latents and prior is None:
+        raise ValueError("this run renders the prior's latents (render.latents=true): pass its prior (builders.build_prior) "
+                         "to decode them into images")
+    height, width = prior.space_shape(R, R)[1:] if cfg.render.latents else (R, R)
     elevation = cfg.camera.eval_elevation if elevation is None else elevation
     text = text_encoder.encode(prompts).to(device)
     representation = generator(text.pooled, text.tokens)
     cams = orbit_cameras(n_views, elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device)
     cams = cams.reshape(1, n_views)[[0] * len(prompts)]
-    out = representation.render(cams, R, R, cfg.render, chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
-    return out.rgb.clamp(0, 1)
+    out = representation.render(cams, height, width, cfg.render, chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
+    if not cfg.render.latents:
+        return out.rgb.clamp(0, 1)
+    P = len(prompts)
+    images = prior.decode(out.rgb.reshape(P * n_views, -1, height, width)).float()
+    if images.shape[-2:] != (R, R):
+        images = torch.nn.functional.interpolate(images, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
+    return images.clamp(0, 1).reshape(P, n_views, 3, R, R)
 
 
 @torch.no_grad()
@@ -58,18 +70,18 @@ def write_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: li
                      prior=None, adapter=None) -> None:
     """The contact sheet of ``prompts`` (4 views each) and a 24-frame turntable of the first, into run.validation(step);
     given the prior (and the method's learned branch), also each view's one-step denoised image (denoised_views) as
-    the sheet <step>_denoised.png beside it."""
+    the sheet <step>_denoised.png beside it (not with render.latents, whose renders the prior decodes: it is required then)."""
     from amortized3d.inference.export import contact_sheet, to_uint8, write_video
 
     sheet = run.validation(step, ".png")
     sheet.parent.mkdir(parents=True, exist_ok=True)
-    grid = render_validation(cfg, generator, text_encoder, prompts, device, n_views=4)
-    if prior is not None:
+    grid = render_validation(cfg, generator, text_encoder, prompts, device, n_views=4, prior=prior)
+    if prior is not None and not cfg.render.latents:
         progress = step / max(cfg.train.steps - 1, 1)
         denoised = denoised_views(cfg, prior, grid, prompts, progress, adapter)
         contact_sheet(to_uint8(denoised.reshape(-1, *grid.shape[2:])), run.validation(step, "_denoised.png"), ncols=4)
     contact_sheet(to_uint8(grid.reshape(-1, *grid.shape[2:])), sheet, ncols=4)
-    turn = render_validation(cfg, generator, text_encoder, prompts[:1], device, n_views=24)
+    turn = render_validation(cfg, generator, text_encoder, prompts[:1], device, n_views=24, prior=prior)
     write_video(to_uint8(turn[0]), run.validation(step, ".mp4"), fps=12)
 
 

@@ -3,7 +3,7 @@
     batch (prompts + stored text embeddings)
       -> generator(text, z)                      a Representation per prompt      (amortized3d.generators)
       -> representation.render(cameras)          P x V images                     (amortized3d.rendering)
-      -> prior.encode                            the prior's space                (amortized3d.priors)
+      -> prior.encode (prior_space)              the prior's space                (amortized3d.priors)
       -> score_distillation(prior, x, cond)      the distillation loss            (amortized3d.distillation)
       + the representation's regularizers and the learned branch's alignment loss
 
@@ -62,6 +62,23 @@ def batch_conditioning(batch: PromptBatch, cameras: Cameras, views_per_prompt: i
     return Conditioning([batch.prompts[i] for i in rows.tolist()], cameras, pick(tokens), pick(view_tokens), V if multiview else 1)
 
 
+def prior_space(prior: Prior, renders: torch.Tensor, latents_of: tuple[int, int] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """What the prior denoises of renders [B, C, H, W]: prior.encode of RGB images (latents_of None), or with
+    render.latents the renders themselves, which are the prior's latents (C its latent channels) for images of size
+    latents_of = (height, width), resized (bilinear, as the reference's rgb_as_latents) to the prior's latent size for
+    that image size where theirs differs (training renders at that size) -> x [B, C', h, w], differentiable."""
+    if latents_of is None:
+        return prior.encode(renders, generator=generator)
+    C, h, w = prior.space_shape(*latents_of)
+    if renders.shape[1] != C:
+        raise ValueError(f"the renders have {renders.shape[1]} channels, but the prior's latents have {C}: "
+                         "build the generator with render.latents (builders.build_generator), which sizes its colors")
+    if renders.shape[-2:] != (h, w):
+        renders = torch.nn.functional.interpolate(renders, size=(h, w), mode="bilinear", align_corners=False)
+    return renders.float()
+
+
 def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior, batch: PromptBatch, progress: float,
                       rng: torch.Generator, device, adapter=None, *, z_dim: int = 0, prior_suffixes: list[str] = ()) -> StepResult:
     """Forward pass and total loss for one micro-batch of P prompts x V views.
@@ -73,6 +90,9 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
     """
     P, V = len(batch.prompts), cfg.train.views_per_prompt
     H, W = cfg.render.size_at(progress)
+    latents_of = (H, W) if cfg.render.latents else None  # the field renders the prior's latents for H x W images
+    if latents_of:  # at their own size (SD at 512: 64 x 64; the latent analytic prior: H/2 x W/2)
+        H, W = prior.space_shape(H, W)[1:]
     text = batch.text.to(device)
     cameras = sample_training_cameras(P, V, cfg.camera.elevation_range, cfg.camera.distance_range, cfg.camera.fovy_range, rng, device,
                                       group_views=cfg.camera.group_views, relative_distance=cfg.camera.relative_distance)
@@ -83,7 +103,7 @@ def distillation_step(cfg: ExperimentConfig, generator: Generator, prior: Prior,
         mask = torch.rand(P, generator=rng) < cfg.render.random_background_prob
         background = (torch.rand(P, 3, generator=rng).to(device), mask.to(device))
     render = representation.render(cameras, H, W, cfg.render, generator=rng, background=background)
-    images = prior.encode(render.rgb.reshape(P * V, 3, H, W), generator=rng)
+    images = prior_space(prior, render.rgb.reshape(P * V, -1, H, W), latents_of, generator=rng)
     cond = batch_conditioning(batch, cameras.reshape(P * V), V, list(prior_suffixes), cfg.text.encoder == "prior", prior.multiview)
     t_range = timestep_range(progress, cfg.distill.t_min, cfg.distill.t_max)
     out = score_distillation(prior, images, cond, method=cfg.distill.method, guidance_scale=guidance_scale(cfg.distill), t_range=t_range,
