@@ -283,13 +283,15 @@ def test_shipped_random_architecture_is_the_converted_real_one():
 
 
 @pytest.mark.skipif(not os.environ.get("AMORTIZED3D_CORPORA"), reason="AMORTIZED3D_CORPORA (the reference corpora folder) is not set")
-def test_dl17k_recipe_trains_with_the_tiny_checkpoint(tiny, tmp_path):
+@pytest.mark.parametrize("latents", [False, True])
+def test_dl17k_recipe_trains_with_the_tiny_checkpoint(tiny, tmp_path, latents):
     # `train --corpus dl17k --prior TINY.pt`: the recipe keeps its MVDream prior, renders 1 prompt x 4 views as one orbit
+    # (with render.latents: the 4 views' latents, which the validation views decode)
     import json
 
     from amortized3d.cli import main
 
-    small = ["generator.preset=tiny", "render.height=16", "render.width=16", "render.n_proposal=16", "render.n_importance=8",
+    small = [*(["render.latents=true", "render.random_background_prob=0"] if latents else []), "generator.preset=tiny", "render.height=16", "render.width=16", "render.n_proposal=16", "render.n_importance=8",
              "eval.resolution=16", "train.steps=2", "train.ckpt_every=2", "train.val_every=1000", "train.wandb=disabled"]
     assert main(["train", "--corpus", "dl17k", "--prior", str(tiny[0]), "--output", str(tmp_path / "run"), *small]) == 0
     config = (tmp_path / "run" / "config.yaml").read_text()

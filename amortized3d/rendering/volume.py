@@ -267,7 +267,7 @@ def _render_rays_with_noise(field, origins, dirs, near, far, n_proposal, n_impor
     sigma = values if geometry == "density" else volsdf_density(values, inv_std)
     weights = composite_weights(t_starts, t_ends, sigma.reshape(P, R, S))
     opacity = weights.sum(-1)
-    rgb = nerfacc.accumulate_along_rays(weights, color.reshape(P, R, S, -1)) + field.background(dirs) * (1.0 - opacity).unsqueeze(-1)
+    rgb = nerfacc.accumulate_along_rays(weights, color.reshape(P, R, S, color.shape[-1])) + field.background(dirs) * (1.0 - opacity).unsqueeze(-1)
     depth = (weights * t_mid).sum(-1)
     depth_normalized, variance = z_variance(weights, t_mid)
     normal = sdf_grad = None

@@ -11,12 +11,16 @@ from amortized3d.rendering.volume import rays_per_chunk
 from amortized3d.run_dir import RunDir
 
 
+DECODE_CHUNK = 8  # latent renders decoded per call of the prior's decoder (render_validation)
+
+
 @torch.no_grad()
 def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: list[str], device, n_views: int = 4,
                       resolution: int | None = None, elevation: float | None = None, prior=None) -> torch.Tensor:
     """Orbit renders of ``prompts`` at the evaluation camera (elevation: cfg.camera.eval_elevation unless given).
     With render.latents the generator renders the prior's latents, at the prior's latent size for R x R images, and
-    ``prior`` (required then) decodes them (resized to R x R, antialiased, where the decoder's size differs).
+    ``prior`` (required then) decodes them, DECODE_CHUNK images at a time (a VAE decoder's activations at 512 x 512 are
+    hundreds of MB per image), resized to R x R (antialiased) where the decoder's size differs.
     -> rgb [P, n_views, 3, R, R] in [0, 1]."""
     R = resolution or cfg.eval.resolution
     if cfg.render.latents and prior is None:
@@ -32,7 +36,8 @@ def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: l
     if not cfg.render.latents:
         return out.rgb.clamp(0, 1)
     P = len(prompts)
-    images = prior.decode(out.rgb.reshape(P * n_views, -1, height, width)).float()
+    latents = out.rgb.reshape(P * n_views, -1, height, width)
+    images = torch.cat([prior.decode(chunk).float() for chunk in latents.split(DECODE_CHUNK)])
     if images.shape[-2:] != (R, R):
         images = torch.nn.functional.interpolate(images, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
     return images.clamp(0, 1).reshape(P, n_views, 3, R, R)
