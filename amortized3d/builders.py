@@ -212,15 +212,6 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
     return config_from_dict(load_yaml(config), source=str(config))
 
 
-def check_rgb_run(cfg: ExperimentConfig, run_dir: str | Path, use: str) -> None:
-    """Refuse a render.latents run where ``use`` needs RGB colors at 3D points (mesh vertex colors, baked turntables):
-    its field's colors are the prior's latents, which only the prior's decoder, on whole images, turns into colors."""
-    if cfg.render.latents:
-        raise CheckpointError(f"{str(run_dir)!r} was trained with render.latents=true: its field's colors are the prior's latents, "
-                              f"not RGB, so {use} would have no colors. Score it with `amortized3d evaluate`, whose renders the prior "
-                              "decodes; for meshes, train with render.latents=false")
-
-
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ExperimentConfig, Generator, dict]:
     """Rebuild a trained generator from RUN_DIR (its config.yaml and latest checkpoint).
 
@@ -246,7 +237,10 @@ def init_from_run(model, run_dir: str | Path, prompt: str, seed: int = 0) -> Non
     from amortized3d.inference.export import extract_mesh
 
     source_cfg, source, _ = load_run(run_dir)
-    check_rgb_run(source_cfg, run_dir, "starting 3D Gaussians from its mesh")
+    if source_cfg.render.latents:
+        raise CheckpointError(f"{str(run_dir)!r} was trained with render.latents=true: its field's colors are the prior's latents, so "
+                              "its mesh has no colors to start 3D Gaussians from; start from a run with render.latents=false "
+                              "(or from the mesh that `generate` writes, whose colors are decoded)")
     check_trained_prompts(source_cfg, [prompt], run_dir)
     text = build_text_encoder(source_cfg).encode([prompt])
     with torch.no_grad():

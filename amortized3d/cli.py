@@ -253,13 +253,7 @@ def run_evaluate(args) -> int:
                                 limit=args.limit, save_views=args.save_views)
         if summary is None:  # not the main process
             return 0
-        from amortized3d.builders import run_config
-
-        if args.gallery and run_config(args.checkpoint).render.latents:  # the gallery's meshes and turntables come from generate
-            summary["gallery"] = None
-            print("no gallery: this run renders the prior's latents (render.latents=true), and generate, which makes the gallery's "
-                  "meshes and turntables, needs RGB colors; the scores above are from decoded renders", file=sys.stderr)
-        elif args.gallery:
+        if args.gallery:
             from amortized3d.evaluation.gallery import build_gallery, clip_scores
 
             out = Path(summary["output"])

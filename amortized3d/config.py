@@ -472,6 +472,10 @@ class ExperimentConfig(ConfigModel):
         if self.phase2.start > 0:
             raise ConfigError(f"phase2.start={self.phase2.start} switches priors mid-run, but a render.latents=true field renders the "
                               "first prior's latents: set phase2.start=0 (or render.latents=false)")
+        if self.render.size_schedule and not self.prior.analytic:
+            raise ConfigError(f"render.size_schedule={self.render.size_schedule!r} changes the render size, but with render.latents=true "
+                              f"and prior.kind={self.prior.kind} the field renders the prior's latents at their one size "
+                              "(prior.resolution / 8): set render.size_schedule=[]")
 
 
 SECTIONS: dict[str, type[ConfigModel]] = {name: field.annotation for name, field in ExperimentConfig.model_fields.items()}

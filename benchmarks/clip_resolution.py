@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.builders import build_text_encoder, load_run
+from amortized3d.builders import build_decoding_prior, build_text_encoder, load_run
 from amortized3d.data.corpora import load_corpus
 from amortized3d.evaluation.clip_eval import DEFAULT_ELEVATION, evaluate_clip
 from amortized3d.evaluation.clip_models import load_clip, resize_to_input
@@ -103,11 +103,12 @@ def main():
     cfg, generator, _ = load_run(args.checkpoint)
     prompts = load_corpus(cfg.corpus.name, cfg.corpus.dir).test[: args.prompts]
     text_encoder = build_text_encoder(cfg)
+    decoder = build_decoding_prior(cfg, text_encoder)  # a render.latents run's renders are decoded by its prior
     model = load_clip(args.clip) if args.clip else None
     size = model.image_size if model else args.size
     inv_std = cfg.render.inv_std
     sources = {f"generator (inv_std {inv_std:g})": lambda p, r: render_validation(
-        cfg, generator, text_encoder, [p], "cpu", args.image_views, r, DEFAULT_ELEVATION)[0]}
+        cfg, generator, text_encoder, [p], "cpu", args.image_views, r, DEFAULT_ELEVATION, decoder)[0]}
     if cfg.corpus.name.startswith("shapeworld"):
         for s in (inv_std, args.sharp_inv_std):
             sources[f"exact scenes (inv_std {s:g})"] = lambda p, r, s=s: exact_views(cfg, p, args.image_views, r, s)

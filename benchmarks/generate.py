@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from amortized3d.builders import build_generator, build_text_encoder, check_rgb_run, load_run
+from amortized3d.builders import build_generator, build_text_encoder, load_run
 from amortized3d.config import load_config
 from amortized3d.files import write_text_atomic
 from amortized3d.inference.baked import bake_representation, render_baked
@@ -39,13 +39,21 @@ from recipe_step import device_name, sync  # benchmarks/, beside this script
 
 
 
+def check_rgb_colors(cfg) -> None:
+    """This benchmark times the RGB path (bake, mesh, baked turntable); a render.latents field's colors are latents."""
+    if cfg.render.latents:
+        raise SystemExit("benchmarks/generate.py times generate's RGB path (baked turntable, mesh colors from the field); with "
+                         "render.latents=true generate renders and decodes the latents instead: time that with `generate` itself")
+
+
 def build(args, device):
     """-> (config, generator in eval mode on device, text encoder) from --checkpoint or --recipe."""
     if args.checkpoint:
         cfg, generator, _ = load_run(args.checkpoint, device)
-        check_rgb_run(cfg, args.checkpoint, "generate's colored meshes and turntables")
+        check_rgb_colors(cfg)
         return cfg, generator, build_text_encoder(cfg, device)
     cfg = load_config(args.recipe, overrides=["train.wandb=disabled", *args.overrides])
+    check_rgb_colors(cfg)
     if cfg.text.encoder == "prior" and cfg.prior.kind in RANDOM_MODELS and not any(o.startswith("prior.model=") for o in args.overrides):
         cfg.prior.model = RANDOM_MODELS[cfg.prior.kind]
     with warnings.catch_warnings():

@@ -26,6 +26,8 @@ LATENT = ["prior.latent=true", "render.latents=true"]
     ([*LATENT, "render.random_background_prob=0.2"], "random_background_prob=0"),
     ([*LATENT, "distill.method=sds", "distill.rgb_weight=0.1"], "rgb_weight=0"),
     ([*LATENT, "phase2.start=0.5", "phase2.prior={latent: false}"], "phase2.start=0"),
+    (["render.latents=true", "prior.kind=stable_diffusion", "render.random_background_prob=0", "render.size_schedule=[[0.4,256]]"],
+     "size_schedule=\\[\\]"),
 ])
 def test_settings_that_need_rgb_renders_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -94,7 +96,11 @@ def test_latent_colors_are_the_heads_raw_outputs(kind):
     rgb_generator = build_generator(rgb_cfg)
     rgb_field = rgb_generator(text, torch.randn(2, 77, cfg.text.dim))
     _, rgb = rgb_field.sdf_and_color(points)
-    assert rgb.shape == (2, 50, 3) and bool(((rgb > 0) & (rgb < 1)).all())
+    if kind == "hyper_ingp":
+        rgb_raw = torch.bmm(F.silu(torch.bmm(rgb_field._encode(rgb_generator.grid, points), rgb_field.color_hidden)), rgb_field.color_out)
+    else:
+        rgb_raw = rgb_generator.color_mlp(rgb_field.features(points)).float()
+    assert rgb.shape == (2, 50, 3) and torch.allclose(rgb, torch.sigmoid(rgb_raw), atol=1e-6)
 
 
 def test_the_prior_sees_the_renders_themselves():
@@ -150,10 +156,12 @@ def test_evaluation_renders_are_decoded_by_the_prior():
         render_validation(cfg, generator, encoder, ["a large red cube"], "cpu", n_views=1, resolution=12)
 
 
-def test_a_shapeworld_run_trains_evaluates_and_refuses_rgb_outputs(tmp_path, capsys):
+def test_a_shapeworld_run_trains_evaluates_and_generates(tmp_path, capsys):
     """Training renders 4-channel latents at half the image size (the latent analytic prior's), with a gradient to the
-    generator's color head; the oracle evaluation scores the decoded renders; generate (meshes need colors at points)
-    and noise-error (it encodes RGB renders) refuse the run, saying why."""
+    generator's color head; the oracle evaluation scores the decoded renders; generate writes a colored mesh and the
+    decoded turntable; noise-error (it encodes RGB renders) refuses the run, saying why."""
+    import trimesh
+
     from amortized3d.cli import main
     from amortized3d.training.train import train
 
@@ -164,9 +172,13 @@ def test_a_shapeworld_run_trains_evaluates_and_refuses_rgb_outputs(tmp_path, cap
     assert main(["evaluate", "--checkpoint", str(run), "--limit", "2"]) == 0
     report = json.loads((run / "eval_test.json").read_text())["summary"]
     assert 0 <= report["similarity"] <= 1 and report["n_prompts"] == 2
+    out = tmp_path / "out"
+    assert main(["generate", "a large red cube", "--checkpoint", str(run), "--out", str(out), "--mesh-resolution", "24",
+                 "--frames", "4", "--image-size", "16"]) == 0
+    mesh = trimesh.load(out / "a_large_red_cube.glb", force="mesh")
+    assert len(mesh.faces) > 0 and mesh.visual.vertex_colors.shape == (len(mesh.vertices), 4)
+    assert (out / "a_large_red_cube.png").is_file()
     capsys.readouterr()
-    assert main(["generate", "a large red cube", "--checkpoint", str(run), "--out", str(tmp_path / "out")]) != 0
-    assert "render.latents=true" in capsys.readouterr().err
     assert main(["noise-error", str(run)]) != 0
     assert "render.latents=true" in capsys.readouterr().err
 
@@ -189,10 +201,9 @@ def test_the_sd_step_skips_the_vae_encoder(tiny_sd, tmp_path):
     assert row["render"] == f"{h}x{w} latents (4 channels)"
 
 
-def test_an_sd_run_decodes_its_validation_and_clip_views(tiny_sd, tmp_path, monkeypatch, capsys):
+def test_an_sd_run_decodes_its_validation_clip_and_generate_views(tiny_sd, tmp_path, monkeypatch):
     """A latent run on the tiny SD folder: the VAE's encoder never runs in training, its decoder turns the validation
-    views and the CLIP evaluation's views into images; the evaluation's default gallery (made by generate) is left out
-    with a note instead of failing the command."""
+    views, the CLIP evaluation's views and generate's turntable frames into images."""
     from diffusers import AutoencoderKL
 
     from amortized3d.cli import main
@@ -219,8 +230,64 @@ def test_an_sd_run_decodes_its_validation_and_clip_views(tiny_sd, tmp_path, monk
     assert (run / "validation" / "step_00000002.png").is_file() and sum(decoded) == 2 * 4 + 24  # 2 prompts x 4 views, 24 frames
     clip = make_tiny_clip(tmp_path / "clip", image_size=16)
     out = tmp_path / "clip_eval"
-    capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(run), "--clip", str(clip), "--views", "3", "--out", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(run), "--clip", str(clip), "--views", "3", "--out", str(out), "--gallery", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_prompts"] == 1 and sum(decoded) == 2 * 4 + 24 + 3
-    assert "no gallery" in capsys.readouterr().err and not (out / "gallery").exists()
+    assert main(["generate", "a frog", "--checkpoint", str(run), "--out", str(tmp_path / "gen"), "--mesh-resolution", "24",
+                 "--frames", "2", "--image-size", "16"]) == 0
+    assert sum(decoded) == 2 * 4 + 24 + 3 + 2 and (tmp_path / "gen" / "a_frog.png").is_file()
+
+
+class LatentSphere(SDFRepresentation):
+    """A sphere of radius 0.5 with latent colors (2 c(p), e(p)) at p, c(p) = (p + 1) / 2 clamped to [0.1, 0.9] and a
+    small left-right edge e(p) = 0.2 p_x, in front of the latent (2 b, 0) of a gray b = 0.3."""
+
+    def sdf(self, points):
+        return points.norm(dim=-1) - 0.5
+
+    def sdf_and_color(self, points):
+        c = ((points + 1) / 2).clamp(0.1, 0.9)
+        return self.sdf(points), torch.cat([2 * c, 0.2 * points[..., :1]], -1)
+
+    def background(self, directions):
+        return torch.tensor([0.6, 0.6, 0.6, 0.0]).expand(*directions.shape[:2], -1)
+
+
+def test_the_latent_to_rgb_fit_is_weighted_least_squares():
+    """fit_latent_to_rgb against numpy: the normal equations (X^T W X) A = X^T W Y of weighted least squares, with Y
+    each 2 x 2 pixel block's mean (the images at twice the latent size), X the latents with a constant 1 and W the
+    opacity + BACKGROUND_FIT_WEIGHT per cell; random, not affine, data, so the weights matter."""
+    import numpy as np
+
+    from amortized3d.inference.generate import BACKGROUND_FIT_WEIGHT, fit_latent_to_rgb
+
+    g = torch.Generator().manual_seed(0)
+    latents, images = torch.randn(3, 4, 5, 6, generator=g), torch.rand(3, 3, 10, 12, generator=g)
+    opacity = torch.rand(3, 1, 5, 6, generator=g) ** 4  # far from uniform
+    A = fit_latent_to_rgb(latents, images, opacity).numpy()
+    z, x, o = latents.double().numpy(), images.double().numpy(), opacity.double().numpy()
+    Y = x.reshape(3, 3, 5, 2, 6, 2).mean((3, 5)).transpose(0, 2, 3, 1).reshape(-1, 3)
+    X = np.concatenate([z.transpose(0, 2, 3, 1).reshape(-1, 4), np.ones((90, 1))], 1)
+    W = o.reshape(-1) + BACKGROUND_FIT_WEIGHT
+    expected = np.linalg.solve(X.T @ (W[:, None] * X), X.T @ (W[:, None] * Y))
+    assert np.allclose(A, expected, atol=1e-5)
+    unweighted = np.linalg.lstsq(X, Y, rcond=None)[0]
+    assert not np.allclose(A, unweighted, atol=1e-3)  # the weights changed the answer
+
+
+def test_the_fitted_latent_to_rgb_map_is_the_analytic_decoder():
+    """The latent analytic prior's decoder D = E^T gives each 2 x 2 cell the mean color z_RGB / 2: the edge channel adds
+    +-e / (2 sqrt 3) to the left and right pixels and cancels in the mean (analytic.py's definition of E). So generate's
+    affine map fitted to the decoded turntable must be A = [[I / 2], [0], [0]] (rows: the 3 color latents, the edge, the
+    constant), and the vertex colors of the sphere its colors c(p)."""
+    from amortized3d.inference.generate import decoded_turntable
+
+    cfg = load_config("shapeworld-16", overrides=[*TINY, *LATENT])
+    prior = build_prior(cfg)
+    turntable = orbit_cameras(4, 15.0, 1.5, 50.0)
+    rgb, mapped = decoded_turntable(cfg, prior, LatentSphere(), turntable, 16)
+    assert rgb.shape == (4, 3, 16, 16)
+    expected = torch.cat([torch.eye(3) / 2, torch.zeros(2, 3)])
+    assert torch.allclose(mapped.A, expected, atol=1e-4), mapped.A
+    points = torch.rand(1, 30, 3) - 0.5
+    assert torch.allclose(mapped.sdf_and_color(points)[1], ((points + 1) / 2).clamp(0.1, 0.9), atol=1e-4)

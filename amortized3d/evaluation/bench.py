@@ -20,7 +20,6 @@ A matrix file (see benchmarks/matrices/):
     clip_views: 120
     oracle: auto                          # ShapeWorld oracle R@1 and IoU: auto (ShapeWorld corpora), true, false
     gallery: 0                            # N > 0: a gallery of each cell's first N test prompts, and OUT/index.html
-                                          # (not for render.latents cells: the gallery's meshes need RGB colors)
 
 Each cell trains into OUT/runs/<corpus>-<method>-<generator>[-<variant>][-seed<seed>]/ (no suffix for seed 0) and
 is evaluated there; a cell with
@@ -168,7 +167,7 @@ def run_cell(matrix: dict, corpus: str, method: str, generator: str | None, gene
         summary = evaluate_clip(run, matrix["clip"], n_views=matrix["clip_views"], progress=False, **chosen)
         if summary is not None:
             result.update({"clip_r_at_1": summary["r_at_1"], "clip_similarity": summary["similarity"]})
-    if matrix["gallery"] and accelerator.is_main_process and not cfg.render.latents:  # no gallery (generate's meshes) for latent renders
+    if matrix["gallery"] and accelerator.is_main_process:
         from amortized3d.evaluation.gallery import build_gallery
 
         # lenient: a missing or misconfigured 3D viewer gives a page without it (and a note), never a failed cell

@@ -61,7 +61,7 @@ def color_channels(latent_channels: int) -> int:
 def color_activation(raw: torch.Tensor, latent_channels: int) -> torch.Tensor:
     """A color head's output [..., C] -> colors: sigmoid(raw) in [0, 1] (RGB), or raw itself with latent colors
     (latent_channels > 0: the prior's latents, unbounded)."""
-    return raw.float() if latent_channels else torch.sigmoid(raw.float())
+    return raw if latent_channels else torch.sigmoid(raw)
 
 
 class EnvironmentMap(nn.Module):
@@ -76,7 +76,7 @@ class EnvironmentMap(nn.Module):
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
         angles = directions.unsqueeze(-1) * self.frequencies  # [..., 3, F]
         encoded = torch.cat([directions, angles.sin().flatten(-2), angles.cos().flatten(-2)], -1)
-        return color_activation(self.mlp(encoded.to(self.mlp[0].weight.dtype)), self.latent_channels)
+        return color_activation(self.mlp(encoded.to(self.mlp[0].weight.dtype)).float(), self.latent_channels)
 
 
 class DecodedField(SDFRepresentation):
@@ -98,7 +98,7 @@ class DecodedField(SDFRepresentation):
     def sdf_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """points [P, N, 3] -> (sdf [P, N], rgb [P, N, 3] in [0, 1], or latents [P, N, C] with latent colors)."""
         f = self.features(points)
-        return self.model.sdf_mlp(f).squeeze(-1).float() + self._sphere(points), color_activation(self.model.color_mlp(f), self.model.latent_channels)
+        return self.model.sdf_mlp(f).squeeze(-1).float() + self._sphere(points), color_activation(self.model.color_mlp(f).float(), self.model.latent_channels)
 
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         """Unit directions [P, R, 3] -> rgb [P, R, 3], the same environment map for every prompt."""

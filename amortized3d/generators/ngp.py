@@ -132,7 +132,7 @@ class NGPDensityField(DensityRepresentation):
     def density_and_color(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """points [P, N, 3] -> (sigma [P, N], rgb [P, N, 3] in [0, 1], or latents [P, N, C] with latent colors)."""
         f = grid_features(self.model, self.n_prompts, points)
-        return self._sigma(f, points), color_activation(self.model.color_mlp(f), self.model.latent_channels)
+        return self._sigma(f, points), color_activation(self.model.color_mlp(f).float(), self.model.latent_channels)
 
     def background(self, directions: torch.Tensor) -> torch.Tensor:
         """Unit directions [P, R, 3] -> rgb [P, R, 3]."""

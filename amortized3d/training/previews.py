@@ -11,7 +11,18 @@ from amortized3d.rendering.volume import rays_per_chunk
 from amortized3d.run_dir import RunDir
 
 
-DECODE_CHUNK = 8  # latent renders decoded per call of the prior's decoder (render_validation)
+DECODE_CHUNK = 8  # latent renders decoded per call of the prior's decoder (a VAE's activations: hundreds of MB per 512^2 image)
+
+
+@torch.no_grad()
+def decode_latent_renders(prior, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Renders of a render.latents run -> images: latents [N, C, h, w] decoded by the prior DECODE_CHUNK at a time,
+    resized to resolution^2 (antialiased) where the decoder's size differs -> rgb [N, 3, R, R] in [0, 1]."""
+    images = torch.cat([prior.decode(chunk).float() for chunk in latents.split(DECODE_CHUNK)])
+    if images.shape[-2:] != (resolution, resolution):
+        images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                                                 antialias=True)
+    return images.clamp(0, 1)
 
 
 @torch.no_grad()
@@ -19,8 +30,7 @@ def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: l
                       resolution: int | None = None, elevation: float | None = None, prior=None) -> torch.Tensor:
     """Orbit renders of ``prompts`` at the evaluation camera (elevation: cfg.camera.eval_elevation unless given).
     With render.latents the generator renders the prior's latents, at the prior's latent size for R x R images, and
-    ``prior`` (required then) decodes them, DECODE_CHUNK images at a time (a VAE decoder's activations at 512 x 512 are
-    hundreds of MB per image), resized to R x R (antialiased) where the decoder's size differs.
+    ``prior`` (required then) decodes them (decode_latent_renders).
     -> rgb [P, n_views, 3, R, R] in [0, 1]."""
     R = resolution or cfg.eval.resolution
     if cfg.render.latents and prior is None:
@@ -36,11 +46,7 @@ def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: l
     if not cfg.render.latents:
         return out.rgb.clamp(0, 1)
     P = len(prompts)
-    latents = out.rgb.reshape(P * n_views, -1, height, width)
-    images = torch.cat([prior.decode(chunk).float() for chunk in latents.split(DECODE_CHUNK)])
-    if images.shape[-2:] != (R, R):
-        images = torch.nn.functional.interpolate(images, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
-    return images.clamp(0, 1).reshape(P, n_views, 3, R, R)
+    return decode_latent_renders(prior, out.rgb.reshape(P * n_views, -1, height, width), R).reshape(P, n_views, 3, R, R)
 
 
 @torch.no_grad()

@@ -72,8 +72,9 @@ def prior_space(prior: Prior, renders: torch.Tensor, latents_of: tuple[int, int]
         return prior.encode(renders, generator=generator)
     C, h, w = prior.space_shape(*latents_of)
     if renders.shape[1] != C:
-        raise ValueError(f"the renders have {renders.shape[1]} channels, but the prior's latents have {C}: "
-                         "build the generator with render.latents (builders.build_generator), which sizes its colors")
+        raise ValueError(f"the renders have {renders.shape[1]} channels, but the prior's latents have {C}: render.latents "
+                         "takes a generator built by builders.build_generator (its colors are the priors' 4 latent channels) "
+                         "and a prior whose latents have 4 channels (Stable Diffusion, MVDream, the latent analytic prior)")
     if renders.shape[-2:] != (h, w):
         renders = torch.nn.functional.interpolate(renders, size=(h, w), mode="bilinear", align_corners=False)
     return renders.float()
