@@ -14,8 +14,9 @@ Checks, in this order, each a row with its status (ok / failed / skipped and why
                      (amortized3d.rendering.volume) and the time nerfacc takes to build or load its kernels; CUDA only
   recipe_steps       benchmarks/recipe_step.py for each recipe in each of --dtypes (fp16, bf16), 3 timed steps each:
                      FLOPs, floor, step time, achieved TFLOP/s, peak memory, written to OUT-recipe_step.json recipe
-                     by recipe; then mg15 against DeepFloyd IF stage I XL (random:deepfloyd-if-I-XL-v1.0); the dry
-                     run: mg15 in fp32 with a 64 x 64 prior input
+                     by recipe; then mg15 and cp100k with direct latent rendering (render.latents: no VAE encoder) and
+                     mg15 against DeepFloyd IF stage I XL (random:deepfloyd-if-I-XL-v1.0), in the first of --dtypes;
+                     the dry run: mg15 in fp32 with a 64 x 64 prior input
   generate_latency   train a ShapeWorld run briefly, then benchmarks/generate.py on it (seconds per prompt by stage),
                      and on the mg15, df415 and cp100k generators at their real size with random weights
   gsplat_rasterizer  benchmarks/rasterizer.py at 1k, 10k and 100k Gaussians with both backends: images/s and memory,
@@ -142,11 +143,14 @@ def recipe_steps(device: torch.device, dry_run: bool, out: Path, recipes: list[s
     else:
         for dtype in dtypes:
             rows += recipe_step.main([*recipes, "--steps", "3", "--dtype", dtype, "--out", str(out)])
+        # the SD recipes with direct latent rendering: the step without the VAE encoder (its GPU time and memory)
+        rows += recipe_step.main(["mg15", "cp100k", "--steps", "3", "--dtype", dtypes[0], "--set", "render.latents=true",
+                                  "--set", "render.random_background_prob=0", "--out", str(out)])
         # MG15's recipe against DeepFloyd IF stage I XL (4.3 B UNet, 4.8 B T5 encoder) in the first dtype, last: its
         # random weights take minutes to build on the CPU before they move to the GPU
         rows += recipe_step.main(["mg15", "--steps", "3", "--dtype", dtypes[0], "--set", "prior.kind=deepfloyd_if",
                                   "--set", f"prior.model={RANDOM_MODELS['deepfloyd_if']}", "--out", str(out)])
-    summary = [{k: row.get(k) for k in ("recipe", "prior_dtype", "total_tflop", "floor_tflop", "ratio", "step_seconds",
+    summary = [{k: row.get(k) for k in ("recipe", "render", "prior_dtype", "total_tflop", "floor_tflop", "ratio", "step_seconds",
                                         "achieved_tflop_per_s", "peak_memory_gb", "not_run")} for row in rows]
     return {"ok": all("not_run" in row or row.get("total_tflop") for row in rows), "rows": summary}
 
