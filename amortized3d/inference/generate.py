@@ -25,8 +25,7 @@ from amortized3d.inference.baked import bake_representation, render_baked
 from amortized3d.inference.export import (contact_sheet, extract_mesh, safe_output_names, save_mesh, save_splats_ply, to_uint8,
                                          write_video)
 from amortized3d.rendering.cameras import Cameras, orbit_cameras
-from amortized3d.rendering.volume import rays_per_chunk
-from amortized3d.training.previews import decode_latent_renders
+from amortized3d.training.previews import render_views
 
 BACKGROUND_FIT_WEIGHT = 0.01  # weight of a background pixel in fit_latent_to_rgb (an opaque pixel's is 1 + this)
 
@@ -79,11 +78,9 @@ def decoded_turntable(cfg, prior, representation, turntable: Cameras, image_size
     """The turntable of a render.latents run's one-prompt representation: latent renders at the prior's latent size,
     decoded -> (rgb [frames, 3, S, S] in [0, 1], the representation with colors mapped to RGB by the map fitted to
     those frames)."""
-    h, w = prior.space_shape(image_size, image_size)[1:]
-    out = representation.render(turntable.reshape(1, -1), h, w, cfg.render, chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
+    rgb, out = render_views(cfg, representation, turntable.reshape(1, -1), image_size, prior)
     latents, opacity = out.rgb[0], out.opacity[0]  # [frames, C, h, w], [frames, 1, h, w]
-    rgb = decode_latent_renders(prior, latents, image_size)
-    return rgb, LatentColorsToRGB(representation, fit_latent_to_rgb(latents, rgb, opacity))
+    return rgb[0], LatentColorsToRGB(representation, fit_latent_to_rgb(latents, rgb[0], opacity))
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 
 from amortized3d.config import ExperimentConfig
 from amortized3d.rendering.cameras import orbit_cameras
-from amortized3d.rendering.volume import rays_per_chunk
+from amortized3d.rendering.volume import ImageRender, rays_per_chunk
 from amortized3d.run_dir import RunDir
 
 
@@ -15,38 +15,40 @@ DECODE_CHUNK = 8  # latent renders decoded per call of the prior's decoder (a VA
 
 
 @torch.no_grad()
-def decode_latent_renders(prior, latents: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Renders of a render.latents run -> images: latents [N, C, h, w] decoded by the prior DECODE_CHUNK at a time,
-    resized to resolution^2 (antialiased) where the decoder's size differs -> rgb [N, 3, R, R] in [0, 1]."""
+def render_views(cfg: ExperimentConfig, representation, cameras, resolution: int, prior=None) -> tuple[torch.Tensor, ImageRender]:
+    """Images of a representation's P prompts from cameras [P, V], R x R pixels (R = resolution) -> (rgb [P, V, 3, R, R]
+    in [0, 1], the ImageRender they come from). With render.latents the field renders the prior's latents, at the
+    prior's latent size for R x R images, and ``prior`` (required then) decodes them DECODE_CHUNK at a time, resized
+    to R x R (antialiased) where the decoder's size differs."""
+    R = resolution
+    if cfg.render.latents and prior is None:
+        raise ValueError("this run renders the prior's latents (render.latents=true): pass its prior (builders.build_prior) "
+                         "to decode them into images")
+    height, width = prior.space_shape(R, R)[1:] if cfg.render.latents else (R, R)
+    out = representation.render(cameras, height, width, cfg.render, chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
+    if not cfg.render.latents:
+        return out.rgb.clamp(0, 1), out
+    P, V = cameras.shape
+    latents = out.rgb.reshape(P * V, -1, height, width)
     images = torch.cat([prior.decode(chunk).float() for chunk in latents.split(DECODE_CHUNK)])
-    if images.shape[-2:] != (resolution, resolution):
-        images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                                                 antialias=True)
-    return images.clamp(0, 1)
+    if images.shape[-2:] != (R, R):
+        images = torch.nn.functional.interpolate(images, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
+    return images.clamp(0, 1).reshape(P, V, 3, R, R), out
 
 
 @torch.no_grad()
 def render_validation(cfg: ExperimentConfig, generator, text_encoder, prompts: list[str], device, n_views: int = 4,
                       resolution: int | None = None, elevation: float | None = None, prior=None) -> torch.Tensor:
-    """Orbit renders of ``prompts`` at the evaluation camera (elevation: cfg.camera.eval_elevation unless given).
-    With render.latents the generator renders the prior's latents, at the prior's latent size for R x R images, and
-    ``prior`` (required then) decodes them (decode_latent_renders).
+    """Orbit renders of ``prompts`` at the evaluation camera (elevation: cfg.camera.eval_elevation unless given), R x R
+    pixels (R = resolution or eval.resolution); with render.latents decoded by ``prior`` (render_views).
     -> rgb [P, n_views, 3, R, R] in [0, 1]."""
     R = resolution or cfg.eval.resolution
-    if cfg.render.latents and prior is None:
-        raise ValueError("this run renders the prior's latents (render.latents=true): pass its prior (builders.build_prior) "
-                         "to decode them into images")
-    height, width = prior.space_shape(R, R)[1:] if cfg.render.latents else (R, R)
     elevation = cfg.camera.eval_elevation if elevation is None else elevation
     text = text_encoder.encode(prompts).to(device)
     representation = generator(text.pooled, text.tokens)
     cams = orbit_cameras(n_views, elevation, cfg.camera.eval_distance, cfg.camera.eval_fovy, device)
     cams = cams.reshape(1, n_views)[[0] * len(prompts)]
-    out = representation.render(cams, height, width, cfg.render, chunk_rays=rays_per_chunk(cfg.render.n_proposal, cfg.render.n_importance))
-    if not cfg.render.latents:
-        return out.rgb.clamp(0, 1)
-    P = len(prompts)
-    return decode_latent_renders(prior, out.rgb.reshape(P * n_views, -1, height, width), R).reshape(P, n_views, 3, R, R)
+    return render_views(cfg, representation, cams, R, prior)[0]
 
 
 @torch.no_grad()
